@@ -1,0 +1,71 @@
+"""Feedback layers and credit-assignment rules: low-dimensional error feedback (LDFA).
+
+Every rule replaces the W^T of a layer's backward pass (Hanut & Kadmon, Sec. 2):
+
+=============  ==========================================  ===================  ==============
+rule           feedback sent upstream                      how it learns        file
+=============  ==========================================  ===================  ==============
+``bp``         W^T g (plain autograd, the reference)       --                   backprop.py
+``fa``         B^T g, B fixed random full rank (eq. 1)     --                   fa.py
+``kp``         B^T g, B adaptive (eq. 2)                   transposed dW        fa.py
+``lowrank_fa`` Q (P g), fixed random rank r (Sec. 3)       --                   fa.py
+``ldfa``       Q (P g), rank r (eq. 12)                    eqs. 8-9, 14         normative.py
+``ldfa_local`` Q (P g), rank r (eq. 12)                    Oja eq. 15, eq. 18   local.py
+=============  ==========================================  ===================  ==============
+
+Layouts: W is m x n (out x in). B = Q P approximates W^T with Q n x r and P r x m
+(a conv's Q is an r x n x kh x kw transposed-conv kernel, its P a 1x1 conv); the input
+gradient is (g P^T) Q^T. A full-rank B (fa, kp) is stored in W's own layout.
+
+Sign convention, once for every rule. The paper writes updates with the error
+delta = y - y_hat, a negative gradient. Here every update of a feedback tensor reaches it as
+the ``.grad`` that a *descent* step applies, so optimizers, gradient clipping, weight decay
+and DDP's all-reduce treat feedback tensors like any parameter:
+
+* W.grad = g^T h (g = dL/d output), the standard gradient;
+* kp:         B.grad = W.grad + lambda B;
+* ldfa:       Q.grad, P.grad = gradients of 1/2 ||QP - W^T||^2 (via :func:`feedback_loss`);
+* ldfa_local: P.grad = -(P C/gamma)(I - P^T P) + lambda P  (Oja, eq. 15),
+              Q.grad = h^T (g P^T) + lambda Q            (Hebbian, eq. 18).
+
+Gradients that come from the data (Oja, Hebbian, kp) are returned by the layer's
+``autograd.Function.backward``; the normative one comes from :func:`feedback_loss`.
+"""
+
+from . import backprop, fa, local, normative  # noqa: F401  (registers the rules)
+from .base import RULES, FeedbackConfigError, Rule, make_rule, resolve_rank
+from .convert import (
+    ConversionReport,
+    conversion_report,
+    convert,
+    feedback_layers,
+    feedback_parameters,
+    forward_parameters,
+    set_feedback_targets,
+)
+from .diagnostics import alignment_diagnostics, feedback_alignment
+from .layers import FeedbackLayer, LDFAConv2d, LDFALinear, backprop_reference
+from .normative import feedback_loss, reset_feedback_to_svd
+
+__all__ = [
+    "RULES",
+    "ConversionReport",
+    "FeedbackConfigError",
+    "FeedbackLayer",
+    "LDFAConv2d",
+    "LDFALinear",
+    "Rule",
+    "alignment_diagnostics",
+    "backprop_reference",
+    "conversion_report",
+    "convert",
+    "feedback_alignment",
+    "feedback_layers",
+    "feedback_loss",
+    "feedback_parameters",
+    "forward_parameters",
+    "make_rule",
+    "reset_feedback_to_svd",
+    "resolve_rank",
+    "set_feedback_targets",
+]

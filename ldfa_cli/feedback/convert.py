@@ -1,0 +1,259 @@
+"""Swap a model's ``nn.Linear`` / ``nn.Conv2d`` layers for feedback layers, and report it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
+
+import torch
+from torch import Tensor, nn
+
+from .base import FeedbackConfigError, Rule, make_rule
+from .layers import FeedbackLayer, LDFAConv2d, LDFALinear
+
+# nn.MultiheadAttention calls its out_proj's weight functionally: swapping it changes nothing.
+_FUNCTIONAL_LINEARS = (nn.modules.linear.NonDynamicallyQuantizableLinear,)
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch(name, p) for p in patterns)
+
+
+def _candidates(model: nn.Module):
+    for name, module in model.named_modules():
+        if isinstance(module, FeedbackLayer):
+            continue
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            yield name, module
+
+
+def _inputs_without_grad(model: nn.Module, example_input, names) -> set[str]:
+    """Names of layers whose input needs no gradient in a forward pass on ``example_input``."""
+    found = capture_inputs(model, names)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.enable_grad():
+            args = example_input if isinstance(example_input, tuple) else (example_input,)
+            model(*args)
+    finally:
+        model.train(was_training)
+        found.remove()
+    return {n for n, x in found.items() if not x.requires_grad}
+
+
+class capture_inputs(dict):
+    """name -> the first input tensor the named module received, while the hooks stay."""
+
+    def __init__(self, model: nn.Module, names):
+        super().__init__()
+        modules = dict(model.named_modules())
+        self._hooks = [modules[n].register_forward_pre_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name):
+        def hook(module, args):
+            if name not in self and args:
+                self[name] = args[0]
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def _rank_for(name: str, rank, ranks: dict | None):
+    for pattern, value in (ranks or {}).items():
+        if fnmatch(name, pattern):
+            return value
+    return rank
+
+
+def _swap(module: nn.Module, name: str, rule: Rule, rank) -> FeedbackLayer:
+    """A feedback layer sharing ``module``'s weight and bias Parameters."""
+    if isinstance(module, nn.Conv2d):
+        new = LDFAConv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            module.bias is not None,
+            module.padding_mode,
+            device="meta",
+            rule="bp",
+            name=name,
+        )
+    else:
+        new = LDFALinear(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            device="meta",
+            rule="bp",
+            name=name,
+        )
+    new.weight = module.weight
+    new.bias = module.bias
+    new._setup_feedback(rule, rank, name, {})
+    new.train(module.training)
+    return new
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def convert(
+    model: nn.Module,
+    rule: str | Rule,
+    rank: int | float | None = None,
+    include=None,
+    exclude=None,
+    ranks: dict | None = None,
+    example_input: Tensor | tuple | None = None,
+    **options,
+) -> nn.Module:
+    """Swap every ``nn.Linear`` / ``nn.Conv2d`` whose qualified name matches a glob in
+    ``include`` (default all) and none in ``exclude`` for a feedback layer running ``rule``
+    (its options as keywords), and return the model (changed in place).
+
+    ``rank``: int, fraction of the layer's output width, or None (full rank); ``ranks``
+    overrides it by pattern, first match wins, e.g. ``{"*.qkv": 72}``. With
+    ``example_input``, layers whose input needs no gradient (the first layer on the raw
+    input, a ViT's patch_embed) stay plain ``nn`` layers; without it they are converted but
+    still run plain autograd at run time, as their input needs no gradient. With
+    ``use_targets=True`` only the last converted layer (the output layer) uses targets.
+    :func:`conversion_report` tells what was swapped.
+    """
+    base_rule = make_rule(rule, **options)
+    include = ["*"] if include is None else list(include)
+    exclude = list(exclude or [])
+    chosen = []
+    for name, module in _candidates(model):
+        if isinstance(module, _FUNCTIONAL_LINEARS):
+            module.ldfa_note = "kept: used functionally by nn.MultiheadAttention"
+        elif not _matches(name, include) or _matches(name, exclude):
+            module.ldfa_note = "kept: not selected by include/exclude"
+        else:
+            chosen.append((name, module))
+    if example_input is not None and chosen:
+        no_grad = _inputs_without_grad(model, example_input, [n for n, _ in chosen])
+        for name, module in chosen:
+            if name in no_grad:
+                module.ldfa_note = "kept: its input needs no gradient"
+        chosen = [(n, m) for n, m in chosen if n not in no_grad]
+    if not chosen:
+        raise FeedbackConfigError(
+            f"no Linear or Conv2d layer matched include={include} exclude={exclude}"
+        )
+    uses_targets = getattr(base_rule, "use_targets", False)
+    for i, (name, module) in enumerate(chosen):
+        layer_rule = base_rule
+        if uses_targets and i != len(chosen) - 1:
+            layer_rule = make_rule(base_rule, use_targets=False)
+        _set_submodule(model, name, _swap(module, name, layer_rule, _rank_for(name, rank, ranks)))
+    return model
+
+
+@dataclass(frozen=True)
+class ConversionRow:
+    name: str
+    kind: str  # Linear | Conv2d
+    n: int  # input features / channels
+    m: int  # output features / channels
+    rank: int | None  # feedback rank; None for a full-rank or transpose feedback
+    full_rank: int
+    rule: str
+    note: str
+
+
+class ConversionReport:
+    """What a conversion swapped: one row per Linear/Conv2d layer of the model."""
+
+    def __init__(self, rows: list[ConversionRow]):
+        self.rows = rows
+
+    @property
+    def converted(self) -> list[ConversionRow]:
+        return [r for r in self.rows if r.note == "converted"]
+
+    def to_dicts(self) -> list[dict]:
+        return [asdict(r) for r in self.rows]
+
+    def table(self, title: str = "feedback layers"):
+        from rich.table import Table
+
+        table = Table(title=title)
+        for col in ("layer", "type", "n", "m", "rank r", "rule", "note"):
+            table.add_column(col, justify="right" if col in ("n", "m", "rank r") else "left")
+        for r in self.rows:
+            rank = "full" if r.rank is None else f"{r.rank}"
+            if r.rank is not None and r.rank >= r.full_rank:
+                rank += " (full)"
+            table.add_row(r.name, r.kind, str(r.n), str(r.m), rank, r.rule, r.note)
+        return table
+
+    def __str__(self) -> str:
+        lines = [
+            f"{r.name}: {r.kind} {r.n}->{r.m} rule={r.rule} r={r.rank} ({r.note})"
+            for r in self.rows
+        ]
+        return "\n".join(lines)
+
+
+def conversion_report(model: nn.Module) -> ConversionReport:
+    """Rows for every Linear/Conv2d layer: converted layers with their rule and rank, the
+    others (plain autograd, i.e. backprop) with the reason they were kept."""
+    rows = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        kind = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
+        n = module.in_channels if kind == "Conv2d" else module.in_features
+        m = module.out_channels if kind == "Conv2d" else module.out_features
+        if isinstance(module, FeedbackLayer):
+            rows.append(
+                ConversionRow(
+                    name, kind, n, m, module.rank, module.full_rank, module.rule.name, "converted"
+                )
+            )
+        else:
+            note = getattr(module, "ldfa_note", "kept: not converted")
+            rows.append(ConversionRow(name, kind, n, m, None, min(n, m), "bp", note))
+    return ConversionReport(rows)
+
+
+def feedback_layers(model: nn.Module):
+    """(name, layer) for every feedback layer of ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FeedbackLayer)]
+
+
+def feedback_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learned feedback tensors (P, Q, B), for the second optimizer."""
+    params = []
+    for _, layer in feedback_layers(model):
+        for pname, p in layer.named_parameters(recurse=False):
+            if pname.startswith("feedback_") and p.requires_grad:
+                params.append(p)
+    return params
+
+
+def forward_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every trainable parameter that is not a feedback tensor."""
+    feedback = {id(p) for p in feedback_parameters(model)}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in feedback]
+
+
+def set_feedback_targets(model: nn.Module, targets: Tensor | None) -> None:
+    """Give the layers with ``use_targets`` this batch's targets (class indices or one-hot
+    rows) for eq. 15's covariance; None clears them. Call before the forward pass."""
+    for _, layer in feedback_layers(model):
+        if not getattr(layer.rule, "use_targets", False):
+            continue
+        if targets is not None and targets.dim() == 1:
+            targets = nn.functional.one_hot(targets.long(), layer.fan_out).float()
+        layer.feedback_targets = targets

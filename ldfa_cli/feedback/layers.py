@@ -1,0 +1,269 @@
+"""``LDFALinear`` and ``LDFAConv2d``: ``nn.Linear`` / ``nn.Conv2d`` whose backward sends the
+error upstream through the rule's feedback instead of W^T.
+
+They are subclasses, so initialisation, the ``weight``/``bias`` state_dict keys and
+``isinstance`` checks keep working; the rule adds its feedback tensors (``feedback_P``,
+``feedback_Q`` or ``feedback_B``) as parameters or buffers.
+
+The forward runs one custom ``torch.autograd.Function``. Its backward computes the standard
+weight and bias gradients, and asks the rule for the input gradient and the feedback
+parameters' ``.grad``; W^T g is never formed (except under rule ``bp``, which is plain
+autograd). Module backward hooks could not do this: autograd would already have paid for
+W^T g before a hook saw it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from .base import FeedbackConfigError, Rule, make_rule, resolve_rank
+from .ops import ConvOps, LinearOps
+
+_reference = {"bp": False}
+
+
+@contextlib.contextmanager
+def backprop_reference():
+    """Within this block every feedback layer runs plain autograd (exact backprop): the
+    reference that diagnostics compare a rule's gradients against."""
+    previous = _reference["bp"]
+    _reference["bp"] = True
+    try:
+        yield
+    finally:
+        _reference["bp"] = previous
+
+
+def _make_feedback_function(device_type: str) -> type[torch.autograd.Function]:
+    """The autograd Function for tensors on ``device_type``: custom_fwd/custom_bwd record the
+    forward's autocast state and restore it in backward, and the backward casts the saved
+    tensors to the gradient's dtype itself (``convolution_backward`` is not an autocast op)."""
+
+    class FeedbackFunction(torch.autograd.Function):
+        @staticmethod
+        @torch.amp.custom_fwd(device_type=device_type)
+        def forward(ctx, x, weight, bias, targets, rule, ops, *feedback):
+            if torch.is_autocast_enabled(device_type):
+                low = torch.get_autocast_dtype(device_type)
+                x, weight = x.to(low), weight.to(low)
+                bias = bias.to(low) if bias is not None else None
+            ctx.rule, ctx.ops = rule, ops
+            ctx.x_shape, ctx.weight_shape = x.shape, weight.shape
+            ctx.has_bias = bias is not None
+            ctx.save_for_backward(x, targets, *feedback)
+            return ops.forward(x, weight, bias)
+
+        @staticmethod
+        @torch.amp.custom_bwd(device_type=device_type)
+        def backward(ctx, g):
+            x, targets, *feedback = ctx.saved_tensors
+            rule, ops = ctx.rule, ctx.ops
+            need_input, need_w, need_b = ctx.needs_input_grad[:3]
+            need_feedback = tuple(ctx.needs_input_grad[6:])
+            x = x.to(g.dtype)
+            grad_w = grad_b = None
+            if need_w or need_b or (rule.needs_weight_grad and any(need_feedback)):
+                grad_w, grad_b = ops.weight_grad(x, g, ctx.weight_shape, ctx.has_bias and need_b)
+            grad_input, grad_feedback = rule.backward(
+                ops,
+                g,
+                x,
+                ctx.x_shape,
+                tuple(feedback),
+                targets,
+                need_input,
+                need_feedback,
+                grad_w,
+            )
+            return (
+                grad_input,
+                grad_w if need_w else None,
+                grad_b,
+                None,
+                None,
+                None,
+                *grad_feedback,
+            )
+
+    FeedbackFunction.__name__ = f"FeedbackFunction_{device_type}"
+    return FeedbackFunction
+
+
+# Built once at import: torch.compile traces a lookup, not a class definition.
+_FUNCTIONS = {d: _make_feedback_function(d) for d in ("cpu", "cuda", "mps", "xpu")}
+
+
+def feedback_function(device_type: str) -> type[torch.autograd.Function]:
+    """The layers' autograd Function for tensors on ``device_type``."""
+    return _FUNCTIONS.get(device_type, _FUNCTIONS["cpu"])
+
+
+class FeedbackLayer:
+    """Mixin holding a rule, its rank and the routing into the autograd Function."""
+
+    rule: Rule
+    rank: int | None
+    ops: LinearOps | ConvOps
+    layer_name: str
+
+    def _setup_feedback(self, rule: str | Rule, rank, name: str | None, options: dict) -> None:
+        self.layer_name = name or type(self).__name__
+        self.rule = make_rule(rule, **options)
+        full = self.full_rank
+        self.rank = (
+            resolve_rank(rank, name=self.layer_name, m=self.fan_out, full_rank=full)
+            if self.rule.uses_rank
+            else None
+        )
+        self.feedback_targets: Tensor | None = None
+        self.rule.create_feedback(self)
+
+    @property
+    def full_rank(self) -> int:
+        """Rank of W^T as a map from the m error channels to the n kh kw input patch."""
+        return min(self.fan_out, self.patch_size)
+
+    def _feedback_forward(self, x: Tensor) -> Tensor:
+        if (
+            self.rule.plain_autograd
+            or _reference["bp"]
+            or not (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            # No input gradient is needed (or asked for): autograd's own weight gradient is
+            # all the work there is, so nothing is gained by the custom Function.
+            return self.ops.forward(x, self.weight, self.bias)
+        function = feedback_function(x.device.type)
+        return function.apply(
+            x,
+            self.weight,
+            self.bias,
+            self.feedback_targets,
+            self.rule,
+            self.ops,
+            *self.rule.feedback_tensors(self),
+        )
+
+    def feedback_repr(self) -> str:
+        options = ", ".join(f"{k}={v}" for k, v in self.rule.options().items())
+        rank = f", rank={self.rank}" if self.rank is not None else ""
+        return f"rule={self.rule.name}{rank}" + (f", {options}" if options else "")
+
+
+class LDFALinear(FeedbackLayer, nn.Linear):
+    """``nn.Linear`` trained by a feedback rule. ``rule`` is a name from
+    ``ldfa_cli.feedback.RULES`` (or a Rule), ``rank`` an int, a fraction of the output
+    width, or None for full rank; further keywords are the rule's options."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        rule: str | Rule = "ldfa",
+        rank: int | float | None = None,
+        name: str | None = None,
+        **options,
+    ):
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        self.ops = LinearOps()
+        self._setup_feedback(rule, rank, name, options)
+
+    fan_in = property(lambda self: self.in_features)
+    fan_out = property(lambda self: self.out_features)
+    patch_size = property(lambda self: self.in_features)
+    kernel = property(lambda self: ())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._feedback_forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, {self.feedback_repr()}"
+
+
+def conv_padding(conv: nn.Conv2d, name: str) -> tuple[int, int]:
+    """The conv's padding as two ints; string paddings resolved, asymmetric ones refused."""
+    where = f"layer {name!r}"
+    if conv.groups != 1:
+        raise FeedbackConfigError(
+            f"{where} is a grouped conv (groups={conv.groups}); feedback layers support "
+            "groups=1 only: exclude it from the conversion"
+        )
+    if conv.padding_mode != "zeros":
+        raise FeedbackConfigError(
+            f"{where} pads with {conv.padding_mode!r}; feedback layers support zero padding "
+            "only: exclude it from the conversion"
+        )
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        pads = []
+        for k, d in zip(conv.kernel_size, conv.dilation, strict=True):
+            total = d * (k - 1)
+            if total % 2:
+                raise FeedbackConfigError(
+                    f"{where}: padding='same' with an even kernel pads asymmetrically; "
+                    "give integer padding or exclude the layer"
+                )
+            pads.append(total // 2)
+        return tuple(pads)
+    return tuple(conv.padding)
+
+
+class LDFAConv2d(FeedbackLayer, nn.Conv2d):
+    """``nn.Conv2d`` trained by a feedback rule. P acts as a 1x1 conv (m -> r channels at
+    every pixel), Q as a kxk transposed conv (r -> n) with the layer's stride, padding and
+    dilation, so QP has the shape of the W^T that the conv's backward would apply."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        rule: str | Rule = "ldfa",
+        rank: int | float | None = None,
+        name: str | None = None,
+        **options,
+    ):
+        nn.Conv2d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        padding_ints = conv_padding(self, name or type(self).__name__)
+        self.ops = ConvOps(tuple(self.stride), padding_ints, tuple(self.dilation))
+        self._setup_feedback(rule, rank, name, options)
+
+    fan_in = property(lambda self: self.in_channels)
+    fan_out = property(lambda self: self.out_channels)
+    patch_size = property(lambda self: self.in_channels * self.kernel_size[0] * self.kernel_size[1])
+    kernel = property(lambda self: tuple(self.kernel_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._feedback_forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Conv2d.extra_repr(self)}, {self.feedback_repr()}"

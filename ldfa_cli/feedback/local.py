@@ -1,0 +1,89 @@
+"""``ldfa_local``: synapse-local feedback learning (Sec. 5, Algorithm 2).
+
+The backward sends Q z upstream with z = P g the r-dimensional teaching signal (eq. 12).
+
+* P learns the top-r principal subspace of the error arriving at the layer's output by the
+  multi-component Oja rule (eq. 15), from the batch's centred covariance C normalised by
+  gamma = max diag(C) (Algorithm 2):
+
+      Delta P = eta P (C / gamma) (I - P^T P) - lambda P.
+
+  At the output layer, ``use_targets`` takes C from the centred one-hot targets instead.
+* Q is fixed and random (the default, the paper's MLPs), or learns by the Hebbian rule of
+  eq. 18 (``learn_q``, the paper's CNNs): Delta Q = eta h (P delta)^T - lambda Q.
+
+Cost. C is never formed: P C = (g_c P^T)^T g_c = z_c^T g with z_c the centred z the input
+gradient already computed, O(T m r); the orthonormalising factor adds O(m r^2); gamma is a
+column sum of squares, O(T m). For a conv layer every output pixel is a sample (App. C.3).
+
+Signs: the paper writes updates with the error delta = -g. In ``.grad`` form (what a
+descent step applies): P.grad = -(P C/gamma)(I - P^T P) + lambda P and
+Q.grad = h^T (g P^T) + lambda Q, the same sign as a weight gradient (Kolen-Pollack style).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .base import LowRankRule, check, register
+
+
+@register
+@dataclass(frozen=True)
+class Local(LowRankRule):
+    """Oja-learned P (eq. 15), fixed or Hebbian Q (eq. 18). Options: ``decay`` (lambda of
+    eq. 15), ``learn_q`` (eq. 18), ``q_decay`` (its lambda), ``use_targets`` (output layer's
+    C from the centred one-hot targets; the converter applies it to the last layer only)."""
+
+    name: ClassVar[str] = "ldfa_local"
+    summary: ClassVar[str] = "local LDFA: Oja-learned P, fixed or Hebbian Q (Algorithm 2)"
+    equations: ClassVar[str] = "eqs. 12, 15, 18; Alg. 2"
+    learn_p_in_backward: ClassVar[bool] = True
+
+    decay: float = 0.0
+    learn_q: bool = False
+    q_decay: float = 0.0
+    use_targets: bool = False
+
+    def __post_init__(self):
+        check(self.decay >= 0, f"rule 'ldfa_local': decay must be >= 0, got {self.decay}")
+        check(self.q_decay >= 0, f"rule 'ldfa_local': q_decay must be >= 0, got {self.q_decay}")
+
+    @property
+    def learn_q_in_backward(self) -> bool:  # type: ignore[override]
+        return self.learn_q
+
+    def backward(self, ops, g, x, x_shape, feedback, targets, need_input, need_feedback, gw):
+        Q, P = feedback
+        z = ops.project(g, P.to(g.dtype))  # the r-dimensional teaching signal P g
+        grad_input = ops.lift(z, Q.to(g.dtype), x_shape) if need_input else None
+        grad_q = self.hebbian_grad(ops, x, z, Q) if need_feedback[0] else None
+        grad_p = self.oja_grad(ops, g, z, P, targets) if need_feedback[1] else None
+        return grad_input, (grad_q, grad_p)
+
+    def oja_grad(self, ops, g, z, P, targets):
+        """P.grad = -(P C / gamma)(I - P^T P) + lambda P (eq. 15, Alg. 2)."""
+        signal, projected = g, z
+        if self.use_targets:
+            if targets is None:
+                raise RuntimeError(
+                    "a layer with use_targets=True got no targets: call "
+                    "ldfa_cli.feedback.set_feedback_targets(model, y) before the backward"
+                )
+            signal = targets.to(g.dtype)
+            projected = ops.project(signal, P.to(g.dtype))
+        # z_c sums to zero over samples, so z_c^T g = z_c^T g_c = P C.
+        pc = ops.outer(ops.centre(projected), signal).float()
+        gamma = ops.channel_var(signal).float().max() * ops.samples(signal)
+        pc = pc / gamma.clamp_min(torch.finfo(torch.float32).tiny)
+        Pf = P.float()
+        oja = pc - pc.mm(Pf.t()).mm(Pf)
+        return (self.decay * Pf - oja).to(P.dtype)
+
+    def hebbian_grad(self, ops, x, z, Q):
+        """Q.grad = h^T (g P^T) + lambda Q (eq. 18 with delta = -g), summed over samples."""
+        grad = ops.hebbian(x, z, Q.shape).to(Q.dtype)
+        return grad + self.q_decay * Q if self.q_decay else grad

@@ -1,0 +1,137 @@
+"""``ldfa``, the normative rule (Sec. 3.2 and 4.1, Algorithm 1).
+
+The backward sends Q (P g) upstream (eq. 12). The factors learn by gradient descent on the
+factorisation loss (eq. 8)
+
+    L_B = 1/2 || Q P - W^T ||_F^2        (W detached)
+
+whose gradients are (eq. 9 / eq. 14, with E = W^T - Q P)
+
+    dL_B/dP = -Q^T E,    dL_B/dQ = -E P^T,
+
+so a descent step is exactly the paper's Delta P = Q^T E, Delta Q = E P^T. The loss depends
+only on W, never on the data: its cost is O(n m r) per update whatever the batch, and it can
+run every ``interval`` steps. :func:`feedback_loss` returns it for ``.backward()``; the
+engine steps a second optimizer (the paper's second AdamW, App. C.2) on the factors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .base import LowRankRule, check, register, svd_factors
+
+
+@register
+@dataclass(frozen=True)
+class Normative(LowRankRule):
+    """Learned rank-r feedback tracking W^T (Algorithm 1).
+
+    Options: ``init`` ``random`` (Kaiming uniform, the paper) or ``svd`` (truncated SVD of
+    W); ``interval`` k, the factorisation update runs every k steps; ``reset_svd_every``
+    (steps, off by default): reset Q, P to the SVD of W, as the authors' code does every half
+    epoch. That reset reads W's exact singular vectors, so it is partly an oracle.
+    """
+
+    name: ClassVar[str] = "ldfa"
+    summary: ClassVar[str] = "normative LDFA: Q, P learn 1/2||QP - W^T||^2 (Algorithm 1)"
+    equations: ClassVar[str] = "eqs. 8-9, 12, 14; Alg. 1"
+    p_is_parameter: ClassVar[bool] = True
+    q_is_parameter: ClassVar[bool] = True
+
+    init: str = "random"
+    interval: int = 1
+    reset_svd_every: int | None = None
+
+    def __post_init__(self):
+        check(
+            self.init in ("random", "svd"),
+            f"rule 'ldfa': init must be 'random' or 'svd', got {self.init!r}",
+        )
+        check(self.interval >= 1, f"rule 'ldfa': interval must be >= 1, got {self.interval}")
+        check(
+            self.reset_svd_every is None or self.reset_svd_every >= 1,
+            f"rule 'ldfa': reset_svd_every must be >= 1 or null, got {self.reset_svd_every}",
+        )
+
+    def create_feedback(self, layer) -> None:
+        super().create_feedback(layer)
+        if self.init == "svd":
+            load_svd(layer)
+
+
+def load_svd(layer) -> None:
+    """Set the layer's Q, P to the truncated SVD of its current W^T, in place."""
+    Q, P = svd_factors(layer)
+    with torch.no_grad():
+        layer.feedback_Q.copy_(Q)
+        layer.feedback_P.copy_(P)
+
+
+class FactorisationLoss(torch.autograd.Function):
+    """1/2 ||Q P - W^T||_F^2 with its eq.-9 gradients, never forming the n x m matrix QP.
+
+    With Qm = Q as an N x r matrix (N = n kh kw), q_rows = Qm^T, w_rows = W as m x N:
+    ||Qm P||^2 = <Qm^T Qm, P P^T>, <Qm P, W^T> = <W Qm, P^T>, and
+    dL/dP = (Qm^T Qm) P - (W Qm)^T,   dL/dQm^T = (P P^T) Qm^T - P W.
+    Two N x m x r products in all; the loss value is for logging.
+    """
+
+    @staticmethod
+    def forward(ctx, q_rows: Tensor, P: Tensor, w_rows: Tensor) -> Tensor:
+        wq = w_rows.mm(q_rows.t())  # m x r
+        qq = q_rows.mm(q_rows.t())  # r x r
+        pp = P.mm(P.t())  # r x r
+        loss = 0.5 * ((qq * pp).sum() - 2.0 * (wq * P.t()).sum() + w_rows.pow(2).sum())
+        ctx.save_for_backward(q_rows, P, w_rows, wq, qq, pp)
+        return loss.clamp_min(0.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q_rows, P, w_rows, wq, qq, pp = ctx.saved_tensors
+        grad_q_rows = pp.mm(q_rows) - P.mm(w_rows)
+        grad_p = qq.mm(P) - wq.t()
+        return grad * grad_q_rows, grad * grad_p, None
+
+
+def factorisation_loss(layer) -> Tensor:
+    """Eq. 8 for one layer; gradients flow to its Q and P only."""
+    w_rows = layer.weight.detach().reshape(layer.fan_out, -1)
+    q_rows = layer.ops.q_rows(layer.feedback_Q)
+    return FactorisationLoss.apply(q_rows, layer.feedback_P, w_rows)
+
+
+def normative_layers(model: nn.Module):
+    from .layers import FeedbackLayer
+
+    for module in model.modules():
+        if isinstance(module, FeedbackLayer) and isinstance(module.rule, Normative):
+            yield module
+
+
+def feedback_loss(model: nn.Module, step: int | None = None) -> Tensor | None:
+    """Sum of eq. 8 over the model's ``ldfa`` layers whose update is due at ``step``
+    (every layer when ``step`` is None); None when no layer is due. Call ``.backward()`` on
+    it to put eq. 9's update into the factors' ``.grad``."""
+    losses = [
+        factorisation_loss(layer)
+        for layer in normative_layers(model)
+        if step is None or step % layer.rule.interval == 0
+    ]
+    return torch.stack(losses).sum() if losses else None
+
+
+def reset_feedback_to_svd(model: nn.Module, step: int) -> int:
+    """Reset Q, P to the SVD of W in layers whose ``reset_svd_every`` divides ``step``
+    (an explicit, partly oracular option). Returns how many layers were reset."""
+    reset = 0
+    for layer in normative_layers(model):
+        every = layer.rule.reset_svd_every
+        if every and step > 0 and step % every == 0:
+            load_svd(layer)
+            reset += 1
+    return reset

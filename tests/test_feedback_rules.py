@@ -1,0 +1,218 @@
+"""Each rule's own update does what its equation says."""
+
+import pytest
+import torch
+
+from ldfa_cli.feedback import LDFAConv2d, LDFALinear, feedback_loss
+from ldfa_cli.feedback.normative import factorisation_loss
+
+
+def _principal_cosines(P: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Cosines of the principal angles between P's row space and basis's columns."""
+    q_p, _ = torch.linalg.qr(P.t().double())
+    q_b, _ = torch.linalg.qr(basis.double())
+    return torch.linalg.svdvals(q_p.t() @ q_b)
+
+
+def test_oja_finds_top_eigenspace_of_fixed_error_covariance():
+    """Eq. 15 alone, driven by errors of a fixed covariance with known eigenvectors, puts
+    P's rows onto the top-r eigenspace and makes them orthonormal (P P^T -> I)."""
+    torch.manual_seed(0)
+    m, r, n = 16, 3, 5
+    eigvecs, _ = torch.linalg.qr(torch.randn(m, m))
+    eigvals = torch.tensor([9.0, 6.0, 4.0] + [0.5] * (m - 3))
+    root = eigvecs * eigvals.sqrt()  # C = root root^T
+    layer = LDFALinear(n, m, rule="ldfa_local", rank=r)
+    opt = torch.optim.SGD([layer.feedback_P], lr=0.05)
+    for _ in range(600):
+        x = torch.randn(256, n, requires_grad=True)
+        errors = torch.randn(256, m) @ root.t() + 3.0  # a mean the rule must remove
+        opt.zero_grad()
+        layer(x).backward(errors)
+        opt.step()
+    P = layer.feedback_P.detach()
+    assert _principal_cosines(P, eigvecs[:, :r]).min() > 0.99
+    torch.testing.assert_close(P @ P.t(), torch.eye(r), atol=0.03, rtol=0)
+
+
+def _oja_reference(P, g, decay):
+    gc = g - g.mean(0)
+    C = gc.t() @ gc
+    gamma = C.diagonal().max()
+    return -(P @ (C / gamma) @ (torch.eye(P.shape[1]) - P.t() @ P)) + decay * P
+
+
+def test_oja_grad_equals_equation_with_explicit_covariance():
+    layer = LDFALinear(7, 9, rule="ldfa_local", rank=4, decay=0.01)
+    x = torch.randn(3, 5, 7, requires_grad=True)  # tokens: samples are batch x tokens
+    g = torch.randn(3, 5, 9)
+    layer(x).backward(g)
+    expected = _oja_reference(layer.feedback_P.detach(), g.reshape(-1, 9), 0.01)
+    torch.testing.assert_close(layer.feedback_P.grad, expected)
+
+
+def test_oja_uses_centred_targets_at_output_layer():
+    from ldfa_cli.feedback import convert, set_feedback_targets
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    convert(model, "ldfa_local", rank=2, use_targets=True)
+    assert not model[0].rule.use_targets and model[2].rule.use_targets
+    y = torch.tensor([0, 1, 3, 3, 2])
+    set_feedback_targets(model, y)
+    x = torch.randn(5, 6, requires_grad=True)
+    model(x).sum().backward()
+    onehot = torch.nn.functional.one_hot(y, 4).float()
+    expected = _oja_reference(model[2].feedback_P.detach(), onehot, 0.0)
+    torch.testing.assert_close(model[2].feedback_P.grad, expected)
+
+
+def test_oja_conv_aggregates_over_batch_and_pixels():
+    layer = LDFAConv2d(3, 6, 3, padding=1, rule="ldfa_local", rank=2)
+    x = torch.randn(2, 3, 5, 4, requires_grad=True)
+    out = layer(x)
+    g = torch.randn_like(out)
+    out.backward(g)
+    rows = g.permute(0, 2, 3, 1).reshape(-1, 6)
+    expected = _oja_reference(layer.feedback_P.detach(), rows, 0.0)
+    torch.testing.assert_close(layer.feedback_P.grad, expected)
+
+
+def test_hebbian_q_equals_h_transpose_g_p_summed_over_batch():
+    """Eq. 18: Q.grad = h^T (g P^T) + lambda Q."""
+    layer = LDFALinear(7, 9, rule="ldfa_local", rank=3, learn_q=True, q_decay=0.1)
+    x = torch.randn(11, 7, requires_grad=True)
+    g = torch.randn(11, 9)
+    layer(x).backward(g)
+    Q, P = layer.feedback_Q.detach(), layer.feedback_P.detach()
+    expected = x.detach().t() @ (g @ P.t()) + 0.1 * Q
+    torch.testing.assert_close(layer.feedback_Q.grad, expected)
+
+
+def test_hebbian_q_conv_is_the_conv_weight_gradient_of_the_projected_error():
+    layer = LDFAConv2d(3, 6, 3, stride=2, padding=1, rule="ldfa_local", rank=2, learn_q=True)
+    x = torch.randn(2, 3, 7, 7, requires_grad=True)
+    out = layer(x)
+    g = torch.randn_like(out)
+    out.backward(g)
+    z = torch.nn.functional.conv2d(g, layer.feedback_P.detach()[:, :, None, None])
+    expected = torch.nn.grad.conv2d_weight(
+        x.detach(), layer.feedback_Q.shape, z, stride=2, padding=1
+    )
+    torch.testing.assert_close(layer.feedback_Q.grad, expected)
+
+
+def test_fixed_rules_learn_nothing():
+    for rule in ("fa", "lowrank_fa"):
+        layer = LDFALinear(5, 4, rule=rule, rank=2)
+        assert not any(n.startswith("feedback_") for n, _ in layer.named_parameters())
+        assert any(n.startswith("feedback_") for n, _ in layer.named_buffers())
+
+
+def test_kp_grad_is_weight_grad_plus_decay():
+    layer = LDFALinear(5, 4, rule="kp", decay=0.3)
+    x = torch.randn(6, 5, requires_grad=True)
+    layer(x).backward(torch.randn(6, 4))
+    B = layer.feedback_B.detach()
+    torch.testing.assert_close(layer.feedback_B.grad, layer.weight.grad + 0.3 * B)
+
+
+def test_kp_feedback_approaches_weight_transpose_under_decay():
+    """Eq. 2: with the same step and decay, B - W^T shrinks by (1 - eta lambda) per step."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(
+        LDFALinear(6, 8, rule="kp", decay=0.1),
+        torch.nn.Tanh(),
+        LDFALinear(8, 3, rule="kp", decay=0.1),
+    )
+    lr, lam = 0.05, 0.1
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    others = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    opt = torch.optim.SGD([{"params": weights, "weight_decay": lam}, {"params": others}], lr=lr)
+    layer = model[2]
+    start = (layer.feedback_B - layer.weight).norm().item()
+    steps = 200
+    for _ in range(steps):
+        x = torch.randn(16, 6, requires_grad=True)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end = (layer.feedback_B - layer.weight).norm().item()
+    assert end == pytest.approx(start * (1 - lr * lam) ** steps, rel=1e-3)
+    assert end < 0.4 * start
+
+
+def test_factorisation_loss_matches_autograd_of_the_plain_formula():
+    for layer in (LDFALinear(9, 7, rule="ldfa", rank=3), LDFAConv2d(4, 6, 3, rule="ldfa", rank=5)):
+        loss = factorisation_loss(layer)
+        loss.backward()
+        got = (layer.feedback_Q.grad.clone(), layer.feedback_P.grad.clone())
+        layer.zero_grad()
+        Qm = layer.ops.q_rows(layer.feedback_Q).t()  # N x r
+        w_transpose = layer.weight.detach().reshape(layer.fan_out, -1).t()
+        plain = 0.5 * (Qm @ layer.feedback_P - w_transpose).pow(2).sum()
+        plain.backward()
+        torch.testing.assert_close(loss, plain.detach())
+        torch.testing.assert_close(got[0], layer.feedback_Q.grad)
+        torch.testing.assert_close(got[1], layer.feedback_P.grad)
+        assert layer.weight.grad is None  # W is detached in eq. 8
+
+
+def test_normative_descent_is_eq_9():
+    """-P.grad = Q^T (W^T - QP) and -Q.grad = (W^T - QP) P^T."""
+    layer = LDFALinear(6, 5, rule="ldfa", rank=2)
+    feedback_loss(layer).backward()
+    Q, P, W = layer.feedback_Q.detach(), layer.feedback_P.detach(), layer.weight.detach()
+    E = W.t() - Q @ P
+    torch.testing.assert_close(-layer.feedback_P.grad, Q.t() @ E)
+    torch.testing.assert_close(-layer.feedback_Q.grad, E @ P.t())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LDFALinear(20, 14, rule="ldfa", rank=4),
+        lambda: LDFAConv2d(3, 10, 3, rule="ldfa", rank=4),
+    ],
+)
+def test_normative_updates_reach_best_rank_r_approximation(make):
+    """Eckart-Young: ||QP - W^T|| tends to sqrt(sum of the discarded sigma_i^2)."""
+    torch.manual_seed(5)
+    layer = make()
+    with torch.no_grad():
+        layer.weight.mul_(3.0)
+    w_rows = layer.weight.detach().reshape(layer.fan_out, -1)
+    s = torch.linalg.svdvals(w_rows)
+    optimum = s[layer.rank :].pow(2).sum().sqrt()
+    opt = torch.optim.Adam([layer.feedback_Q, layer.feedback_P], lr=0.01)
+    for _ in range(3000):
+        opt.zero_grad()
+        feedback_loss(layer).backward()
+        opt.step()
+    Qm = layer.ops.q_rows(layer.feedback_Q).t().detach()
+    residual = (Qm @ layer.feedback_P.detach() - w_rows.t()).norm()
+    assert residual <= optimum * 1.01
+
+
+def test_feedback_loss_respects_interval():
+    model = torch.nn.Sequential(
+        LDFALinear(4, 4, rule="ldfa", rank=2, interval=3),
+        LDFALinear(4, 4, rule="ldfa", rank=2, interval=2),
+    )
+    assert feedback_loss(model, step=1) is None
+    single = feedback_loss(model[0]).detach()
+    torch.testing.assert_close(feedback_loss(model, step=3).detach(), single)
+    both = feedback_loss(model[0]).detach() + feedback_loss(model[1]).detach()
+    torch.testing.assert_close(feedback_loss(model, step=6).detach(), both)
+
+
+def test_svd_reset_only_when_asked():
+    from ldfa_cli.feedback import reset_feedback_to_svd
+
+    layer = LDFALinear(6, 5, rule="ldfa", rank=5, reset_svd_every=4)
+    assert reset_feedback_to_svd(layer, step=3) == 0
+    assert reset_feedback_to_svd(layer, step=4) == 1
+    torch.testing.assert_close(
+        layer.feedback_Q @ layer.feedback_P, layer.weight.t(), atol=1e-5, rtol=1e-5
+    )
+    assert reset_feedback_to_svd(LDFALinear(6, 5, rule="ldfa", rank=2), step=4) == 0
