@@ -10,7 +10,13 @@ from torch import nn
 
 from ldfa_cli.feedback import LDFAConv2d, LDFALinear, conversion_report, convert
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _forward_grads(model, x, target):

@@ -32,7 +32,7 @@ Gradients that come from the data (Oja, Hebbian, kp) are returned by the layer's
 ``autograd.Function.backward``; the normative one comes from :func:`feedback_loss`.
 """
 
-from . import backprop, fa, local, normative  # noqa: F401  (registers the rules)
+from . import backprop, fa, normative, local  # noqa: F401  # isort: skip  (registers, in order)
 from .base import RULES, FeedbackConfigError, Rule, make_rule, resolve_rank
 from .convert import (
     ConversionReport,

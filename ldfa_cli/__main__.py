@@ -1,0 +1,3 @@
+from ldfa_cli.cli.app import main
+
+main()

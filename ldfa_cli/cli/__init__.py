@@ -1,0 +1,1 @@
+"""The ``ldfa`` command: one module per command, wired in ``app.py``."""

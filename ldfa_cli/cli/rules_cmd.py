@@ -1,0 +1,35 @@
+"""``ldfa rules``: the credit-assignment rules, their equations and options."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ldfa_cli.feedback import RULES
+
+
+def rules(json_out: bool = typer.Option(False, "--json", help="Print JSON to stdout.")) -> None:
+    """List the feedback rules with the paper's equations and each rule's options."""
+    rows = [
+        {
+            "rule": name,
+            "summary": cls.summary,
+            "equations": cls.equations,
+            "uses_rank": cls.uses_rank,
+            "options": cls().options(),
+        }
+        for name, cls in RULES.items()
+    ]
+    if json_out:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="feedback rules")
+    for column in ("rule", "what it sends upstream / learns", "paper", "options (defaults)"):
+        table.add_column(column)
+    for row in rows:
+        options = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "-"
+        table.add_row(row["rule"], row["summary"], row["equations"], options)
+    Console(stderr=True).print(table)

@@ -1,0 +1,24 @@
+"""The README's commands are what CI runs, and its library example runs."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _blocks(language: str) -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def test_ci_runs_the_readme_setup_commands_verbatim():
+    commands = [b.strip() for b in _blocks("bash")[:2]]
+    assert len(commands) == 2 and all("\n" not in c for c in commands)
+    ci = (ROOT / ".ci" / "run").read_text()
+    for command in commands:
+        assert command in ci
+
+
+def test_readme_library_example_runs():
+    (example,) = _blocks("python")
+    exec(compile(example, "README.md", "exec"), {})
