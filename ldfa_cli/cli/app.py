@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from . import rules_cmd
+from . import eval_cmd, recipes_cmd, rules_cmd, train_cmd
 from .errors import run_guarded
 
 app = typer.Typer(
@@ -16,6 +16,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("train")(train_cmd.train)
+app.command("eval")(eval_cmd.eval_)
+app.command("validate")(recipes_cmd.validate)
+app.command("recipes")(recipes_cmd.recipes)
 app.command("rules")(rules_cmd.rules)
 
 

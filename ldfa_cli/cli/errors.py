@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from ldfa_cli.errors import LDFAError, TrainingError
 from ldfa_cli.feedback import FeedbackConfigError
 
 USAGE = 2  # usage and configuration errors (Typer uses 2 for a bad command line too)
@@ -20,11 +21,16 @@ def run_guarded(app) -> int:
     the project's errors to one-line messages and exit codes."""
     try:
         app()
-    except (UsageError, FeedbackConfigError, FileNotFoundError) as error:
+    except (UsageError, LDFAError, FeedbackConfigError, FileNotFoundError) as error:
         if os.environ.get("LDFA_DEBUG"):
             raise
         print(f"ldfa: error: {error}", file=sys.stderr)
         return USAGE
+    except TrainingError as error:
+        if os.environ.get("LDFA_DEBUG"):
+            raise
+        print(f"ldfa: stopped: {error}", file=sys.stderr)
+        return FAILURE
     except Exception as error:
         if os.environ.get("LDFA_DEBUG"):
             raise

@@ -1,0 +1,80 @@
+"""``ldfa eval``: accuracy, loss, per-class accuracy and per-layer feedback alignment."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ldfa_cli.config import validate
+from ldfa_cli.errors import CheckpointError
+
+
+def evaluate_checkpoint(target: Path, split: str, device_name: str, which: str, probe: int):
+    from ldfa_cli.engine.build import load_run_inputs, pick_device
+    from ldfa_cli.engine.checkpoint import find_checkpoint, load_checkpoint
+    from ldfa_cli.engine.evaluate import evaluate
+    from ldfa_cli.feedback import alignment_diagnostics
+
+    path = find_checkpoint(target, f"{which}.pt")
+    device = pick_device(device_name)
+    state = load_checkpoint(path, map_location=device)
+    recipe = validate(state.get("config") or {}, source=f"{path} (its config)")
+    data, model = load_run_inputs(recipe, device)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as error:
+        first = str(error).splitlines()[0][:160]
+        raise CheckpointError(f"{path} does not fit its own recipe's model: {first}") from None
+    if split == "train":
+        data = dataclasses.replace(data, test=data.train)
+    result = evaluate(model, data, recipe.train.eval_batch_size)
+    x = data.normalise(data.test.images[:probe])
+    y = data.test.labels[:probe]
+    diagnostics = alignment_diagnostics(model, x, y)
+    return {"checkpoint": str(path), "split": split, "step": state["progress"]["step"],
+            "epoch": state["progress"]["epoch"], **result, "class_names": data.class_names,
+            "diagnostics": diagnostics}  # fmt: skip
+
+
+def eval_(
+    target: Path = typer.Argument(..., help="A run folder or a checkpoint file."),
+    split: str = typer.Option("test", "--split", help="test or train."),
+    checkpoint: str = typer.Option("last", "--checkpoint", help="In a run folder: last or best."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    probe: int = typer.Option(256, "--probe", min=1, help="Probe batch size for diagnostics."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
+) -> None:
+    """Evaluate a trained run: accuracy, loss, per-class accuracy, feedback alignment."""
+    from ldfa_cli.errors import ConfigError
+
+    if split not in ("test", "train"):
+        raise ConfigError(f"--split must be test or train, got '{split}'")
+    if checkpoint not in ("last", "best"):
+        raise ConfigError(f"--checkpoint must be last or best, got '{checkpoint}'")
+    result = evaluate_checkpoint(target, split, device, checkpoint, probe)
+    if json_out:
+        print(json.dumps(result, indent=2))
+        return
+    console = Console(stderr=True)
+    console.print(f"{result['checkpoint']} (epoch {result['epoch']}, step {result['step']}): "
+                  f"{split} accuracy {result['acc']:.4f}, loss {result['loss']:.4f}, "
+                  f"{result['samples']} images")  # fmt: skip
+    classes = Table(title="per-class accuracy")
+    classes.add_column("class")
+    classes.add_column("accuracy", justify="right")
+    for name, acc in zip(result["class_names"], result["per_class_acc"], strict=True):
+        classes.add_row(name, f"{acc:.4f}")
+    console.print(classes)
+    if result["diagnostics"]:
+        table = Table(title="feedback alignment (probe batch)")
+        for col in ("layer", "rule", "rank", "||B-W^T||/||W^T||", "angle(B, W^T)", "cos(grad, BP)"):
+            table.add_column(col, justify="left" if col in ("layer", "rule") else "right")
+        for row in result["diagnostics"]:
+            table.add_row(row["name"], row["rule"], str(row["rank"]), f"{row['rel_error']:.3f}",
+                          f"{row['angle_deg']:.1f}°", f"{row['grad_cosine']:.3f}")  # fmt: skip
+        console.print(table)

@@ -1,0 +1,237 @@
+"""The recipe schema: every key a recipe may hold, with its type, range and default.
+
+Unknown keys are refused everywhere; every default lives here, none in the code that reads
+the config. A recipe is one flat-ish YAML file of these sections; ``key=value`` overrides on
+the command line address them by dotted path (``optim.lr=1e-3``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from ldfa_cli.feedback import RULES, FeedbackConfigError, make_rule
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[float, Field(ge=0.0)]
+
+
+# ----------------------------------------------------------------------------- models
+class MLPConfig(Section):
+    """Flatten -> [Linear(width) -> ReLU] per hidden width -> Linear(classes) (App. C.1)."""
+
+    name: Literal["mlp"] = "mlp"
+    widths: list[PositiveInt] = [512, 512, 512]
+    init: Literal["kaiming_uniform", "torch_default"] = "kaiming_uniform"
+
+
+class VGGConfig(Section):
+    """Table C1: four blocks of 2x (conv3x3 + BN + ReLU), widths 64-128-256-512 times
+    ``width_multiplier``, then Linear+ReLU, dropout, Linear."""
+
+    name: Literal["vgg"] = "vgg"
+    width_multiplier: Annotated[float, Field(gt=0.0)] = 1.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.4
+
+
+class ViTConfig(Section):
+    """timm's VisionTransformer with Table C2's defaults."""
+
+    name: Literal["vit"] = "vit"
+    patch_size: PositiveInt = 4
+    embed_dim: PositiveInt = 384
+    depth: PositiveInt = 8
+    num_heads: PositiveInt = 8
+    mlp_ratio: Annotated[float, Field(gt=0.0)] = 2.0
+    qkv_bias: bool = True
+    drop_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    attn_drop_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self):
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class RetinaConfig(Section):
+    """Table C3 (Lindsey et al. 2019): two 9x9 retina convs (the second one's width is the
+    bottleneck), VVS convs, FC, dropout, classifier; grayscale input."""
+
+    name: Literal["retina"] = "retina"
+    retina_channels: PositiveInt = 32
+    bottleneck: PositiveInt = 32
+    vvs_channels: PositiveInt = 32
+    vvs_layers: PositiveInt = 3
+    kernel_size: PositiveInt = 9
+    fc_width: PositiveInt = 1024
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+
+
+ModelConfig = Annotated[
+    MLPConfig | VGGConfig | ViTConfig | RetinaConfig, Field(discriminator="name")
+]
+
+
+# ----------------------------------------------------------------------- optimisation
+class OptimConfig(Section):
+    """An optimizer: adam, adamw, sgd or rmsprop."""
+
+    name: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    lr: Annotated[float, Field(gt=0.0)] = 1e-3
+    weight_decay: NonNegative = 0.0
+    amsgrad: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: NonNegative = 0.0
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.99  # rmsprop smoothing
+    eps: Annotated[float, Field(gt=0.0)] = 1e-8
+    grad_clip: Annotated[float, Field(gt=0.0)] | None = None
+
+
+class ScheduleConfig(Section):
+    """Learning-rate schedule, a function of the (fractional) epoch, applied every step:
+    a linear warmup from ``warmup_start_factor`` over ``warmup_epochs``, then ``constant``,
+    ``cosine`` (down to ``min_lr``) or ``exponential`` (times ``gamma`` per epoch)."""
+
+    name: Literal["constant", "cosine", "exponential"] = "constant"
+    warmup_epochs: NonNegative = 0.0
+    warmup_start_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    min_lr: NonNegative = 0.0
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+
+
+# --------------------------------------------------------------------------- feedback
+RANK_RULE = "an int >= 1, a fraction in (0, 1] of the layer's output width, or null (full rank)"
+
+
+def check_rank(value):
+    ok = value is None or (
+        not isinstance(value, bool)
+        and (
+            (isinstance(value, int) and value >= 1)
+            or (isinstance(value, float) and 0.0 < value <= 1.0)
+        )
+    )
+    if not ok:
+        raise ValueError(f"a rank must be {RANK_RULE}")
+    return value
+
+
+class FeedbackConfig(Section):
+    """Which layers get which rule, at which rank, and how the feedback learns."""
+
+    rule: str = "bp"
+    rank: int | float | None = None
+    include: list[str] = ["*"]
+    exclude: list[str] = []
+    ranks: dict[str, int | float] = {}  # per-layer rank by name pattern, first match wins
+    options: dict = {}  # the rule's options ('ldfa rules' lists them)
+    optimizer: OptimConfig = OptimConfig(name="adamw", lr=1e-3)
+    schedule: ScheduleConfig = ScheduleConfig()
+
+    @field_validator("rule")
+    @classmethod
+    def _known_rule(cls, rule: str) -> str:
+        if rule not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; known rules: {', '.join(RULES)}")
+        return rule
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, rank):
+        return check_rank(rank)
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, ranks: dict):
+        for value in ranks.values():
+            check_rank(value)
+        return ranks
+
+    @field_validator("options")
+    @classmethod
+    def _options_fit_rule(cls, options: dict, info: ValidationInfo):
+        rule = info.data.get("rule")
+        if rule is not None:
+            try:
+                make_rule(rule, **options)
+            except (FeedbackConfigError, TypeError) as error:
+                raise ValueError(str(error)) from None
+        return options
+
+
+# ------------------------------------------------------------------------------- data
+class AugmentConfig(Section):
+    """Batch-wise, on-device augmentation of the training set."""
+
+    crop_padding: Annotated[int, Field(ge=0)] = 0  # random crop after zero padding; 0 = off
+    hflip: bool = False
+
+
+class DataConfig(Section):
+    dataset: Literal["cifar10", "cifar100", "fashion_mnist", "mnist", "digits"] = "digits"
+    root: str = "data"
+    download: bool = True
+    augment: AugmentConfig = AugmentConfig()
+    classes: PositiveInt | None = None  # a fixed seeded subset of d classes, relabelled
+    class_seed: int = 0
+    grayscale: bool = False
+    pad_to: PositiveInt | None = None  # zero-pad images to this size (e.g. 28 -> 32)
+    subset: PositiveInt | None = None  # use only the first N training images (tiny runs)
+
+
+# ------------------------------------------------------------------------ train/output
+class TrainConfig(Section):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 128  # global batch, split over torchrun ranks
+    eval_batch_size: PositiveInt = 1000
+    eval_every: PositiveInt = 1  # epochs
+    log_every: PositiveInt = 50  # steps between train events in metrics.jsonl
+    seed: int = 0
+    deterministic: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+
+class OutputConfig(Section):
+    dir: str = "runs"  # runs/<recipe>/<timestamp>/ unless --out is given
+    tensorboard: bool = False
+    save_best: bool = True
+
+
+class Recipe(Section):
+    """A whole recipe."""
+
+    description: str = ""
+    model: ModelConfig = MLPConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_named(cls, data):
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, dict) and "name" not in model:
+            raise ValueError("'model.name' is missing: choose mlp, vgg, vit or retina")
+        return data

@@ -1,0 +1,70 @@
+"""Build what a run needs from a recipe: device, data, model with its feedback layers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ldfa_cli.data import DeviceData, load_data
+from ldfa_cli.errors import ConfigError
+from ldfa_cli.feedback import convert, feedback_parameters
+from ldfa_cli.models import InputShape, build_model
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` prefers CUDA, then MPS, then CPU; an unavailable device is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA device is available; use --device cpu")
+        return torch.device("cuda", local_rank)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps but MPS is not available; use --device cpu")
+    if name not in ("cpu", "mps"):
+        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def set_deterministic(enabled: bool) -> None:
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def input_shape(data: DeviceData) -> InputShape:
+    return InputShape(channels=data.channels, size=data.size, classes=data.classes)
+
+
+def build_network(recipe, data: DeviceData, device: torch.device) -> nn.Module:
+    """The recipe's model on ``device`` (seeded, so every rank builds the same one), with
+    its layers converted to the recipe's feedback rule. ``bp`` leaves the model as it is."""
+    torch.manual_seed(recipe.train.seed)
+    model = build_model(recipe.model, input_shape(data)).to(device)
+    fb = recipe.feedback
+    if fb.rule != "bp":
+        example = data.normalise(data.train.images[:2])
+        convert(model, fb.rule, rank=fb.rank, include=fb.include, exclude=fb.exclude,
+                ranks=fb.ranks, example_input=example, **fb.options)  # fmt: skip
+    return model
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    feedback = {id(p) for p in feedback_parameters(model)}
+    forward = sum(p.numel() for p in model.parameters() if id(p) not in feedback)
+    learned = sum(p.numel() for p in model.parameters() if id(p) in feedback)
+    fixed = sum(b.numel() for n, b in model.named_buffers() if "feedback_" in n)
+    return {"forward": forward, "feedback_learned": learned, "feedback_fixed": fixed}
+
+
+def load_run_inputs(recipe, device: torch.device) -> tuple[DeviceData, nn.Module]:
+    data = load_data(recipe.data, device)
+    return data, build_network(recipe, data, device)

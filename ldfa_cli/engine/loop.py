@@ -1,0 +1,307 @@
+"""The training loop: the same code for one process and for torchrun (DDP).
+
+Read it top to bottom: build, resume, then for every epoch and step: forward, loss,
+backward (forward weights and data-driven feedback updates), the normative feedback loss
+where due, two optimizer steps, schedules; then evaluation and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from ldfa_cli.errors import TrainingError
+from ldfa_cli.feedback import (
+    conversion_report,
+    feedback_layers,
+    feedback_loss,
+    feedback_parameters,
+    forward_parameters,
+    reset_feedback_to_svd,
+    set_feedback_targets,
+)
+
+from . import distributed
+from .build import build_network, parameter_counts, pick_device, set_deterministic
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluate import evaluate
+from .metrics import MetricsLog
+from .optim import make_optimizer, make_schedule
+from .run_dir import describe_device, write_run_files
+
+
+@dataclass
+class RunState:
+    """Where the run is; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # the epoch in progress (0-based)
+    batch_in_epoch: int = 0  # batches of that epoch already taken
+    images_seen: int = 0
+    elapsed_s: float = 0.0
+    best_acc: float = -1.0
+
+
+@dataclass
+class RunResult:
+    run_dir: str | None
+    epochs_done: int
+    step: int
+    final: dict | None  # the last evaluation
+    best_acc: float
+    stopped_early: bool
+
+
+def _ignore_normative_in_ddp(model: nn.Module) -> None:
+    """The normative factors learn from W alone (identical on every rank), never from a
+    backward through DDP's forward, so DDP must not wait for their gradients."""
+    names = [
+        f"{name}.{p}"
+        for name, layer in feedback_layers(model)
+        if layer.rule.name == "ldfa"
+        for p in ("feedback_P", "feedback_Q")
+    ]
+    if names:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, names
+        )
+
+
+def _autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _progress_bar(console: Console, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("{task.fields[stats]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def train(
+    recipe,
+    run_dir: Path | None,
+    device_name: str = "auto",
+    resume: bool = False,
+    stop_after: int | None = None,
+    dry_run: bool = False,
+    console: Console | None = None,
+) -> RunResult:
+    """Train ``recipe``; write into ``run_dir`` (rank 0 only; nothing when ``dry_run``).
+    ``resume`` continues from ``run_dir/checkpoints/last.pt``; ``stop_after`` ends this
+    invocation after that many epochs with a checkpoint, to be resumed later."""
+    console = console or Console(stderr=True)
+    cfg = recipe.train
+    world = distributed.start("cuda" if device_name in ("auto", "cuda") and
+                              torch.cuda.is_available() else "cpu")  # fmt: skip
+    device = pick_device(device_name, world.local_rank)
+    set_deterministic(cfg.deterministic)
+    writes = world.main and not dry_run
+    if writes:
+        write_run_files(run_dir, recipe, describe_device(device), world.size, resume)
+
+    # ---- build: data on the device, model with its feedback layers, two optimizers
+    from ldfa_cli.data import load_data
+
+    data = load_data(recipe.data, device)
+    model = build_network(recipe, data, device)
+    steps_per_epoch = data.steps_per_epoch(cfg.batch_size, world.size)
+    optimizer = make_optimizer(recipe.optim, forward_parameters(model))
+    schedule = make_schedule(recipe.schedule, optimizer, steps_per_epoch, cfg.epochs)
+    fb_params = feedback_parameters(model)
+    fb_optimizer = make_optimizer(recipe.feedback.optimizer, fb_params) if fb_params else None
+    fb_schedule = (
+        make_schedule(recipe.feedback.schedule, fb_optimizer, steps_per_epoch, cfg.epochs)
+        if fb_optimizer
+        else None
+    )
+    uses_targets = any(getattr(m.rule, "use_targets", False) for _, m in feedback_layers(model))
+    state = RunState()
+
+    if resume:
+        ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        if fb_optimizer is not None:
+            fb_optimizer.load_state_dict(ckpt["feedback_optimizer"])
+            fb_schedule.load_state_dict(ckpt["feedback_schedule"])
+        _set_rng_state(ckpt["rng"], device)
+        state = RunState(**ckpt["progress"])
+
+    net: nn.Module = model
+    if world.distributed:
+        _ignore_normative_in_ddp(model)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        net = torch.compile(net)
+    autocast = _autocast(device, cfg.precision)
+
+    def checkpoint(name: str) -> None:
+        if not writes:
+            return
+        save_checkpoint(run_dir / "checkpoints" / name, {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "feedback_optimizer": fb_optimizer.state_dict() if fb_optimizer else None,
+            "feedback_schedule": fb_schedule.state_dict() if fb_schedule else None,
+            "rng": _rng_state(device),
+            "progress": asdict(state),
+            "config": recipe.model_dump(mode="json"),
+        })  # fmt: skip
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if uses_targets:
+            set_feedback_targets(model, y)
+        with autocast:
+            logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        if fb_optimizer is not None:
+            fb_optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # W grads; input grads through the feedback; Oja/Hebbian/KP grads
+        normative = feedback_loss(model, state.step)  # eq. 8, when due
+        if normative is not None:
+            normative.backward()
+        if recipe.optim.grad_clip:
+            nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], recipe.optim.grad_clip)
+        optimizer.step()
+        schedule.step()
+        if fb_optimizer is not None:
+            if recipe.feedback.optimizer.grad_clip:
+                nn.utils.clip_grad_norm_(fb_params, recipe.feedback.optimizer.grad_clip)
+            fb_optimizer.step()
+            fb_schedule.step()
+        state.step += 1
+        reset_feedback_to_svd(model, state.step)
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
+    if dry_run:
+        console.print(conversion_report(model).table(title=f"{recipe.model.name}: layers"))
+        counts = parameter_counts(model)
+        console.print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+        x, y = next(data.train_batches(0, cfg.batch_size, cfg.seed, world.rank, world.size))
+        loss, _ = train_step(x, y)
+        console.print(f"one training step: loss {loss.item():.4f} on a batch of {len(y)}; "
+                      "nothing written (dry run)")  # fmt: skip
+        distributed.stop(world)
+        return RunResult(None, 0, 1, None, -1.0, True)
+
+    metrics = MetricsLog(run_dir, recipe.output.tensorboard) if writes else None
+    if metrics is not None and resume:
+        metrics.truncate_after(state.step)
+
+    def log(event: dict) -> None:
+        if metrics is not None:
+            metrics.log(event)
+
+    last_eval: dict | None = None
+    start_time = time.perf_counter() - state.elapsed_s
+    last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, state.epoch + stop_after)
+    bar = _progress_bar(console, world.main)
+    stopped_early = last_epoch < cfg.epochs
+    try:
+        with bar:
+            task = bar.add_task("", total=steps_per_epoch, stats="")
+            while state.epoch < last_epoch:
+                epoch = state.epoch
+                bar.update(task, description=f"epoch {epoch + 1}/{cfg.epochs}",
+                           completed=state.batch_in_epoch)  # fmt: skip
+                window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, hits, n
+                window_start, window_images = time.perf_counter(), 0
+                batches = data.train_batches(epoch, cfg.batch_size, cfg.seed, world.rank,
+                                             world.size, start=state.batch_in_epoch)  # fmt: skip
+                for x, y in batches:
+                    loss, hits = train_step(x, y)
+                    window[0] += loss.double() * len(y)
+                    window[1] += hits
+                    window[2] += len(y)
+                    state.batch_in_epoch += 1
+                    state.images_seen += len(y) * world.size
+                    window_images += len(y) * world.size
+                    bar.advance(task)
+                    end_of_epoch = state.batch_in_epoch == steps_per_epoch
+                    if state.step % cfg.log_every and not end_of_epoch:
+                        continue
+                    totals = distributed.sum_across(world, window.clone())
+                    mean_loss = float(totals[0] / totals[2].clamp_min(1))
+                    if not math.isfinite(mean_loss):
+                        raise TrainingError(
+                            f"the training loss became {mean_loss} at step {state.step} (epoch "
+                            f"{epoch + 1}); stopped without saving, checkpoints/last.pt holds the "
+                            "last good state: lower optim.lr or the feedback optimizer's lr"
+                        )
+                    rate = window_images / max(time.perf_counter() - window_start, 1e-9)
+                    acc = float(totals[1] / totals[2].clamp_min(1))
+                    log({"event": "train", "epoch": epoch + 1, "step": state.step,
+                         "split": "train", "loss": mean_loss, "acc": acc,
+                         "lr": schedule.get_last_lr()[0], "images_seen": state.images_seen,
+                         "images_per_s": rate,
+                         "time_s": time.perf_counter() - start_time})  # fmt: skip
+                    bar.update(task, stats=f"loss {mean_loss:.4f} acc {acc:.3f} "
+                                           f"{rate:,.0f} img/s")  # fmt: skip
+                    window.zero_()
+                    window_start, window_images = time.perf_counter(), 0
+                state.epoch, state.batch_in_epoch = epoch + 1, 0
+                if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                    last_eval = evaluate(model, data, cfg.eval_batch_size, world, autocast)
+                    log({"event": "eval", "epoch": epoch + 1, "step": state.step,
+                         "split": "test", "loss": last_eval["loss"], "acc": last_eval["acc"],
+                         "per_class_acc": last_eval["per_class_acc"],
+                         "lr": schedule.get_last_lr()[0], "images_seen": state.images_seen,
+                         "time_s": time.perf_counter() - start_time})  # fmt: skip
+                    if world.main:
+                        console.print(f"epoch {epoch + 1}: test loss {last_eval['loss']:.4f} "
+                                      f"acc {last_eval['acc']:.4f}")  # fmt: skip
+                    state.elapsed_s = time.perf_counter() - start_time
+                    if last_eval["acc"] > state.best_acc:
+                        state.best_acc = last_eval["acc"]
+                        if recipe.output.save_best:
+                            checkpoint("best.pt")
+                state.elapsed_s = time.perf_counter() - start_time
+                checkpoint("last.pt")
+    except KeyboardInterrupt:
+        state.elapsed_s = time.perf_counter() - start_time
+        checkpoint("last.pt")
+        if world.main:
+            console.print(f"interrupted: checkpoint written at step {state.step}; continue with "
+                          f"--resume {run_dir}")  # fmt: skip
+        raise
+    finally:
+        if metrics is not None:
+            metrics.close()
+        with contextlib.suppress(Exception):
+            distributed.stop(world)
+    return RunResult(str(run_dir), state.epoch, state.step, last_eval, state.best_acc,
+                     stopped_early)  # fmt: skip

@@ -1,0 +1,47 @@
+"""Optimizers and learning-rate schedules from a recipe's ``optim``/``schedule`` sections."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def make_optimizer(config, params) -> torch.optim.Optimizer:
+    params = list(params)
+    common = dict(lr=config.lr, weight_decay=config.weight_decay)
+    if config.name == "adam":
+        return torch.optim.Adam(params, betas=config.betas, eps=config.eps, amsgrad=config.amsgrad,
+                                **common)  # fmt: skip
+    if config.name == "adamw":
+        return torch.optim.AdamW(params, betas=config.betas, eps=config.eps,
+                                 amsgrad=config.amsgrad, **common)  # fmt: skip
+    if config.name == "sgd":
+        return torch.optim.SGD(params, momentum=config.momentum, **common)
+    return torch.optim.RMSprop(params, alpha=config.alpha, eps=config.eps,
+                               momentum=config.momentum, **common)  # fmt: skip
+
+
+def lr_factor(config, base_lr: float, epoch: float, total_epochs: int) -> float:
+    """The schedule's multiplier of the base lr at a fractional epoch."""
+    warmup = config.warmup_epochs
+    if warmup > 0 and epoch < warmup:
+        start = config.warmup_start_factor
+        return start + (1.0 - start) * epoch / warmup
+    if config.name == "cosine":
+        span = max(total_epochs - warmup, 1e-12)
+        progress = min(max((epoch - warmup) / span, 0.0), 1.0)
+        floor = min(config.min_lr / base_lr, 1.0)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if config.name == "exponential":
+        return config.gamma ** math.floor(max(epoch - warmup, 0.0))
+    return 1.0
+
+
+def make_schedule(config, optimizer, steps_per_epoch: int, total_epochs: int):
+    """A ``LambdaLR`` stepped once per training step."""
+    base_lr = optimizer.param_groups[0]["lr"]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(config, base_lr, step / steps_per_epoch, total_epochs),
+    )

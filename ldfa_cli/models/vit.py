@@ -1,0 +1,31 @@
+"""timm's VisionTransformer with the paper's Table C2 defaults (patch 4, dim 384, depth 8,
+8 heads, MLP ratio 2, qkv bias, dropout 0.1, attention dropout 0.1, drop path 0.1)."""
+
+from __future__ import annotations
+
+from timm.models.vision_transformer import VisionTransformer
+
+
+def build_vit(config, shape) -> VisionTransformer:
+    """Every Linear (qkv, proj, fc1, fc2, head) is a conversion candidate; patch_embed's
+    conv sees the raw image, so it stays on plain autograd."""
+    if shape.size % config.patch_size:
+        from ldfa_cli.config import ConfigError
+
+        raise ConfigError(
+            f"'model.patch_size' ({config.patch_size}) must divide the image size ({shape.size})"
+        )
+    return VisionTransformer(
+        img_size=shape.size,
+        patch_size=config.patch_size,
+        in_chans=shape.channels,
+        num_classes=shape.classes,
+        embed_dim=config.embed_dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        mlp_ratio=config.mlp_ratio,
+        qkv_bias=config.qkv_bias,
+        drop_rate=config.drop_rate,
+        attn_drop_rate=config.attn_drop_rate,
+        drop_path_rate=config.drop_path_rate,
+    )
