@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from ldfa_cli.config import validate
+from ldfa_cli.console import stderr_console
 from ldfa_cli.errors import CheckpointError
 
 
@@ -60,7 +60,7 @@ def eval_(
     if json_out:
         print(json.dumps(result, indent=2))
         return
-    console = Console(stderr=True)
+    console = stderr_console()
     console.print(f"{result['checkpoint']} (epoch {result['epoch']}, step {result['step']}): "
                   f"{split} accuracy {result['acc']:.4f}, loss {result['loss']:.4f}, "
                   f"{result['samples']} images")  # fmt: skip

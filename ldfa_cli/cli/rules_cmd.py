@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from ldfa_cli.console import stderr_console
 from ldfa_cli.feedback import RULES
 
 
@@ -32,4 +32,4 @@ def rules(json_out: bool = typer.Option(False, "--json", help="Print JSON to std
     for row in rows:
         options = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "-"
         table.add_row(row["rule"], row["summary"], row["equations"], options)
-    Console(stderr=True).print(table)
+    stderr_console().print(table)

@@ -8,9 +8,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from ldfa_cli.config import apply_overrides, load_recipe, read_yaml, to_yaml, validate
+from ldfa_cli.console import stderr_console
 from ldfa_cli.engine.run_dir import new_run_dir, prepare_run_dir
 from ldfa_cli.errors import ConfigError
 
@@ -50,7 +50,7 @@ def train(
     from ldfa_cli.engine.loop import train as run
 
     overrides = list(overrides or [])
-    console = Console(stderr=True)
+    console = stderr_console()
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if resume is not None:
         if recipe is not None and "=" not in recipe:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -46,6 +47,12 @@ class _Cifar10(datasets.CIFAR10):
         files = [*self.train_list, *self.test_list]
         return all((Path(self.root) / self.base_folder / name).is_file() for name, _ in files)
 
+    def _load_meta(self) -> None:  # torchvision's also checks the meta file's md5
+        path = Path(self.root) / self.base_folder / self.meta["filename"]
+        with open(path, "rb") as handle:
+            self.classes = pickle.load(handle, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
 
 class _Cifar100(datasets.CIFAR100, _Cifar10):
     pass
@@ -62,6 +69,12 @@ def _cifar(name: str, root: Path, download: bool) -> RawDataset:
     try:
         splits = [cls(str(root), train=t, download=download) for t in (True, False)]
     except Exception as error:
+        if (root / folder).is_dir():
+            raise DataError(
+                f"{label} in {root / folder} could not be read ({type(error).__name__}: "
+                f"{error}); it must hold CIFAR's python pickles (data_batch_*, test_batch, "
+                "batches.meta / meta): replace the folder with a fresh extract"
+            ) from None
         how = "download failed" if download else "data.download is false"
         raise DataError(
             f"{label} is not in {root / folder} and {how} ({type(error).__name__}): on a machine "

@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from ldfa_cli.errors import TrainingError
+from ldfa_cli.console import stderr_console
+from ldfa_cli.errors import CheckpointError, TrainingError
 from ldfa_cli.feedback import (
     conversion_report,
     feedback_layers,
@@ -35,7 +36,7 @@ from .build import build_network, parameter_counts, pick_device, set_determinist
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import evaluate
 from .metrics import MetricsLog
-from .optim import make_optimizer, make_schedule
+from .optim import make_optimizer, make_schedule, reapply_hyperparameters
 from .run_dir import describe_device, write_run_files
 
 
@@ -118,15 +119,19 @@ def train(
     """Train ``recipe``; write into ``run_dir`` (rank 0 only; nothing when ``dry_run``).
     ``resume`` continues from ``run_dir/checkpoints/last.pt``; ``stop_after`` ends this
     invocation after that many epochs with a checkpoint, to be resumed later."""
-    console = console or Console(stderr=True)
+    console = console or stderr_console()
     cfg = recipe.train
     world = distributed.start("cuda" if device_name in ("auto", "cuda") and
                               torch.cuda.is_available() else "cpu")  # fmt: skip
     device = pick_device(device_name, world.local_rank)
     set_deterministic(cfg.deterministic)
     writes = world.main and not dry_run
-    if writes:
-        write_run_files(run_dir, recipe, describe_device(device), world.size, resume)
+    # A new run describes itself at once; a resume rewrites config.yaml (with its
+    # overrides) only once it has saved a checkpoint, so a failed resume changes nothing.
+    run_files_due = writes
+    if writes and not resume:
+        write_run_files(run_dir, recipe, describe_device(device), world.size, resumed=False)
+        run_files_due = False
 
     # ---- build: data on the device, model with its feedback layers, two optimizers
     from ldfa_cli.data import load_data
@@ -147,15 +152,37 @@ def train(
     state = RunState()
 
     if resume:
-        ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt", map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        if fb_optimizer is not None:
-            fb_optimizer.load_state_dict(ckpt["feedback_optimizer"])
-            fb_schedule.load_state_dict(ckpt["feedback_schedule"])
-        _set_rng_state(ckpt["rng"], device)
-        state = RunState(**ckpt["progress"])
+        path = run_dir / "checkpoints" / "last.pt"
+        ckpt = load_checkpoint(path, map_location=device)
+        saved = ckpt["config"]
+        for key, now, before in (
+            ("optim.name", recipe.optim.name, saved["optim"]["name"]),
+            ("feedback.optimizer.name", recipe.feedback.optimizer.name,
+             saved["feedback"]["optimizer"]["name"]),
+        ):  # fmt: skip
+            if now != before:
+                raise CheckpointError(
+                    f"{key} is {now!r} but the run was trained with {before!r}: its optimizer "
+                    "state cannot continue under another optimizer; start a new run instead"
+                )
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            schedule.load_state_dict(ckpt["schedule"])
+            if fb_optimizer is not None:
+                fb_optimizer.load_state_dict(ckpt["feedback_optimizer"])
+                fb_schedule.load_state_dict(ckpt["feedback_schedule"])
+            _set_rng_state(ckpt["rng"], device)
+            state = RunState(**ckpt["progress"])
+            reapply_hyperparameters(recipe.optim, optimizer, schedule)
+            if fb_optimizer is not None:
+                reapply_hyperparameters(recipe.feedback.optimizer, fb_optimizer, fb_schedule)
+        except (KeyError, ValueError, RuntimeError, TypeError) as error:
+            raise CheckpointError(
+                f"{path} does not fit the resumed recipe ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:120]}); resume with the run's own model, rule "
+                "and optimizer, changing only values such as lr or epochs"
+            ) from None
 
     net: nn.Module = model
     if world.distributed:
@@ -168,8 +195,12 @@ def train(
     autocast = _autocast(device, cfg.precision)
 
     def checkpoint(name: str) -> None:
+        nonlocal run_files_due
         if not writes:
             return
+        if run_files_due:
+            write_run_files(run_dir, recipe, describe_device(device), world.size, resumed=True)
+            run_files_due = False
         save_checkpoint(run_dir / "checkpoints" / name, {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),

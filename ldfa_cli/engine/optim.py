@@ -45,3 +45,17 @@ def make_schedule(config, optimizer, steps_per_epoch: int, total_epochs: int):
         optimizer,
         lambda step: lr_factor(config, base_lr, step / steps_per_epoch, total_epochs),
     )
+
+
+def reapply_hyperparameters(config, optimizer, schedule) -> None:
+    """After loading a checkpoint's optimizer and schedule states, put the recipe's values
+    back (a resume may override lr, weight decay or epochs); the step count is kept."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr
+        for key in ("weight_decay", "betas", "eps", "amsgrad", "momentum", "alpha"):
+            if key in group:
+                group[key] = getattr(config, key)
+    schedule.base_lrs = [config.lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas, strict=True):
+        group["lr"] = config.lr * factor(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -1,0 +1,92 @@
+"""Every shipped recipe validates; malformed recipes exit 2 with a line naming the key."""
+
+import pytest
+
+from ldfa_cli.config import find_recipe, load_recipe, shipped_recipes
+from tests.helpers import run_cli
+
+RECIPES = shipped_recipes()
+
+
+def test_required_recipes_are_shipped():
+    names = {p.stem for p in RECIPES}
+    assert {"quickstart", "vit_cifar10_r24", "mlp_cifar10_bp", "vgg_cifar10_bp",
+            "fmnist_mlp_bp", "fmnist_mlp_local_r10", "fmnist_mlp_ldfa_r10",
+            "fmnist_mlp_lowrank_fa_r10", "fmnist_mlp_fa", "fmnist_vgg_bp",
+            "fmnist_vit_bp"} <= names  # fmt: skip
+    for r in (64, 32, 16, 10):
+        assert f"mlp_cifar10_local_r{r}" in names
+    for r in (8, 16, 24, 36, 48):
+        assert f"vit_cifar10_r{r}" in names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipe_validates(path):
+    recipe, _ = load_recipe(str(path))
+    assert recipe.description, "every recipe says what it is"
+    gpu_scale = recipe.data.dataset.startswith("cifar")
+    assert recipe.description.startswith("GPU-scale") == gpu_scale
+
+
+def test_paper_hyperparameters_in_vit_r24():
+    recipe, _ = load_recipe("vit_cifar10_r24")
+    m = recipe.model
+    assert (m.patch_size, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio) == (4, 384, 8, 8, 2.0)
+    assert (m.drop_rate, m.attn_drop_rate, m.drop_path_rate, m.qkv_bias) == (0.1, 0.1, 0.1, True)
+    assert (recipe.optim.name, recipe.optim.lr, recipe.optim.weight_decay) == ("adamw", 3e-4, 0.1)
+    fb = recipe.feedback
+    assert (fb.rule, fb.rank, fb.optimizer.lr, fb.optimizer.weight_decay) == ("ldfa", 24, 0.015, 0)
+    assert (recipe.schedule.warmup_epochs, recipe.schedule.warmup_start_factor) == (10, 0.1)
+    assert recipe.train.epochs == 250
+
+
+def test_recipe_by_name_or_path_and_overrides():
+    assert find_recipe("quickstart") == find_recipe("quickstart.yaml")
+    recipe, _ = load_recipe(
+        "quickstart", ["optim.lr=1e-2", "feedback.rank=0.5", "~train.log_every"]
+    )
+    assert recipe.optim.lr == 1e-2 and recipe.feedback.rank == 0.5 and recipe.train.log_every == 50
+
+
+def test_validate_and_recipes_commands(capsys):
+    code, _, err = run_cli(capsys, "validate", "quickstart", "fmnist_mlp_bp")
+    assert code == 0 and err.count("ok") == 2
+    code, out, _ = run_cli(capsys, "recipes", "--json")
+    assert code == 0 and "vit_cifar10_r24" in out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (["optim.lrr=1"], ["optim.lrr", "did you mean 'optim.lr'"]),
+        (["train.epochs=abc"], ["train.epochs", "integer"]),
+        (["feedback.rank=0"], ["feedback.rank", "int >= 1"]),
+        (["optim.lr=-1"], ["optim.lr", "greater than 0"]),
+        (["feedback.rule=ldfa", "feedback.options.nope=1"], ["feedback.options", "nope"]),
+        (["feedback.rule=dfaa"], ["feedback.rule", "known rules"]),
+        (["model.name=vit", "~model.widths", "model.embed_dim=10"], ["model", "divisible"]),
+        (["data.augment.flip=true"], ["data.augment.flip", "hflip"]),
+        (["optim.lr"], ["key=value"]),
+    ],
+)
+def test_malformed_recipe_exits_2_naming_the_key(capsys, overrides, words):
+    code, _, err = run_cli(capsys, "train", "quickstart", *overrides, "--print-config")
+    assert code == 2
+    line = err.strip()
+    assert "\n" not in line and "Traceback" not in line
+    for word in words:
+        assert word in line
+
+
+def test_missing_recipe_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "validate", str(tmp_path / "none.yaml"))
+    assert code == 2 and "neither a file nor a shipped recipe" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    code, _, err = run_cli(capsys, "train", str(bad), "--print-config")
+    assert code == 2 and "invalid YAML at line" in err
+
+
+def test_print_config_is_the_resolved_recipe(capsys):
+    code, out, _ = run_cli(capsys, "train", "quickstart", "train.epochs=3", "--print-config")
+    assert code == 0 and "epochs: 3" in out and "label_smoothing: 0.0" in out
