@@ -14,6 +14,8 @@ def _blocks(language: str) -> list[str]:
 def test_ci_runs_the_readme_setup_commands_verbatim():
     commands = [b.strip() for b in _blocks("bash")[:2]]
     assert len(commands) == 2 and all("\n" not in c for c in commands)
+    assert commands[0].endswith("ldfa train quickstart")
+    assert commands[1].endswith("python -m pytest")
     ci = (ROOT / ".ci" / "run").read_text()
     for command in commands:
         assert command in ci
@@ -22,3 +24,11 @@ def test_ci_runs_the_readme_setup_commands_verbatim():
 def test_readme_library_example_runs():
     (example,) = _blocks("python")
     exec(compile(example, "README.md", "exec"), {})
+
+
+def test_readme_recipe_names_exist():
+    from ldfa_cli.config import find_recipe
+
+    for block in _blocks("bash"):
+        for name in re.findall(r"ldfa train (\w+)", block):
+            find_recipe(name)

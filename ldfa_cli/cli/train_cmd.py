@@ -74,7 +74,10 @@ def train(
             prepare_run_dir(run_dir, overwrite)
         if main_rank and not dry_run:
             console.print(f"run folder: {run_dir}")
-    result = run(config, run_dir, device, resume=resume is not None, stop_after=stop_after,
-                 dry_run=dry_run, console=console)  # fmt: skip
+    try:
+        result = run(config, run_dir, device, resume=resume is not None, stop_after=stop_after,
+                     dry_run=dry_run, console=console)  # fmt: skip
+    except KeyboardInterrupt:
+        raise typer.Exit(code=130) from None
     if json_out and main_rank:
         print(json.dumps(asdict(result), indent=2))

@@ -1,0 +1,97 @@
+"""torchrun with 2 CPU processes (gloo) against one process at the same global batch, and
+Ctrl-C writing a checkpoint that --resume continues from."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from ldfa_cli.engine.metrics import read_metrics
+from tests.helpers import run_cli
+
+
+def _recipe(path, feedback):
+    path.write_text(yaml.safe_dump({
+        "description": "torchrun test",
+        "model": {"name": "mlp", "widths": [32, 32]},
+        "feedback": feedback,
+        "data": {"dataset": "digits", "subset": 256},
+        "train": {"epochs": 2, "batch_size": 64, "log_every": 1, "deterministic": True},
+    }))  # fmt: skip
+    return path
+
+
+def _torchrun(recipe, out):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "ldfa_cli", "train", str(recipe), "--out", str(out),
+               "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _losses(run):
+    return [(e["event"], e["step"], e["loss"]) for e in read_metrics(run / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("feedback", [{"rule": "bp"}, {"rule": "ldfa", "rank": 4}])
+def test_torchrun_matches_single_process(capsys, tmp_path, feedback):
+    """bp and normative LDFA depend on the batch only through the mean loss, so two ranks
+    each taking half of every global batch reproduce the single-process run."""
+    recipe = _recipe(tmp_path / "r.yaml", feedback)
+    assert run_cli(capsys, "train", recipe, "--out", tmp_path / "one", "--device", "cpu")[0] == 0
+    _torchrun(recipe, tmp_path / "two")
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert [e[:2] for e in one] == [e[:2] for e in two] and len(one) == 2 * 4 + 2
+    for (_, _, a), (_, _, b) in zip(one, two, strict=True):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+
+
+def test_torchrun_local_rule_first_step_equal_then_close(capsys, tmp_path):
+    """Oja's update uses each rank's own centred covariance and gamma, and DDP averages the
+    resulting P.grad (see README, 'Distributed'): the first step, made before P moves, is
+    the single-process step; later ones stay close but need not be equal."""
+    recipe = _recipe(tmp_path / "r.yaml", {"rule": "ldfa_local", "rank": 4,
+                                           "options": {"learn_q": True}})  # fmt: skip
+    assert run_cli(capsys, "train", recipe, "--out", tmp_path / "one", "--device", "cpu")[0] == 0
+    _torchrun(recipe, tmp_path / "two")
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert two[0][2] == pytest.approx(one[0][2], rel=1e-5)
+    for (_, _, a), (_, _, b) in zip(one, two, strict=True):
+        assert b == pytest.approx(a, rel=0.1)
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "description": "interrupt test", "model": {"name": "mlp", "widths": [64]},
+        "data": {"dataset": "digits"}, "train": {"epochs": 400, "batch_size": 16, "log_every": 1},
+    }))  # fmt: skip
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "ldfa_cli", "train", str(recipe), "--out", str(run),
+               "--device", "cpu"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoints" / "last.pt").is_file():
+        time.sleep(0.2)  # wait until at least one epoch is done
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "continue with --resume" in err
+    stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]
+    finish = stopped["epoch"] + 1  # finish the interrupted epoch, wherever it stopped
+    resume = subprocess.run([sys.executable, "-m", "ldfa_cli", "train", "--resume", str(run),
+                             f"train.epochs={finish}", "--device", "cpu", "--json"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resume.returncode == 0, resume.stderr[-2000:]
+    done = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]
+    assert (done["epoch"], done["batch_in_epoch"]) == (finish, 0)
+    assert done["step"] == finish * 90  # 1438 digits / batch 16 = 90 steps an epoch
+    events = read_metrics(run / "metrics.jsonl")
+    steps = [e["step"] for e in events]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) + finish  # + eval events
