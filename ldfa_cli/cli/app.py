@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from . import eval_cmd, recipes_cmd, rules_cmd, train_cmd
+from . import eval_cmd, recipes_cmd, rules_cmd, theory_cmd, train_cmd
 from .errors import run_guarded
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app.command("eval")(eval_cmd.eval_)
 app.command("validate")(recipes_cmd.validate)
 app.command("recipes")(recipes_cmd.recipes)
 app.command("rules")(rules_cmd.rules)
+app.command("theory")(theory_cmd.theory)
 
 
 @app.callback()

@@ -288,10 +288,16 @@ def train(
                     totals = distributed.sum_across(world, window.clone())
                     mean_loss = float(totals[0] / totals[2].clamp_min(1))
                     if not math.isfinite(mean_loss):
+                        last = run_dir / "checkpoints" / "last.pt" if run_dir else None
+                        kept = (
+                            f"{last} holds the last good state"
+                            if last is not None and last.is_file()
+                            else "no checkpoint had been written yet"
+                        )
                         raise TrainingError(
                             f"the training loss became {mean_loss} at step {state.step} (epoch "
-                            f"{epoch + 1}); stopped without saving, checkpoints/last.pt holds the "
-                            "last good state: lower optim.lr or the feedback optimizer's lr"
+                            f"{epoch + 1}); stopped without saving ({kept}): lower optim.lr or "
+                            "feedback.optimizer.lr"
                         )
                     rate = window_images / max(time.perf_counter() - window_start, 1e-9)
                     acc = float(totals[1] / totals[2].clamp_min(1))

@@ -1,0 +1,1 @@
+"""Analysis: the linear theory, FLOP counting, receptive fields."""
