@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from . import eval_cmd, recipes_cmd, rules_cmd, theory_cmd, train_cmd
+from . import eval_cmd, flops_cmd, recipes_cmd, rules_cmd, sweep_cmd, theory_cmd, train_cmd
 from .errors import run_guarded
 
 app = typer.Typer(
@@ -22,6 +22,8 @@ app.command("validate")(recipes_cmd.validate)
 app.command("recipes")(recipes_cmd.recipes)
 app.command("rules")(rules_cmd.rules)
 app.command("theory")(theory_cmd.theory)
+app.command("flops")(flops_cmd.flops)
+app.command("sweep")(sweep_cmd.sweep)
 
 
 @app.callback()

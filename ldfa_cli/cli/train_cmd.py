@@ -60,10 +60,12 @@ def train(
         overrides = ([recipe] if recipe else []) + overrides
         config = _resume_config(resume, overrides)
         run_dir = resume
+        recipe_name = ""
     else:
         if recipe is None:
             raise ConfigError("give a RECIPE (a file or a name from 'ldfa recipes') or --resume")
         config, path = load_recipe(recipe, overrides)
+        recipe_name = path.stem
         if print_config:
             print(to_yaml(config), end="")
             return
@@ -76,7 +78,7 @@ def train(
             console.print(f"run folder: {run_dir}")
     try:
         result = run(config, run_dir, device, resume=resume is not None, stop_after=stop_after,
-                     dry_run=dry_run, console=console)  # fmt: skip
+                     dry_run=dry_run, console=console, recipe_name=recipe_name)  # fmt: skip
     except KeyboardInterrupt:
         raise typer.Exit(code=130) from None
     if json_out and main_rank:

@@ -132,6 +132,20 @@ class DeviceData:
                 yield self.normalise(self.test.images[sl]), self.test.labels[sl]
 
 
+# channels, image size, classes of each dataset as read from its files
+NATIVE_SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "fashion_mnist": (1, 28, 10),
+                 "mnist": (1, 28, 10), "digits": (1, 8, 10)}  # fmt: skip
+
+
+def dataset_shape(config) -> tuple[int, int, int]:
+    """(channels, size, classes) a recipe's data section yields, without reading the data:
+    for FLOP counts and benchmarks on synthetic batches of the right shape."""
+    channels, size, classes = NATIVE_SHAPES[config.dataset]
+    if config.grayscale:
+        channels = 1
+    return channels, config.pad_to or size, config.classes or classes
+
+
 def load_data(config, device: torch.device | str = "cpu") -> DeviceData:
     """Read the dataset of a recipe's ``data`` section and put it on ``device``."""
     raw = read_dataset(config.dataset, config.root, config.download)
@@ -156,4 +170,4 @@ def load_data(config, device: torch.device | str = "cpu") -> DeviceData:
     )
 
 
-__all__ = ["DeviceData", "load_data", "read_dataset"]
+__all__ = ["DeviceData", "dataset_shape", "load_data", "read_dataset"]

@@ -49,9 +49,28 @@ def build_network(recipe, data: DeviceData, device: torch.device) -> nn.Module:
     its layers converted to the recipe's feedback rule. ``bp`` leaves the model as it is."""
     torch.manual_seed(recipe.train.seed)
     model = build_model(recipe.model, input_shape(data)).to(device)
-    fb = recipe.feedback
+    return convert_as_recipe(model, recipe.feedback, data.normalise(data.train.images[:2]))
+
+
+def synthetic_network(recipe, batch_size: int, device: torch.device):
+    """The recipe's model (converted) and a random batch of its dataset's shape: for FLOP
+    counts and timings, which need no real data."""
+    from ldfa_cli.data import dataset_shape
+
+    channels, size, classes = dataset_shape(recipe.data)
+    shape = InputShape(channels=channels, size=size, classes=classes)
+    generator = torch.Generator().manual_seed(recipe.train.seed)
+    x = torch.randn(batch_size, channels, size, size, generator=generator).to(device)
+    y = torch.randint(0, classes, (batch_size,), generator=generator).to(device)
+    torch.manual_seed(recipe.train.seed)
+    model = build_model(recipe.model, shape).to(device)
+    convert_as_recipe(model, recipe.feedback, x[:2])
+    return model, x, y
+
+
+def convert_as_recipe(model: nn.Module, fb, example: torch.Tensor) -> nn.Module:
+    """Convert ``model``'s layers as the recipe's ``feedback`` section says (``bp``: kept)."""
     if fb.rule != "bp":
-        example = data.normalise(data.train.images[:2])
         convert(model, fb.rule, rank=fb.rank, include=fb.include, exclude=fb.exclude,
                 ranks=fb.ranks, example_input=example, **fb.options)  # fmt: skip
     return model

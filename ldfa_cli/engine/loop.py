@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from ldfa_cli.analysis.flops import count_training_step
 from ldfa_cli.console import stderr_console
 from ldfa_cli.errors import CheckpointError, TrainingError
 from ldfa_cli.feedback import (
@@ -50,6 +51,7 @@ class RunState:
     images_seen: int = 0
     elapsed_s: float = 0.0
     best_acc: float = -1.0
+    train_flops: float = 0.0  # cumulative, all ranks together
 
 
 @dataclass
@@ -115,6 +117,7 @@ def train(
     stop_after: int | None = None,
     dry_run: bool = False,
     console: Console | None = None,
+    recipe_name: str = "",
 ) -> RunResult:
     """Train ``recipe``; write into ``run_dir`` (rank 0 only; nothing when ``dry_run``).
     ``resume`` continues from ``run_dir/checkpoints/last.pt``; ``stop_after`` ends this
@@ -130,7 +133,14 @@ def train(
     # overrides) only once it has saved a checkpoint, so a failed resume changes nothing.
     run_files_due = writes
     if writes and not resume:
-        write_run_files(run_dir, recipe, describe_device(device), world.size, resumed=False)
+        write_run_files(
+            run_dir,
+            recipe,
+            describe_device(device),
+            world.size,
+            resumed=False,
+            recipe_name=recipe_name,
+        )
         run_files_due = False
 
     # ---- build: data on the device, model with its feedback layers, two optimizers
@@ -212,6 +222,19 @@ def train(
             "config": recipe.model_dump(mode="json"),
         })  # fmt: skip
 
+    step_flops: dict[tuple, float] = {}  # per distinct batch shape, measured once
+
+    def count_flops(x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add this step's FLOPs (forward, backward, feedback updates; PyTorch's counter on
+        a copy of the model, so training is untouched) to the running total."""
+        if not writes:
+            return
+        key = tuple(x.shape)
+        if key not in step_flops:
+            counted = count_training_step(model, x, y, cfg.label_smoothing)
+            step_flops[key] = counted.total * world.size
+        state.train_flops += step_flops[key]
+
     def train_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if uses_targets:
             set_feedback_targets(model, y)
@@ -274,6 +297,7 @@ def train(
                 batches = data.train_batches(epoch, cfg.batch_size, cfg.seed, world.rank,
                                              world.size, start=state.batch_in_epoch)  # fmt: skip
                 for x, y in batches:
+                    count_flops(x, y)
                     loss, hits = train_step(x, y)
                     window[0] += loss.double() * len(y)
                     window[1] += hits
@@ -304,7 +328,7 @@ def train(
                     log({"event": "train", "epoch": epoch + 1, "step": state.step,
                          "split": "train", "loss": mean_loss, "acc": acc,
                          "lr": schedule.get_last_lr()[0], "images_seen": state.images_seen,
-                         "images_per_s": rate,
+                         "images_per_s": rate, "train_flops": state.train_flops,
                          "time_s": time.perf_counter() - start_time})  # fmt: skip
                     bar.update(task, stats=f"loss {mean_loss:.4f} acc {acc:.3f} "
                                            f"{rate:,.0f} img/s")  # fmt: skip
@@ -317,6 +341,7 @@ def train(
                          "split": "test", "loss": last_eval["loss"], "acc": last_eval["acc"],
                          "per_class_acc": last_eval["per_class_acc"],
                          "lr": schedule.get_last_lr()[0], "images_seen": state.images_seen,
+                         "train_flops": state.train_flops,
                          "time_s": time.perf_counter() - start_time})  # fmt: skip
                     if world.main:
                         console.print(f"epoch {epoch + 1}: test loss {last_eval['loss']:.4f} "

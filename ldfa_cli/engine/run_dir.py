@@ -49,11 +49,14 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def write_run_files(path: Path, recipe, device: str, world_size: int, resumed: bool) -> None:
+def write_run_files(
+    path: Path, recipe, device: str, world_size: int, resumed: bool, recipe_name: str = ""
+) -> None:
     """config.yaml (the resolved recipe) and env.json; a resume adds its own entry to
     env.json's ``resumes`` and rewrites config.yaml with any overrides it was given."""
     atomic_write_text(path / "config.yaml", to_yaml(recipe))
     env = {
+        "recipe": recipe_name,
         "argv": sys.argv,
         "python": platform.python_version(),
         "versions": {p: _version(p) for p in ("ldfa-cli", "torch", "torchvision", "timm")},

@@ -181,10 +181,13 @@ class LowRankRule(Rule):
 
 
 def dense_is_cheaper(ops, g: Tensor, Q: Tensor, P: Tensor) -> bool:
-    """Compare multiply-adds: thin T r (m + N) against dense T m N + m N r (forming B)."""
     r, m = P.shape
-    n_patch = Q.numel() // r
-    samples = ops.samples(g)
+    return dense_cheaper(ops.samples(g), r, m, Q.numel() // r)
+
+
+def dense_cheaper(samples: int, r: int, m: int, n_patch: int) -> bool:
+    """The break-even rank test: thin products cost T r (m + N) multiply-adds, the dense
+    B = QP costs m N r to form plus T m N to apply (T samples, N = n kh kw)."""
     return samples * m * n_patch + m * n_patch * r < samples * r * (m + n_patch)
 
 

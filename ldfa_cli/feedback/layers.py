@@ -19,6 +19,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
+from . import accounting
 from .base import FeedbackConfigError, Rule, make_rule, resolve_rank
 from .ops import ConvOps, LinearOps
 
@@ -45,12 +46,12 @@ def _make_feedback_function(device_type: str) -> type[torch.autograd.Function]:
     class FeedbackFunction(torch.autograd.Function):
         @staticmethod
         @torch.amp.custom_fwd(device_type=device_type)
-        def forward(ctx, x, weight, bias, targets, rule, ops, *feedback):
+        def forward(ctx, x, weight, bias, targets, rule, ops, name, *feedback):
             if torch.is_autocast_enabled(device_type):
                 low = torch.get_autocast_dtype(device_type)
                 x, weight = x.to(low), weight.to(low)
                 bias = bias.to(low) if bias is not None else None
-            ctx.rule, ctx.ops = rule, ops
+            ctx.rule, ctx.ops, ctx.name = rule, ops, name
             ctx.x_shape, ctx.weight_shape = x.shape, weight.shape
             ctx.has_bias = bias is not None
             ctx.save_for_backward(x, targets, *feedback)
@@ -62,11 +63,16 @@ def _make_feedback_function(device_type: str) -> type[torch.autograd.Function]:
             x, targets, *feedback = ctx.saved_tensors
             rule, ops = ctx.rule, ctx.ops
             need_input, need_w, need_b = ctx.needs_input_grad[:3]
-            need_feedback = tuple(ctx.needs_input_grad[6:])
+            need_feedback = tuple(ctx.needs_input_grad[7:])
+            counting = accounting.ACTIVE
+            if counting:
+                previous = accounting.enter(ctx.name, "weight_grad")
             x = x.to(g.dtype)
             grad_w = grad_b = None
             if need_w or need_b or (rule.needs_weight_grad and any(need_feedback)):
                 grad_w, grad_b = ops.weight_grad(x, g, ctx.weight_shape, ctx.has_bias and need_b)
+            if counting:
+                accounting.set_phase("input_grad")
             grad_input, grad_feedback = rule.backward(
                 ops,
                 g,
@@ -78,10 +84,13 @@ def _make_feedback_function(device_type: str) -> type[torch.autograd.Function]:
                 need_feedback,
                 grad_w,
             )
+            if counting:
+                accounting.leave(previous)
             return (
                 grad_input,
                 grad_w if need_w else None,
                 grad_b,
+                None,
                 None,
                 None,
                 None,
@@ -127,6 +136,15 @@ class FeedbackLayer:
         return min(self.fan_out, self.patch_size)
 
     def _feedback_forward(self, x: Tensor) -> Tensor:
+        counting = accounting.ACTIVE
+        if counting:
+            previous = accounting.enter(self.layer_name, "forward")
+        out = self._forward_routed(x)
+        if counting:
+            accounting.leave(previous)
+        return out
+
+    def _forward_routed(self, x: Tensor) -> Tensor:
         if (
             self.rule.plain_autograd
             or _reference["bp"]
@@ -143,6 +161,7 @@ class FeedbackLayer:
             self.feedback_targets,
             self.rule,
             self.ops,
+            self.layer_name,
             *self.rule.feedback_tensors(self),
         )
 

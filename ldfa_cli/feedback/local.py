@@ -28,6 +28,7 @@ from typing import ClassVar
 
 import torch
 
+from . import accounting
 from .base import LowRankRule, check, register
 
 
@@ -60,6 +61,8 @@ class Local(LowRankRule):
         Q, P = feedback
         z = ops.project(g, P.to(g.dtype))  # the r-dimensional teaching signal P g
         grad_input = ops.lift(z, Q.to(g.dtype), x_shape) if need_input else None
+        if accounting.ACTIVE:
+            accounting.set_phase("feedback_update")
         grad_q = self.hebbian_grad(ops, x, z, Q) if need_feedback[0] else None
         grad_p = self.oja_grad(ops, g, z, P, targets) if need_feedback[1] else None
         return grad_input, (grad_q, grad_p)

@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from . import accounting
 from .base import LowRankRule, check, register, svd_factors
 
 
@@ -82,7 +83,8 @@ class FactorisationLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_rows: Tensor, P: Tensor, w_rows: Tensor) -> Tensor:
+    def forward(ctx, q_rows: Tensor, P: Tensor, w_rows: Tensor, name: str) -> Tensor:
+        ctx.name = name
         wq = w_rows.mm(q_rows.t())  # m x r
         qq = q_rows.mm(q_rows.t())  # r x r
         pp = P.mm(P.t())  # r x r
@@ -93,16 +95,27 @@ class FactorisationLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         q_rows, P, w_rows, wq, qq, pp = ctx.saved_tensors
+        counting = accounting.ACTIVE
+        if counting:
+            previous = accounting.enter(ctx.name, "feedback_update")
         grad_q_rows = pp.mm(q_rows) - P.mm(w_rows)
         grad_p = qq.mm(P) - wq.t()
-        return grad * grad_q_rows, grad * grad_p, None
+        if counting:
+            accounting.leave(previous)
+        return grad * grad_q_rows, grad * grad_p, None, None
 
 
 def factorisation_loss(layer) -> Tensor:
     """Eq. 8 for one layer; gradients flow to its Q and P only."""
     w_rows = layer.weight.detach().reshape(layer.fan_out, -1)
     q_rows = layer.ops.q_rows(layer.feedback_Q)
-    return FactorisationLoss.apply(q_rows, layer.feedback_P, w_rows)
+    counting = accounting.ACTIVE
+    if counting:
+        previous = accounting.enter(layer.layer_name, "feedback_update")
+    loss = FactorisationLoss.apply(q_rows, layer.feedback_P, w_rows, layer.layer_name)
+    if counting:
+        accounting.leave(previous)
+    return loss
 
 
 def normative_layers(model: nn.Module):

@@ -1,0 +1,152 @@
+"""Compute to accuracy: training FLOPs and wall-clock until a run first reaches a target
+fraction of its final accuracy (the paper's Fig. 3c bottom), grouped over seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ldfa_cli.engine.metrics import read_metrics
+from ldfa_cli.errors import CheckpointError
+
+
+@dataclass
+class RunSummary:
+    path: str
+    recipe: str
+    rule: str
+    rank: int | float | None
+    seed: int
+    final_acc: float  # mean of the last 3 evaluations
+    flops_to_target: float | None
+    time_to_target: float | None
+    flops_to_common: float | None = None
+    time_to_common: float | None = None
+
+    @property
+    def group(self) -> tuple:
+        return (self.recipe, self.rule, self.rank)
+
+    @property
+    def is_bp(self) -> bool:
+        return self.rule == "bp"
+
+
+def _first_reaching(evals: list[dict], level: float) -> tuple[float | None, float | None]:
+    for event in evals:
+        if event["acc"] >= level:
+            return event.get("train_flops"), event.get("time_s")
+    return None, None
+
+
+def summarise_run(run_dir: Path, target: float) -> RunSummary:
+    run_dir = Path(run_dir)
+    metrics, config_file = run_dir / "metrics.jsonl", run_dir / "config.yaml"
+    if not metrics.is_file() or not config_file.is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder (no metrics.jsonl/config.yaml)")
+    config = yaml.safe_load(config_file.read_text())
+    evals = [e for e in read_metrics(metrics) if e.get("event") == "eval"]
+    if not evals:
+        raise CheckpointError(f"{run_dir} has no evaluation yet")
+    if "train_flops" not in evals[-1]:
+        raise CheckpointError(f"{run_dir} has no train_flops in metrics.jsonl (an older run?)")
+    last = [e["acc"] for e in evals[-3:]]
+    final = sum(last) / len(last)
+    flops, seconds = _first_reaching(evals, target * final)
+    env_file = run_dir / "env.json"
+    recipe = json.loads(env_file.read_text()).get("recipe", "") if env_file.is_file() else ""
+    fb = config["feedback"]
+    return RunSummary(str(run_dir), recipe or config.get("description", "")[:40], fb["rule"],
+                      fb.get("rank"), config["train"]["seed"], final, flops, seconds)  # fmt: skip
+
+
+def add_common_target(runs: list[RunSummary], target: float) -> float | None:
+    """With backprop runs among them: every run's cost to reach target x BP's mean final."""
+    bp = [r.final_acc for r in runs if r.is_bp]
+    if not bp:
+        return None
+    level = target * sum(bp) / len(bp)
+    for run in runs:
+        evals = [e for e in read_metrics(Path(run.path) / "metrics.jsonl") if e["event"] == "eval"]
+        run.flops_to_common, run.time_to_common = _first_reaching(evals, level)
+    return level
+
+
+def _mean_se(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean and standard error over the runs that reached the target; None if none did."""
+    got = [v for v in values if v is not None]
+    if not got:
+        return None, None, 0
+    mean = sum(got) / len(got)
+    if len(got) < 2:
+        return mean, None, len(got)
+    var = sum((v - mean) ** 2 for v in got) / (len(got) - 1)
+    return mean, math.sqrt(var / len(got)), len(got)
+
+
+def group_runs(runs: list[RunSummary]) -> list[dict]:
+    """One row per (recipe, rule, rank), BP first then by rank: mean and standard error."""
+    groups: dict[tuple, list[RunSummary]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+
+    def order(key):
+        _, rule, rank = key
+        return (rule != "bp", float("inf") if rank is None else float(rank), rule)
+
+    rows = []
+    for key in sorted(groups, key=order):
+        members = groups[key]
+        row = {"recipe": key[0], "rule": key[1], "rank": key[2], "seeds": len(members)}
+        for name in ("final_acc", "flops_to_target", "time_to_target", "flops_to_common",
+                     "time_to_common"):  # fmt: skip
+            mean, se, reached = _mean_se([getattr(m, name) for m in members])
+            row[name], row[f"{name}_se"] = mean, se
+            if name != "final_acc":
+                row[f"{name}_reached"] = reached
+        rows.append(row)
+    return rows
+
+
+def plot_compute(rows: list[dict], path: Path, target: float, common: bool) -> None:
+    """Fig. 3c bottom: accuracy bars and FLOPs-to-target line against rank, BP marked."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ldfa_cli.engine.checkpoint import atomic_write_bytes
+
+    key = "flops_to_common" if common else "flops_to_target"
+    labels = ["BP" if r["rule"] == "bp" else f"r={r['rank']}" for r in rows]
+    xs = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(1.1 * len(rows) + 3, 3.6))
+    colours = ["black" if r["rule"] == "bp" else "tab:blue" for r in rows]
+    accs = [100 * (r["final_acc"] or 0) for r in rows]
+    errs = [100 * (r["final_acc_se"] or 0) for r in rows]
+    ax.bar(xs, accs, yerr=errs, color=colours, alpha=0.6, capsize=3)
+    low = min(accs) if accs else 0
+    ax.set_ylim(max(0.0, low - 10), 100 if max(accs, default=0) > 90 else max(accs) + 5)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xticks(xs, labels)
+    twin = ax.twinx()
+    values = [r[key] / 1e12 if r[key] is not None else float("nan") for r in rows]
+    ses = [(r[f"{key}_se"] or 0) / 1e12 for r in rows]
+    twin.errorbar(xs, values, yerr=ses, color="tab:red", marker="o", capsize=3)
+    bp = [i for i, r in enumerate(rows) if r["rule"] == "bp"]
+    for i in bp:
+        twin.axhline(values[i], color="tab:red", ls=":", lw=0.8)
+    what = "BP's" if common else "own"
+    twin.set_ylabel(f"TFLOPs to {target:.0%} of {what} final acc.", color="tab:red")
+    ax.set_title("accuracy (bars) and training compute to target (line) by feedback rank")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), lambda handle: handle.write(buffer.getvalue()))

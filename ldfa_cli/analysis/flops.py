@@ -1,0 +1,254 @@
+"""FLOPs of a training step, per layer and phase, measured with PyTorch's own counter.
+
+``PhaseFlopCounter`` is ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per
+multiply-add, forward and backward, custom autograd Functions and SDPA included) that also
+files every count under the layer and phase the feedback layers mark (``forward``,
+``input_grad``, ``weight_grad``, ``feedback_update``; see ``feedback/accounting.py``).
+Operations outside feedback layers (attention, unconverted layers) go to ``(other)``.
+
+The backprop reference is the same model with every feedback layer switched to
+:class:`Transpose`, which computes W^T g inside the same autograd Function, so the two
+tables split identically. ``analytic_flops`` gives the same numbers from layer shapes, and
+``fvcore_forward`` fvcore's forward count (multiply-adds), with handles added for SDPA and
+the feedback Function so that it is not silently low.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ldfa_cli.feedback import accounting, feedback_layers, feedback_loss, set_feedback_targets
+from ldfa_cli.feedback.base import Rule, dense_cheaper
+from ldfa_cli.feedback.layers import FeedbackLayer
+
+PHASES = ("forward", "input_grad", "weight_grad", "feedback_update")
+# Outside feedback layers the backward is not split: it is filed as "backward".
+ALL_PHASES = (*PHASES, "backward")
+
+
+class PhaseFlopCounter(FlopCounterMode):
+    """FlopCounterMode that also keeps ``counts[(layer, phase)]``."""
+
+    def __init__(self):
+        super().__init__(display=False)
+        self.counts: dict[tuple[str, str], int] = defaultdict(int)
+
+    def __enter__(self):
+        accounting.set_active(True)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            accounting.set_active(False)
+
+    def _count_flops(self, func_packet, out, args, kwargs):
+        if func_packet in self.flop_registry:
+            flops = self.flop_registry[func_packet](*args, **kwargs, out_val=out)
+            self.counts[accounting.where()] += flops
+            for parent in set(self.mod_tracker.parents):
+                self.flop_counts[parent][func_packet] += flops
+        return out
+
+
+@dataclass(frozen=True)
+class Transpose(Rule):
+    """Backprop measured inside the feedback Function: the input gradient is W^T g."""
+
+    name: ClassVar[str] = "bp"
+
+    def feedback_tensors(self, layer):
+        return (layer.weight.detach(),)
+
+    def backward(self, ops, g, x, x_shape, feedback, targets, need_input, need_feedback, gw):
+        (weight,) = feedback
+        return (ops.through(g, weight.to(g.dtype), x_shape) if need_input else None), (None,)
+
+
+def backprop_twin(model: nn.Module, only_plain: bool = False) -> nn.Module:
+    """A copy of ``model`` whose feedback layers (with ``only_plain``, those of rule ``bp``,
+    which run plain autograd) compute backprop inside the feedback Function, where the
+    counter can split their backward into input and weight gradients."""
+    twin = copy.deepcopy(model)
+    for _, layer in feedback_layers(twin):
+        if not only_plain or layer.rule.plain_autograd:
+            layer.rule = Transpose()
+    return twin
+
+
+@dataclass
+class StepFlops:
+    """FLOPs of one training step by (layer, phase), and each feedback layer's samples."""
+
+    counts: dict[tuple[str, str], int]
+    samples: dict[str, int] = field(default_factory=dict)
+    intervals: dict[str, int] = field(default_factory=dict)  # normative update interval
+
+    def get(self, layer: str, phase: str) -> float:
+        value = self.counts.get((layer, phase), 0)
+        if phase == "feedback_update":
+            value /= self.intervals.get(layer, 1)  # amortised over the update interval
+        return value
+
+    def layer_total(self, layer: str) -> float:
+        return sum(self.get(layer, p) for p in ALL_PHASES)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys(layer for layer, _ in self.counts))
+
+    @property
+    def total(self) -> float:
+        return sum(self.get(layer, phase) for layer, phase in self.counts)
+
+
+def _samples_hooks(model: nn.Module, samples: dict):
+    def hook(module, args, out):
+        channels = out.shape[1] if isinstance(module, nn.Conv2d) else out.shape[-1]
+        samples[module.layer_name] = out.numel() // channels
+
+    return [layer.register_forward_hook(hook) for _, layer in feedback_layers(model)]
+
+
+def count_training_step(model: nn.Module, x, y, label_smoothing: float = 0.0) -> StepFlops:
+    """Count one training step (forward, loss, backward, every feedback update) on ``model``
+    without changing it: it runs on a copy, with the RNG state restored afterwards."""
+    work = copy.deepcopy(model)
+    work.train(model.training)
+    samples: dict[str, int] = {}
+    hooks = _samples_hooks(work, samples)
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), PhaseFlopCounter() as counter:
+        set_feedback_targets(work, y)
+        loss = F.cross_entropy(work(x).float(), y, label_smoothing=label_smoothing)
+        loss.backward()
+        normative = feedback_loss(work)  # every normative layer once; amortised in .get
+        if normative is not None:
+            normative.backward()
+    for h in hooks:
+        h.remove()
+    intervals = {name: getattr(layer.rule, "interval", 1) for name, layer in feedback_layers(work)}
+    return StepFlops(dict(counter.counts), samples, intervals)
+
+
+# ------------------------------------------------------------------------- analytic
+def analytic_flops(layer: FeedbackLayer, samples: int, transpose: bool = False) -> dict:
+    """The step's FLOPs of one feedback layer from its shapes (2 per multiply-add)."""
+    T, m, N = samples, layer.fan_out, layer.patch_size
+    rule, r = layer.rule, layer.rank
+    dense = 2 * T * m * N
+    counts = {"forward": dense, "weight_grad": dense, "input_grad": 0, "feedback_update": 0}
+    name = "bp" if transpose else rule.name
+    if name in ("bp", "fa", "kp"):
+        counts["input_grad"] = dense
+    elif name in ("lowrank_fa", "ldfa"):
+        if dense_cheaper(T, r, m, N):
+            counts["input_grad"] = 2 * m * N * r + dense
+        else:
+            counts["input_grad"] = 2 * T * r * (m + N)
+        if name == "ldfa":
+            per_update = 4 * m * N * r + 4 * r * r * N + 4 * r * r * m
+            counts["feedback_update"] = per_update / rule.interval
+    elif name == "ldfa_local":
+        counts["input_grad"] = 2 * T * r * (m + N)
+        update = 2 * T * r * m + 4 * r * r * m
+        if rule.use_targets:
+            update += 2 * T * m * r
+        if rule.learn_q:
+            update += 2 * T * N * r
+        counts["feedback_update"] = update
+    return counts
+
+
+# ---------------------------------------------------------------------------- fvcore
+def fvcore_forward(model: nn.Module, x) -> tuple[float | None, str]:
+    """fvcore's forward count in multiply-adds, with handles for SDPA and the feedback
+    Function (which it would otherwise count as 0); (None, reason) if it cannot trace."""
+    try:
+        from fvcore.nn import FlopCountAnalysis
+    except ImportError as error:  # pragma: no cover - fvcore is a dependency
+        return None, f"fvcore unavailable: {error}"
+
+    def shape(value):
+        return value.type().sizes()
+
+    def feedback_handle(inputs, outputs):
+        out = shape(outputs[0])
+        weight = shape(inputs[1])
+        return math.prod(out) * math.prod(weight[1:])
+
+    def sdpa_handle(inputs, outputs):
+        q, k, v = (shape(t) for t in inputs[:3])
+        batch = math.prod(q[:-2])
+        return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+    analysis = FlopCountAnalysis(model, (x,))
+    for device in ("cpu", "cuda", "mps", "xpu"):
+        analysis.set_op_handle(f"prim::PythonOp.FeedbackFunction_{device}", feedback_handle)
+    analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_handle)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fvcore's tracer uses deprecated torch.jit calls
+            return float(analysis.total()), "multiply-adds (fvcore, forward only)"
+    except Exception as error:
+        return None, f"fvcore could not trace the model ({type(error).__name__})"
+
+
+# ----------------------------------------------------------------------- the report
+@dataclass
+class FlopsReport:
+    rule: StepFlops
+    reference: StepFlops  # backprop through the same layers
+    layers: list[dict]
+    fvcore_macs: float | None
+    fvcore_note: str
+    warnings: list[str]
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": self.layers,
+            "total": {"rule": self.rule.total, "bp": self.reference.total,
+                      "ratio": self.rule.total / self.reference.total},
+            "forward_measured_flops": sum(self.rule.get(n, "forward") for n in self.rule.layers),
+            "fvcore_forward_macs": self.fvcore_macs,
+            "fvcore_note": self.fvcore_note,
+            "warnings": self.warnings,
+        }  # fmt: skip
+
+
+def flops_report(model: nn.Module, x, y) -> FlopsReport:
+    """Per-layer FLOPs of one training step under the model's rules and under backprop."""
+    rule = count_training_step(backprop_twin(model, only_plain=True), x, y)
+    reference = count_training_step(backprop_twin(model), x, y)
+    layers_by_name = dict(feedback_layers(model))
+    rows, warnings = [], []
+    names = [n for n in rule.layers if n != "(other)"]
+    for name in [*names, "(other)"]:
+        row = {"layer": name}
+        for phase in ALL_PHASES:
+            row[phase] = rule.get(name, phase)
+            row[f"bp_{phase}"] = reference.get(name, phase)
+        if name in layers_by_name:
+            layer = layers_by_name[name]
+            row.update(rule=layer.rule.name, rank=layer.rank, samples=rule.samples.get(name))
+            expected = analytic_flops(layer, rule.samples[name])
+            row["analytic"] = expected
+            measured, predicted = rule.layer_total(name), sum(expected.values())
+            if predicted and abs(measured - predicted) > 0.01 * predicted:
+                warnings.append(f"{name}: measured {measured:.4g} FLOPs, analytic "
+                                f"{predicted:.4g} ({measured / predicted - 1:+.1%})")  # fmt: skip
+        rows.append(row)
+    macs, note = fvcore_forward(model, x)
+    return FlopsReport(rule, reference, rows, macs, note, warnings)

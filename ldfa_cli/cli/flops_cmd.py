@@ -1,0 +1,141 @@
+"""``ldfa flops``: per-step FLOPs of a recipe (per layer, against backprop), or the
+compute each run in a set of run folders needed to reach its target accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ldfa_cli.console import stderr_console
+from ldfa_cli.errors import ConfigError
+
+
+def _gflops(value: float) -> str:
+    return f"{value / 1e9:,.3f}"
+
+
+def _ratio(value: float, reference: float) -> str:
+    return f"{value / reference:.2f}x" if reference else "-"
+
+
+def _recipe_table(report, title: str) -> Table:
+    table = Table(title=title, caption="GFLOPs per training step (2 per multiply-add); "
+                  "ratios to backprop through the same layers")  # fmt: skip
+    for col in ("layer", "rule", "r", "samples", "forward", "input grad", "weight grad",
+                "feedback update", "total"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("layer", "rule") else "right")
+    for row in report.layers:
+        other = row["layer"] == "(other)"
+        fwd, inp, wgt, upd = (row[p] for p in ("forward", "input_grad", "weight_grad",
+                                               "feedback_update"))  # fmt: skip
+        total = fwd + inp + wgt + upd + row["backward"]
+        bp_total = sum(row[f"bp_{p}"] for p in ("forward", "input_grad", "weight_grad",
+                                                 "feedback_update", "backward"))  # fmt: skip
+        if other:
+            cells = [_gflops(fwd), f"{_gflops(row['backward'])} (backward, unsplit)", "", "-"]
+        else:
+            cells = [_gflops(fwd), f"{_gflops(inp)} ({_ratio(inp, row['bp_input_grad'])})",
+                     _gflops(wgt), _gflops(upd)]  # fmt: skip
+        table.add_row(row["layer"], row.get("rule", "-"), str(row.get("rank") or "-"),
+                      str(row.get("samples") or "-"), *cells,
+                      f"{_gflops(total)} ({_ratio(total, bp_total)})")  # fmt: skip
+    rule, bp = report.rule.total, report.reference.total
+    table.add_section()
+    table.add_row("total", "", "", "", "", "", "", "", f"{_gflops(rule)} ({_ratio(rule, bp)})")
+    return table
+
+
+def recipe_flops(spec: str, overrides: list[str], batch_size: int | None, device: str,
+                 json_out: bool) -> None:  # fmt: skip
+    from ldfa_cli.analysis.flops import flops_report
+    from ldfa_cli.config import load_recipe
+    from ldfa_cli.engine.build import pick_device, synthetic_network
+    from ldfa_cli.feedback import convert
+
+    recipe, path = load_recipe(spec, overrides)
+    batch = batch_size or recipe.train.batch_size
+    model, x, y = synthetic_network(recipe, batch, pick_device(device))
+    if recipe.feedback.rule == "bp":  # split backprop's backward per layer as well
+        fb = recipe.feedback
+        convert(model, "bp", include=fb.include, exclude=fb.exclude, example_input=x[:2])
+    report = flops_report(model, x, y)
+    data = {"recipe": path.stem, "batch_size": batch, **report.to_dict()}
+    console = stderr_console()
+    console.print(_recipe_table(report, f"{path.stem}: one training step, batch {batch}"))
+    forward = data["forward_measured_flops"] / 2
+    if report.fvcore_macs is not None:
+        console.print(f"forward: {forward / 1e9:,.3f} G multiply-adds measured; fvcore "
+                      f"{report.fvcore_macs / 1e9:,.3f} G {report.fvcore_note}")  # fmt: skip
+    else:
+        console.print(f"fvcore cross-check unavailable: {report.fvcore_note}")
+    for warning in report.warnings:
+        console.print(f"[yellow]warning[/yellow]: measured and analytic differ: {warning}")
+    if json_out:
+        print(json.dumps(data, indent=2))
+
+
+def runs_flops(paths: list[Path], target: float, json_out: bool, plot: Path | None) -> None:
+    from ldfa_cli.analysis.compute import add_common_target, group_runs, plot_compute, summarise_run
+
+    runs = [summarise_run(p, target) for p in paths]
+    common = add_common_target(runs, target)
+    rows = group_runs(runs)
+    table = Table(title=f"compute to {target:.0%} of final accuracy ({len(runs)} runs)")
+    for col in ("recipe", "rule", "r", "seeds", "final acc", "TFLOPs to own target",
+                "s to own target", "TFLOPs to BP target"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("recipe", "rule") else "right")
+
+    def fmt(row, key, scale=1.0, digits=3):
+        mean, se = row[key], row.get(f"{key}_se")
+        if mean is None:
+            return "not reached"
+        text = f"{mean * scale:.{digits}f}"
+        return text + (f" ± {se * scale:.{digits}f}" if se is not None else "")
+
+    for row in rows:
+        table.add_row(row["recipe"], row["rule"], str(row["rank"] or "-"), str(row["seeds"]),
+                      fmt(row, "final_acc", 100, 2), fmt(row, "flops_to_target", 1e-12),
+                      fmt(row, "time_to_target", 1, 1),
+                      fmt(row, "flops_to_common", 1e-12) if common else "-")  # fmt: skip
+    console = stderr_console()
+    console.print(table)
+    if common is not None:
+        console.print(f"BP target: {target:.0%} of BP's mean final accuracy = {common:.4f}")
+    if plot is not None:
+        plot_compute(rows, plot, target, common=common is not None)
+        console.print(f"wrote {plot}")
+    if json_out:
+        print(json.dumps({"target": target, "bp_target_acc": common, "groups": rows,
+                          "runs": [vars(r) for r in runs]}, indent=2))  # fmt: skip
+
+
+def _is_run(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "metrics.jsonl").is_file()
+
+
+def flops(
+    targets: list[str] = typer.Argument(..., help="A RECIPE [key=value ...], or run folders."),
+    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Recipe mode: batch."),
+    device: str = typer.Option("cpu", "--device", help="Recipe mode: auto, cpu, cuda, mps."),
+    target: float = typer.Option(
+        0.9, "--target", min=0.0, max=1.0, help="Run mode: fraction of final accuracy."
+    ),  # fmt: skip
+    plot: Path = typer.Option(None, "--plot", help="Run mode: write the Fig. 3c-style PNG."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
+) -> None:
+    """FLOPs of one training step of a recipe under its rule and under backprop, per layer;
+    or, given run folders, the training compute each needed to reach its target accuracy."""
+    if all(_is_run(t) for t in targets):
+        runs_flops([Path(t) for t in targets], target, json_out, plot)
+        return
+    runs = [t for t in targets if _is_run(t)]
+    if runs:
+        raise ConfigError(
+            f"'{runs[0]}' is a run folder but other arguments are not: give either a recipe "
+            "with key=value overrides or run folders only"
+        )
+    recipe_flops(targets[0], targets[1:], batch_size, device, json_out)

@@ -1,0 +1,101 @@
+"""``ldfa sweep``: a grid of runs of one recipe (e.g. ranks x seeds) in one folder."""
+
+from __future__ import annotations
+
+import itertools
+import shlex
+import time
+from pathlib import Path
+
+import typer
+
+from ldfa_cli.console import stderr_console
+from ldfa_cli.errors import ConfigError
+
+
+def split_values(text: str) -> list[str]:
+    """``a,b,[1,2]`` -> ['a', 'b', '[1,2]']: commas inside brackets stay."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += char
+    values.append(current)
+    return [v for v in values if v != ""]
+
+
+def grid(axes: list[str]) -> list[list[str]]:
+    """Every combination of ``key=v1,v2`` axes, as lists of ``key=value`` overrides."""
+    parsed = []
+    for axis in axes:
+        key, sep, values = axis.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"sweep axis '{axis}' is not key=v1,v2,... (e.g. feedback.rank=8,16)")
+        parsed.append([f"{key}={v}" for v in split_values(values)])
+    return [list(point) for point in itertools.product(*parsed)]
+
+
+def point_name(point: list[str]) -> str:
+    name = "_".join(item.split(".")[-1] for item in point) or "base"
+    return "".join(c if c.isalnum() or c in "=_-." else "-" for c in name)
+
+
+def _finished(run_dir: Path, epochs: int) -> bool:
+    import torch
+
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        return False
+    progress = torch.load(last, weights_only=True, map_location="cpu")["progress"]
+    return progress["epoch"] >= epochs
+
+
+def sweep(
+    recipe: str = typer.Argument(..., help="A recipe file or a shipped recipe's name."),
+    axes: list[str] = typer.Argument(None, help="key=v1,v2,... axes; fixed key=value too."),
+    out: Path = typer.Option(None, "--out", help="Folder (default runs/sweeps/<recipe>/<time>)."),
+    print_only: bool = typer.Option(
+        False,
+        "--print",
+        help="Print one 'ldfa train' command per point (for a cluster scheduler) and exit.",
+    ),  # fmt: skip
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+) -> None:
+    """Run a grid of one recipe sequentially into one folder (finished points are skipped,
+    interrupted ones resumed), or print the commands; 'ldfa flops FOLDER' reads it."""
+    from ldfa_cli.config import find_recipe, load_recipe
+
+    path = find_recipe(recipe)
+    points = grid(list(axes or []))
+    out = out or Path("runs") / "sweeps" / path.stem / time.strftime("%Y%m%d-%H%M%S")
+    names = [point_name(p) for p in points]
+    if len(set(names)) != len(names):
+        raise ConfigError("two sweep points map to one folder name; give distinct values")
+    for point in points:  # validate every point before running any
+        load_recipe(str(path), point)
+    if print_only:
+        for point, name in zip(points, names, strict=True):
+            words = ["ldfa", "train", str(path), *point, "--out", str(out / name)]
+            print(" ".join(shlex.quote(w) for w in words))
+        return
+    from ldfa_cli.engine.loop import train as run
+    from ldfa_cli.engine.run_dir import prepare_run_dir
+
+    console = stderr_console()
+    for i, (point, name) in enumerate(zip(points, names, strict=True), start=1):
+        config, _ = load_recipe(str(path), point)
+        run_dir = out / name
+        if _finished(run_dir, config.train.epochs):
+            console.print(f"[{i}/{len(points)}] {name}: finished, skipped")
+            continue
+        resume = (run_dir / "checkpoints" / "last.pt").is_file()
+        if not resume:
+            prepare_run_dir(run_dir, overwrite=True)
+        console.print(f"[{i}/{len(points)}] {name}: {'resuming' if resume else 'training'}"
+                      f" into {run_dir}")  # fmt: skip
+        run(config, run_dir, device, resume=resume, console=console, recipe_name=path.stem)
+    console.print(f"sweep done: ldfa flops {out}/* --plot {out}/compute.png")

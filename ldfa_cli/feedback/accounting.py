@@ -1,0 +1,43 @@
+"""Where FLOPs go: which layer and which phase (forward, input_grad, weight_grad,
+feedback_update) an operation belongs to, for ``ldfa_cli.analysis.flops``' counter.
+
+The markers are plain assignments guarded by ``ACTIVE``, which is False except inside a
+counter, so training (and torch.compile, which guards on the flag) never runs them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACTIVE = False
+_where: list = [None, None]  # layer name, phase
+
+
+def enter(layer: str, phase: str) -> tuple:
+    previous = tuple(_where)
+    _where[0], _where[1] = layer, phase
+    return previous
+
+
+def set_phase(phase: str) -> None:
+    _where[1] = phase
+
+
+def leave(previous: tuple) -> None:
+    _where[0], _where[1] = previous
+
+
+def where() -> tuple[str, str]:
+    """(layer, phase) of the operation running now; outside feedback layers the layer is
+    '(other)' and the phase 'forward' or 'backward'."""
+    layer, phase = _where
+    if layer is None:
+        in_backward = torch._C._current_autograd_node() is not None
+        return "(other)", "backward" if in_backward else "forward"
+    return layer, phase
+
+
+def set_active(active: bool) -> None:
+    global ACTIVE
+    ACTIVE = active
+    _where[0] = _where[1] = None
