@@ -176,7 +176,9 @@ def fvcore_forward(model: nn.Module, x) -> tuple[float | None, str]:
     """fvcore's forward count in multiply-adds, with handles for SDPA and the feedback
     Function (which it would otherwise count as 0); (None, reason) if it cannot trace."""
     try:
-        from fvcore.nn import FlopCountAnalysis
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fvcore's import uses deprecated torch.jit calls
+            from fvcore.nn import FlopCountAnalysis
     except ImportError as error:  # pragma: no cover - fvcore is a dependency
         return None, f"fvcore unavailable: {error}"
 

@@ -6,7 +6,17 @@ import sys
 
 import typer
 
-from . import eval_cmd, flops_cmd, recipes_cmd, rules_cmd, sweep_cmd, theory_cmd, train_cmd
+from . import (
+    bench_cmd,
+    eval_cmd,
+    flops_cmd,
+    plot_cmd,
+    recipes_cmd,
+    rules_cmd,
+    sweep_cmd,
+    theory_cmd,
+    train_cmd,
+)
 from .errors import run_guarded
 
 app = typer.Typer(
@@ -24,6 +34,8 @@ app.command("rules")(rules_cmd.rules)
 app.command("theory")(theory_cmd.theory)
 app.command("flops")(flops_cmd.flops)
 app.command("sweep")(sweep_cmd.sweep)
+app.command("bench")(bench_cmd.bench)
+app.command("plot")(plot_cmd.plot)
 
 
 @app.callback()

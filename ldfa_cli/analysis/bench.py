@@ -1,0 +1,139 @@
+"""Wall-clock of training steps under backprop and under feedback ranks, in one process.
+
+Every variant is the recipe's model on a synthetic batch of its dataset's shape. After
+warm-up the variants take turns, one step each per round, so that drifts of the machine hit
+them alike; the median step time is reported beside the FLOP ratio, and a profile by op
+shows where the time that the FLOPs do not explain goes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldfa_cli.engine.build import synthetic_network
+from ldfa_cli.engine.optim import make_optimizer
+from ldfa_cli.feedback import feedback_loss, feedback_parameters, forward_parameters
+
+from .flops import count_training_step
+
+
+@dataclass
+class Variant:
+    label: str
+    model: nn.Module
+    step: callable
+    flops: float
+    times: list
+
+
+def _stepper(recipe, model: nn.Module, x, y):
+    optimizer = make_optimizer(recipe.optim, forward_parameters(model))
+    fb_params = feedback_parameters(model)
+    fb_optimizer = make_optimizer(recipe.feedback.optimizer, fb_params) if fb_params else None
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if fb_optimizer is not None:
+            fb_optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        normative = feedback_loss(model)
+        if normative is not None:
+            normative.backward()
+        optimizer.step()
+        if fb_optimizer is not None:
+            fb_optimizer.step()
+
+    return step
+
+
+def _timer(device: torch.device):
+    """Seconds of one call: CUDA events on a GPU, perf_counter elsewhere."""
+    if device.type == "cuda":
+
+        def timed(fn) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end) / 1e3
+
+        return timed
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    return timed
+
+
+def build_variants(recipe, ranks: list[int], batch_size: int, device) -> list[Variant]:
+    rule = recipe.feedback.rule if recipe.feedback.rule != "bp" else "ldfa"
+    specs = [
+        (
+            "bp",
+            recipe.model_copy(
+                update={
+                    "feedback": recipe.feedback.model_copy(update={"rule": "bp", "options": {}})
+                }
+            ),
+        )
+    ]
+    for r in ranks:
+        fb = recipe.feedback.model_copy(update={"rule": rule, "rank": r})
+        specs.append((f"{rule} r={r}", recipe.model_copy(update={"feedback": fb})))
+    variants = []
+    for label, spec in specs:
+        model, x, y = synthetic_network(spec, batch_size, device)
+        model.train()
+        flops = count_training_step(model, x, y).total
+        variants.append(Variant(label, model, _stepper(spec, model, x, y), flops, []))
+    return variants
+
+
+def profile_summary(variant: Variant, device, steps: int = 3, top: int = 8) -> list[dict]:
+    """The ops that take the most self time over a few steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])  # fmt: skip
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            variant.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1
+    return [{"op": e.key, "ms_per_step": getattr(e, key) / 1e3 / steps,
+             "share": getattr(e, key) / total} for e in events[:top]]  # fmt: skip
+
+
+def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int,
+              device: torch.device) -> dict:  # fmt: skip
+    variants = build_variants(recipe, ranks, batch_size, device)
+    timed = _timer(device)
+    for variant in variants:
+        for _ in range(warmup):
+            variant.step()
+    for _ in range(steps):
+        for variant in variants:
+            variant.times.append(timed(variant.step))
+    base = variants[0]
+    base_time = statistics.median(base.times)
+    rows = []
+    for v in variants:
+        median = statistics.median(v.times)
+        rows.append({"variant": v.label, "median_ms": median * 1e3,
+                     "time_ratio": median / base_time, "flop_ratio": v.flops / base.flops,
+                     "gflops_per_step": v.flops / 1e9})  # fmt: skip
+    profiles = {v.label: profile_summary(v, device) for v in (variants[0], variants[1])}
+    return {"batch_size": batch_size, "steps": steps, "warmup": warmup, "device": str(device),
+            "threads": torch.get_num_threads(), "rows": rows, "profile": profiles}  # fmt: skip

@@ -1,0 +1,48 @@
+"""``ldfa bench``: step time of a recipe's model under backprop and feedback ranks."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.table import Table
+
+from ldfa_cli.console import stderr_console
+
+
+def bench(
+    recipe: str = typer.Argument(..., help="A recipe file or a shipped recipe's name."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides."),
+    ranks: str = typer.Option("8,16,32", "--ranks", help="Feedback ranks, comma-separated."),
+    steps: int = typer.Option(20, "--steps", min=1, help="Timed steps per variant."),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed steps first."),
+    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Default: the recipe's."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
+) -> None:
+    """Time training steps under backprop and each rank, interleaved in one process, beside
+    the FLOP ratio, with a profile of where the time goes."""
+    from ldfa_cli.analysis.bench import run_bench
+    from ldfa_cli.cli.theory_cmd import _int_list
+    from ldfa_cli.config import load_recipe
+    from ldfa_cli.engine.build import pick_device
+
+    config, path = load_recipe(recipe, list(overrides or []))
+    rank_list = list(_int_list(ranks, "--ranks"))
+    batch = batch_size or config.train.batch_size
+    console = stderr_console()
+    with console.status(f"timing {len(rank_list) + 1} variants x {steps} steps"):
+        result = run_bench(config, rank_list, steps, warmup, batch, pick_device(device))
+    table = Table(title=f"{path.stem}: training step, batch {batch}, {result['device']}, "
+                  f"{result['threads']} threads (median of {steps}, interleaved)")  # fmt: skip
+    for col in ("variant", "ms / step", "time / BP", "FLOPs / BP", "GFLOPs / step"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for row in result["rows"]:
+        table.add_row(row["variant"], f"{row['median_ms']:.2f}", f"{row['time_ratio']:.2f}",
+                      f"{row['flop_ratio']:.2f}", f"{row['gflops_per_step']:.3f}")  # fmt: skip
+    console.print(table)
+    for label, ops in result["profile"].items():
+        summary = ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops)
+        console.print(f"where the time goes ({label}, self time by op): {summary}")
+    if json_out:
+        print(json.dumps({"recipe": path.stem, **result}, indent=2))

@@ -1,0 +1,63 @@
+"""``ldfa plot``: test accuracy and loss of several runs on shared axes."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import typer
+import yaml
+
+from ldfa_cli.console import stderr_console
+from ldfa_cli.errors import CheckpointError, ConfigError
+
+X_KEYS = {"epoch": ("epoch", 1.0, "epoch"), "flops": ("train_flops", 1e-12, "training TFLOPs"),
+          "time": ("time_s", 1.0, "wall-clock (s)")}  # fmt: skip
+
+
+def _label(run: Path) -> str:
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    fb = config["feedback"]
+    rank = f" r={fb['rank']}" if fb.get("rank") is not None and fb["rule"] != "bp" else ""
+    return f"{run.name}: {fb['rule']}{rank}"
+
+
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run folders."),
+    x: str = typer.Option("epoch", "--x", help="epoch, flops or time."),
+    out: Path = typer.Option(Path("curves.png"), "--out", help="PNG to write."),
+) -> None:
+    """Test accuracy and loss curves of several runs against epoch, FLOPs or time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ldfa_cli.engine.checkpoint import atomic_write_bytes
+    from ldfa_cli.engine.metrics import read_metrics
+
+    if x not in X_KEYS:
+        raise ConfigError(f"--x must be epoch, flops or time, got '{x}'")
+    key, scale, xlabel = X_KEYS[x]
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for run in runs:
+        if not (run / "metrics.jsonl").is_file() or not (run / "config.yaml").is_file():
+            raise CheckpointError(f"{run} is not a run folder (no metrics.jsonl/config.yaml)")
+        evals = [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "eval"]
+        if not evals:
+            continue
+        if key not in evals[0]:
+            raise CheckpointError(f"{run}: its metrics have no '{key}' (an older run?)")
+        xs = [e[key] * scale for e in evals]
+        label = _label(run)
+        acc_ax.plot(xs, [100 * e["acc"] for e in evals], marker=".", label=label)
+        loss_ax.plot(xs, [e["loss"] for e in evals], marker=".", label=label)
+    acc_ax.set(xlabel=xlabel, ylabel="test accuracy (%)")
+    loss_ax.set(xlabel=xlabel, ylabel="test loss")
+    acc_ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(out, lambda handle: handle.write(buffer.getvalue()))
+    stderr_console().print(f"wrote {out}")

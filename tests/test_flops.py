@@ -1,0 +1,211 @@
+"""FLOP accounting: measured (PyTorch's FlopCounterMode) against analytic, per layer and
+phase; compute-to-target on hand-written metrics; bench, sweep and plot end to end."""
+
+import json
+
+import pytest
+import timm
+import torch
+import yaml
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ldfa_cli.analysis.flops import PHASES, analytic_flops, count_training_step, flops_report
+from ldfa_cli.config import validate
+from ldfa_cli.feedback import convert, feedback_layers
+from ldfa_cli.models import InputShape, build_model
+from tests.helpers import run_cli
+
+SHAPE = InputShape(channels=3, size=16, classes=10)
+
+
+def _model(name):
+    config = validate({"model": {
+        "mlp": {"name": "mlp", "widths": [48, 40]},
+        "vgg": {"name": "vgg", "width_multiplier": 0.125},
+        "vit": {"name": "vit", "embed_dim": 32, "depth": 2, "num_heads": 4},
+    }[name]}).model  # fmt: skip
+    return build_model(config, SHAPE)
+
+
+RULES = {"bp": {}, "fa": {}, "ldfa": {"rank": 4, "interval": 2},
+         "ldfa_local": {"rank": 3, "learn_q": True, "use_targets": True}}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["mlp", "vgg", "vit"])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_measured_equals_analytic_per_layer_and_phase(family, rule):
+    torch.manual_seed(0)
+    model = _model(family)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    convert(model, rule, example_input=x, **RULES[rule])
+    report = flops_report(model, x, y)
+    assert not report.warnings
+    layers = dict(feedback_layers(model))
+    assert layers, "something was converted"
+    for row in report.layers:
+        if row["layer"] == "(other)":
+            continue
+        expected = analytic_flops(layers[row["layer"]], row["samples"])
+        for phase in PHASES:
+            assert row[phase] == expected[phase], (row["layer"], phase)
+        assert row["bp_input_grad"] == row["bp_forward"] == row["bp_weight_grad"]
+    other = next(r for r in report.layers if r["layer"] == "(other)")
+    assert other["forward"] == other["bp_forward"] and other["backward"] == other["bp_backward"]
+
+
+@pytest.mark.parametrize("family", ["mlp", "vgg", "vit"])
+def test_backprop_reference_counts_what_autograd_counts(family):
+    """Backprop measured inside the feedback Function costs exactly autograd's backprop."""
+    torch.manual_seed(0)
+    plain = _model(family)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(plain(x), y).backward()
+    converted = convert(plain, "bp", example_input=x)
+    assert flops_report(converted, x, y).reference.total == counter.get_total_flops()
+
+
+def test_low_rank_saves_input_gradient_flops_and_interval_amortises():
+    model = _model("mlp")
+    x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+    convert(model, "ldfa", rank=4, interval=4, example_input=x)
+    report = flops_report(model, x, y)
+    fc2 = next(r for r in report.layers if r["layer"] == "fc2")
+    assert fc2["input_grad"] == 2 * 32 * 4 * (48 + 40) < fc2["bp_input_grad"] == 2 * 32 * 48 * 40
+    per_update = 4 * 40 * 48 * 4 + 4 * 16 * 48 + 4 * 16 * 40
+    assert fc2["feedback_update"] == per_update / 4
+    assert report.rule.total < report.reference.total
+
+
+def test_counting_does_not_change_the_model_or_the_rng():
+    model = convert(_model("vgg"), "ldfa_local", rank=2, learn_q=True)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(5)
+    count_training_step(model, x, y)
+    after_rng = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(1), after_rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fvcore_cross_check_is_close_to_measured_forward():
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=4, num_classes=10, embed_dim=32, depth=2, num_heads=4
+    )
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
+    convert(model, "ldfa", rank=4, example_input=x)
+    data = flops_report(model, x, y).to_dict()
+    macs = data["forward_measured_flops"] / 2
+    # fvcore also counts norms and activations, which FlopCounterMode leaves out
+    assert data["fvcore_forward_macs"] == pytest.approx(macs, rel=0.05)
+
+
+def test_flops_command_on_a_recipe(capsys):
+    code, out, err = run_cli(capsys, "flops", "fmnist_vit_r8", "--batch-size", "4", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["total"]["ratio"] < 1.0 and "blocks.0.attn.qkv" in err
+    assert {r["layer"] for r in data["layers"]} >= {"blocks.3.mlp.fc2", "head", "(other)"}
+
+
+def _fake_run(root, name, rule, rank, seed, accs, step_flops=1e12, step_time=10.0):
+    run = root / name
+    run.mkdir(parents=True)
+    config = {"feedback": {"rule": rule, "rank": rank}, "train": {"seed": seed}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "env.json").write_text(json.dumps({"recipe": "toy"}))
+    events = [{"event": "eval", "epoch": i + 1, "step": 10 * (i + 1), "acc": acc, "loss": 1.0,
+               "train_flops": step_flops * (i + 1), "time_s": step_time * (i + 1)}
+              for i, acc in enumerate(accs)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    return run
+
+
+def test_compute_to_target_on_hand_written_metrics(capsys, tmp_path):
+    runs = [
+        _fake_run(tmp_path, "bp0", "bp", None, 0, [0.50, 0.80, 0.90, 0.90, 0.90]),
+        _fake_run(tmp_path, "bp1", "bp", None, 1, [0.60, 0.85, 0.88, 0.90, 0.92]),
+        _fake_run(
+            tmp_path, "r8", "ldfa", 8, 0, [0.40, 0.70, 0.80, 0.85, 0.90], step_flops=0.5e12
+        ),  # fmt: skip
+    ]
+    code, out, err = run_cli(capsys, "flops", *runs, "--target", "0.9", "--json",
+                             "--plot", tmp_path / "u.png")  # fmt: skip
+    assert code == 0, err
+    data = json.loads(out)
+    by_name = {r["path"].rsplit("/", 1)[-1]: r for r in data["runs"]}
+    # bp0: final = 0.9, target 0.81 first reached at eval 3 -> 3 TFLOPs, 30 s
+    assert by_name["bp0"]["final_acc"] == pytest.approx(0.9)
+    assert by_name["bp0"]["flops_to_target"] == 3e12 and by_name["bp0"]["time_to_target"] == 30
+    # bp1: final = 0.9, target 0.81 reached at eval 2 -> 2 TFLOPs
+    assert by_name["bp1"]["flops_to_target"] == 2e12
+    # r8: final = 0.85, target 0.765 reached at eval 3 -> 1.5 TFLOPs
+    assert by_name["r8"]["flops_to_target"] == pytest.approx(1.5e12)
+    # common target: 0.9 x BP's mean final 0.9 = 0.81 -> r8 reaches it at eval 4 -> 2 TFLOPs
+    assert data["bp_target_acc"] == pytest.approx(0.81)
+    assert by_name["r8"]["flops_to_common"] == pytest.approx(2e12)
+    bp_group = next(g for g in data["groups"] if g["rule"] == "bp")
+    assert bp_group["seeds"] == 2 and bp_group["flops_to_target"] == 2.5e12
+    assert bp_group["flops_to_target_se"] == pytest.approx(0.5e12)
+    assert (tmp_path / "u.png").stat().st_size > 1000
+
+
+def _tiny_recipe(path):
+    path.write_text(yaml.safe_dump({
+        "description": "tiny", "model": {"name": "mlp", "widths": [16]},
+        "feedback": {"rule": "ldfa", "rank": 4},
+        "data": {"dataset": "digits", "subset": 64},
+        "train": {"epochs": 2, "batch_size": 32, "log_every": 1},
+    }))  # fmt: skip
+    return path
+
+
+def test_train_records_cumulative_flops(capsys, tmp_path):
+    recipe = _tiny_recipe(tmp_path / "r.yaml")
+    assert run_cli(capsys, "train", recipe, "--out", tmp_path / "run", "--device", "cpu")[0] == 0
+    from ldfa_cli.engine.metrics import read_metrics
+
+    events = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    trains = [e for e in events if e["event"] == "train"]
+    per_step = trains[0]["train_flops"] / trains[0]["step"]
+    assert per_step > 0
+    for event in events:
+        assert event["train_flops"] == pytest.approx(per_step * event["step"])
+
+
+def test_sweep_print_and_run_then_flops_reads_the_folder(capsys, tmp_path):
+    recipe = _tiny_recipe(tmp_path / "r.yaml")
+    code, out, _ = run_cli(capsys, "sweep", recipe, "feedback.rank=2,4", "train.seed=0,1",
+                           "--print", "--out", tmp_path / "s")  # fmt: skip
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 4
+    assert lines[0].startswith("ldfa train ") and "feedback.rank=2 train.seed=0" in lines[0]
+    assert not (tmp_path / "s").exists()
+    code, _, err = run_cli(capsys, "sweep", recipe, "feedback.rank=2,4", "--out",
+                           tmp_path / "s", "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    folders = sorted((tmp_path / "s").iterdir())
+    assert [f.name for f in folders] == ["rank=2", "rank=4"]
+    code, _, err = run_cli(capsys, "sweep", recipe, "feedback.rank=2,4", "--out", tmp_path / "s")
+    assert code == 0 and err.count("finished, skipped") == 2
+    code, out, err = run_cli(capsys, "flops", *folders, "--json")
+    assert code == 0, err
+    assert {g["rank"] for g in json.loads(out)["groups"]} == {2, 4}
+    code, _, err = run_cli(capsys, "plot", *folders, "--x", "flops", "--out", tmp_path / "c.png")
+    assert code == 0, err
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_bench_on_a_tiny_model(capsys, tmp_path):
+    recipe = _tiny_recipe(tmp_path / "r.yaml")
+    code, out, err = run_cli(capsys, "bench", recipe, "--ranks", "2,4", "--steps", "3",
+                             "--warmup", "1", "--device", "cpu", "--json")  # fmt: skip
+    assert code == 0, err
+    data = json.loads(out)
+    assert [r["variant"] for r in data["rows"]] == ["bp", "ldfa r=2", "ldfa r=4"]
+    assert data["rows"][0]["time_ratio"] == 1.0 and data["rows"][1]["flop_ratio"] < 1.0
+    assert data["profile"]["bp"] and "where the time goes" in err
