@@ -7,9 +7,25 @@ import math
 import torch
 
 
+def _fused_ok(params) -> bool:
+    """PyTorch's fused Adam/AdamW/SGD kernels (one pass over every tensor, on CPU and GPU)
+    need floating-point tensors on one device of a supported kind."""
+    devices = {p.device.type for p in params}
+    return (
+        bool(params)
+        and devices <= {"cpu", "cuda"}
+        and len(devices) == 1
+        and all(
+            p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) for p in params
+        )
+    )
+
+
 def make_optimizer(config, params) -> torch.optim.Optimizer:
     params = list(params)
     common = dict(lr=config.lr, weight_decay=config.weight_decay)
+    if config.name in ("adam", "adamw", "sgd") and _fused_ok(params):
+        common["fused"] = True
     if config.name == "adam":
         return torch.optim.Adam(params, betas=config.betas, eps=config.eps, amsgrad=config.amsgrad,
                                 **common)  # fmt: skip
