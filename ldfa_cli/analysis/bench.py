@@ -37,14 +37,17 @@ def _stepper(recipe, model: nn.Module, x, y):
     fb_params = feedback_parameters(model)
     fb_optimizer = make_optimizer(recipe.feedback.optimizer, fb_params) if fb_params else None
 
-    def step() -> None:
+    count = [0]
+
+    def step() -> None:  # the training loop's step, on a fixed batch
         optimizer.zero_grad(set_to_none=True)
         if fb_optimizer is not None:
             fb_optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
-        normative = feedback_loss(model)
+        normative = feedback_loss(model, count[0], with_constant=False)
         if normative is not None:
             normative.backward()
+        count[0] += 1
         optimizer.step()
         if fb_optimizer is not None:
             fb_optimizer.step()

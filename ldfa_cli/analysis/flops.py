@@ -133,7 +133,7 @@ def count_training_step(model: nn.Module, x, y, label_smoothing: float = 0.0) ->
         set_feedback_targets(work, y)
         loss = F.cross_entropy(work(x).float(), y, label_smoothing=label_smoothing)
         loss.backward()
-        normative = feedback_loss(work)  # every normative layer once; amortised in .get
+        normative = feedback_loss(work, with_constant=False)  # amortised in .get
         if normative is not None:
             normative.backward()
     for h in hooks:
@@ -158,7 +158,7 @@ def analytic_flops(layer: FeedbackLayer, samples: int, transpose: bool = False) 
         else:
             counts["input_grad"] = 2 * T * r * (m + N)
         if name == "ldfa":
-            per_update = 4 * m * N * r + 4 * r * r * N + 4 * r * r * m
+            per_update = 4 * m * N * r + 4 * r * r * N + 4 * r * r * m  # eq. 9, no dot
             counts["feedback_update"] = per_update / rule.interval
     elif name == "ldfa_local":
         counts["input_grad"] = 2 * T * r * (m + N)

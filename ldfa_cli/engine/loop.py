@@ -245,7 +245,7 @@ def train(
         if fb_optimizer is not None:
             fb_optimizer.zero_grad(set_to_none=True)
         loss.backward()  # W grads; input grads through the feedback; Oja/Hebbian/KP grads
-        normative = feedback_loss(model, state.step)  # eq. 8, when due
+        normative = feedback_loss(model, state.step, with_constant=False)  # eq. 8, when due
         if normative is not None:
             normative.backward()
         if recipe.optim.grad_clip:

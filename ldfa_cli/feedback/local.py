@@ -80,7 +80,7 @@ class Local(LowRankRule):
             projected = ops.project(signal, P.to(g.dtype))
         # z_c sums to zero over samples, so z_c^T g = z_c^T g_c = P C.
         pc = ops.outer(ops.centre(projected), signal).float()
-        gamma = ops.channel_var(signal).float().max() * ops.samples(signal)
+        gamma = ops.centred_sumsq(signal).float().max()  # max diag(C)
         pc = pc / gamma.clamp_min(torch.finfo(torch.float32).tiny)
         Pf = P.float()
         oja = pc - pc.mm(Pf.t()).mm(Pf)
