@@ -31,7 +31,7 @@ from ldfa_cli.feedback import accounting, feedback_layers, feedback_loss, set_fe
 from ldfa_cli.feedback.base import Rule, dense_cheaper
 from ldfa_cli.feedback.layers import FeedbackLayer
 
-PHASES = ("forward", "input_grad", "weight_grad", "feedback_update")
+PHASES = ("forward", "input_grad", "broadcast", "weight_grad", "feedback_update")
 # Outside feedback layers the backward is not split: it is filed as "backward".
 ALL_PHASES = (*PHASES, "backward")
 
@@ -93,6 +93,7 @@ class StepFlops:
 
     counts: dict[tuple[str, str], int]
     samples: dict[str, int] = field(default_factory=dict)
+    batches: dict[str, int] = field(default_factory=dict)
     intervals: dict[str, int] = field(default_factory=dict)  # normative update interval
 
     def get(self, layer: str, phase: str) -> float:
@@ -113,10 +114,11 @@ class StepFlops:
         return sum(self.get(layer, phase) for layer, phase in self.counts)
 
 
-def _samples_hooks(model: nn.Module, samples: dict):
+def _samples_hooks(model: nn.Module, samples: dict, batches: dict):
     def hook(module, args, out):
         channels = out.shape[1] if isinstance(module, nn.Conv2d) else out.shape[-1]
         samples[module.layer_name] = out.numel() // channels
+        batches[module.layer_name] = out.shape[0]
 
     return [layer.register_forward_hook(hook) for _, layer in feedback_layers(model)]
 
@@ -127,7 +129,8 @@ def count_training_step(model: nn.Module, x, y, label_smoothing: float = 0.0) ->
     work = copy.deepcopy(model)
     work.train(model.training)
     samples: dict[str, int] = {}
-    hooks = _samples_hooks(work, samples)
+    batches: dict[str, int] = {}
+    hooks = _samples_hooks(work, samples, batches)
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), PhaseFlopCounter() as counter:
         set_feedback_targets(work, y)
@@ -139,17 +142,28 @@ def count_training_step(model: nn.Module, x, y, label_smoothing: float = 0.0) ->
     for h in hooks:
         h.remove()
     intervals = {name: getattr(layer.rule, "interval", 1) for name, layer in feedback_layers(work)}
-    return StepFlops(dict(counter.counts), samples, intervals)
+    return StepFlops(dict(counter.counts), samples, batches, intervals)
 
 
 # ------------------------------------------------------------------------- analytic
-def analytic_flops(layer: FeedbackLayer, samples: int, transpose: bool = False) -> dict:
+def analytic_flops(layer: FeedbackLayer, samples: int, batch: int = 0) -> dict:
     """The step's FLOPs of one feedback layer from its shapes (2 per multiply-add)."""
     T, m, N = samples, layer.fan_out, layer.patch_size
     rule, r = layer.rule, layer.rank
     dense = 2 * T * m * N
-    counts = {"forward": dense, "weight_grad": dense, "input_grad": 0, "feedback_update": 0}
-    name = "bp" if transpose else rule.name
+    counts = {phase: 0 for phase in PHASES}
+    counts["forward"] = counts["weight_grad"] = dense
+    name = rule.name
+    if getattr(rule, "broadcast", False):
+        # rows: the batch (dense map) or every pixel (1x1 map); widths of e and the input
+        rows = batch * (math.prod(rule.source_shape[1:]) if rule.pixel else 1)
+        d, n_in = rule.source_width, rule.input_width
+        if name == "dfa":
+            counts["broadcast"] = 2 * rows * d * n_in
+        else:
+            counts["broadcast"] = 2 * rows * r * (d + n_in)
+            counts["feedback_update"] = 2 * rows * r * d + 4 * r * r * d
+        return counts
     if name in ("bp", "fa", "kp"):
         counts["input_grad"] = dense
     elif name in ("lowrank_fa", "ldfa"):
@@ -245,7 +259,7 @@ def flops_report(model: nn.Module, x, y) -> FlopsReport:
         if name in layers_by_name:
             layer = layers_by_name[name]
             row.update(rule=layer.rule.name, rank=layer.rank, samples=rule.samples.get(name))
-            expected = analytic_flops(layer, rule.samples[name])
+            expected = analytic_flops(layer, rule.samples[name], rule.batches[name])
             row["analytic"] = expected
             measured, predicted = rule.layer_total(name), sum(expected.values())
             if predicted and abs(measured - predicted) > 0.01 * predicted:

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ldfa_cli.analysis.flops import ALL_PHASES, PHASES
 from ldfa_cli.console import stderr_console
 from ldfa_cli.errors import ConfigError
 
@@ -24,27 +25,26 @@ def _ratio(value: float, reference: float) -> str:
 def _recipe_table(report, title: str) -> Table:
     table = Table(title=title, caption="GFLOPs per training step (2 per multiply-add); "
                   "ratios to backprop through the same layers")  # fmt: skip
-    for col in ("layer", "rule", "r", "samples", "forward", "input grad", "weight grad",
-                "feedback update", "total"):  # fmt: skip
+    for col in ("layer", "rule", "r", "samples", "forward", "input grad", "broadcast",
+                "weight grad", "feedback update", "total"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("layer", "rule") else "right")
     for row in report.layers:
         other = row["layer"] == "(other)"
-        fwd, inp, wgt, upd = (row[p] for p in ("forward", "input_grad", "weight_grad",
-                                               "feedback_update"))  # fmt: skip
-        total = fwd + inp + wgt + upd + row["backward"]
-        bp_total = sum(row[f"bp_{p}"] for p in ("forward", "input_grad", "weight_grad",
-                                                 "feedback_update", "backward"))  # fmt: skip
+        fwd, inp, bcast, wgt, upd = (row[p] for p in PHASES)
+        total = fwd + inp + bcast + wgt + upd + row["backward"]
+        bp_total = sum(row[f"bp_{p}"] for p in ALL_PHASES)
         if other:
-            cells = [_gflops(fwd), f"{_gflops(row['backward'])} (backward, unsplit)", "", "-"]
+            cells = [_gflops(fwd), f"{_gflops(row['backward'])} (backward, unsplit)", "", "",
+                     "-"]  # fmt: skip
         else:
             cells = [_gflops(fwd), f"{_gflops(inp)} ({_ratio(inp, row['bp_input_grad'])})",
-                     _gflops(wgt), _gflops(upd)]  # fmt: skip
+                     _gflops(bcast), _gflops(wgt), _gflops(upd)]  # fmt: skip
         table.add_row(row["layer"], row.get("rule", "-"), str(row.get("rank") or "-"),
                       str(row.get("samples") or "-"), *cells,
                       f"{_gflops(total)} ({_ratio(total, bp_total)})")  # fmt: skip
     rule, bp = report.rule.total, report.reference.total
     table.add_section()
-    table.add_row("total", "", "", "", "", "", "", "", f"{_gflops(rule)} ({_ratio(rule, bp)})")
+    table.add_row("total", *[""] * 8, f"{_gflops(rule)} ({_ratio(rule, bp)})")
     return table
 
 

@@ -11,6 +11,8 @@ rule           feedback sent upstream                      how it learns        
 ``lowrank_fa`` Q (P g), fixed random rank r (Sec. 3)       --                   fa.py
 ``ldfa``       Q (P g), rank r (eq. 12)                    eqs. 8-9, 14         normative.py
 ``ldfa_local`` Q (P g), rank r (eq. 12)                    Oja eq. 15, eq. 18   local.py
+``dfa``        B e_source, B fixed random (Noekland)       --                   broadcast.py
+``dldfa``      Q (P e_source), rank r (eq. 17)             Oja eq. 15 on e      broadcast.py
 =============  ==========================================  ===================  ==============
 
 Layouts: W is m x n (out x in). B = Q P approximates W^T with Q n x r and P r x m
@@ -32,7 +34,7 @@ Gradients that come from the data (Oja, Hebbian, kp) are returned by the layer's
 ``autograd.Function.backward``; the normative one comes from :func:`feedback_loss`.
 """
 
-from . import backprop, fa, normative, local  # noqa: F401  # isort: skip  (registers, in order)
+from . import backprop, fa, normative, local, broadcast  # noqa: F401  # isort: skip  (registers, in order)
 from .base import RULES, FeedbackConfigError, Rule, make_rule, resolve_rank
 from .convert import (
     ConversionReport,

@@ -67,6 +67,11 @@ class Rule:
         """Return the input gradient through the feedback and the feedback tensors' grads."""
         raise TypeError(f"rule {self.name!r} has no custom backward: it runs on plain autograd")
 
+    def rank_limits(self, layer: FeedbackLayer) -> tuple[int, int]:
+        """(width a fractional rank refers to, full rank): the layer's output width and
+        the rank of W^T, except for broadcast rules."""
+        return layer.fan_out, layer.full_rank
+
     def feedback_matrix(self, layer: FeedbackLayer) -> Tensor | None:
         """The feedback map B in the layout of W (so B^T stands where W^T would), or None."""
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 
@@ -140,7 +141,14 @@ def convert(
             module.ldfa_note = "kept: not selected by include/exclude"
         else:
             chosen.append((name, module))
-    if example_input is not None and chosen:
+    broadcast = getattr(base_rule, "broadcast", False)
+    if broadcast:
+        if example_input is None:
+            raise FeedbackConfigError(
+                f"rule {base_rule.name!r} needs example_input= (a batch) to size its feedback"
+            )
+        chosen, rules, source = _broadcast_plan(model, base_rule, chosen, example_input)
+    elif example_input is not None and chosen:
         no_grad = _inputs_without_grad(model, example_input, [n for n, _ in chosen])
         for name, module in chosen:
             if name in no_grad:
@@ -152,11 +160,85 @@ def convert(
         )
     uses_targets = getattr(base_rule, "use_targets", False)
     for i, (name, module) in enumerate(chosen):
-        layer_rule = base_rule
+        layer_rule = rules[name] if broadcast else base_rule
         if uses_targets and i != len(chosen) - 1:
             layer_rule = make_rule(base_rule, use_targets=False)
         _set_submodule(model, name, _swap(module, name, layer_rule, _rank_for(name, rank, ranks)))
+    if broadcast:  # after the swap: the source may itself have been swapped
+        next(iter(rules.values())).channel.attach(model.get_submodule(source))
     return model
+
+
+def _probe(model: nn.Module, example_input, names) -> dict[str, dict]:
+    """For each named module reached by a forward pass on ``example_input``: its call
+    order, whether its input needs a gradient, and its input and output shapes."""
+    found: dict[str, dict] = {}
+    modules = dict(model.named_modules())
+
+    def hook_for(name):
+        def hook(module, args, out):
+            if name not in found and args and isinstance(out, torch.Tensor):
+                found[name] = {
+                    "order": len(found),
+                    "needs_grad": args[0].requires_grad,
+                    "input": tuple(args[0].shape),
+                    "output": tuple(out.shape),
+                }
+
+        return hook
+
+    hooks = [modules[n].register_forward_hook(hook_for(n)) for n in names]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.enable_grad():
+            args = example_input if isinstance(example_input, tuple) else (example_input,)
+            model(*args)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def _broadcast_plan(model, rule, chosen, example_input):
+    """Which layers a broadcast rule converts (those up to its source, in forward order,
+    whose input needs a gradient), each layer's rule with its shapes, and the source hook."""
+    from .broadcast import BroadcastChannel
+
+    modules = dict(model.named_modules())
+    candidates = [n for n, _ in _candidates(model)]
+    seen = _probe(model, example_input, list(dict.fromkeys([*candidates, *modules])))
+    order = sorted((n for n in candidates if n in seen), key=lambda n: seen[n]["order"])
+    if rule.source in ("output", "penultimate"):
+        index = -1 if rule.source == "output" else -2
+        if len(order) < -index:
+            raise FeedbackConfigError(f"source '{rule.source}': the model has too few layers")
+        source = order[index]
+    elif rule.source in seen:
+        source = rule.source
+    else:
+        known = ", ".join(order)
+        raise FeedbackConfigError(
+            f"source '{rule.source}' is not a module the forward pass reaches; use output, "
+            f"penultimate or a module name such as: {known}"
+        )
+    limit = seen[source]["order"]
+    plan, rules = [], {}
+    for name, module in chosen:
+        info = seen.get(name)
+        if info is None or info["order"] > limit:
+            module.ldfa_note = f"kept: after the broadcast source '{source}'"
+        elif not info["needs_grad"]:
+            module.ldfa_note = "kept: its input needs no gradient"
+        else:
+            plan.append((name, module))
+    channel = BroadcastChannel()
+    for name, _ in plan:
+        rules[name] = dataclasses.replace(rule, channel=channel,
+                                          input_shape=seen[name]["input"][1:],
+                                          source_shape=seen[source]["output"][1:])  # fmt: skip
+    return plan, rules, source
 
 
 @dataclass(frozen=True)

@@ -121,9 +121,9 @@ class FeedbackLayer:
     def _setup_feedback(self, rule: str | Rule, rank, name: str | None, options: dict) -> None:
         self.layer_name = name or type(self).__name__
         self.rule = make_rule(rule, **options)
-        full = self.full_rank
+        width, full = self.rule.rank_limits(self)
         self.rank = (
-            resolve_rank(rank, name=self.layer_name, m=self.fan_out, full_rank=full)
+            resolve_rank(rank, name=self.layer_name, m=width, full_rank=full)
             if self.rule.uses_rank
             else None
         )

@@ -32,6 +32,18 @@ from . import accounting
 from .base import LowRankRule, check, register
 
 
+def oja_grad(ops, signal, projected, P, decay: float):
+    """P.grad = -(P C / gamma)(I - P^T P) + decay P (eq. 15, Alg. 2), with C the centred
+    covariance of ``signal`` over samples and ``projected`` = P signal, already computed.
+    Never forms C: z_c sums to zero over samples, so z_c^T signal = z_c^T signal_c = P C."""
+    pc = ops.outer(ops.centre(projected), signal).float()
+    gamma = ops.centred_sumsq(signal).float().max()  # max diag(C)
+    pc = pc / gamma.clamp_min(torch.finfo(torch.float32).tiny)
+    Pf = P.float()
+    oja = pc - pc.mm(Pf.t()).mm(Pf)
+    return (decay * Pf - oja).to(P.dtype)
+
+
 @register
 @dataclass(frozen=True)
 class Local(LowRankRule):
@@ -78,13 +90,7 @@ class Local(LowRankRule):
                 )
             signal = targets.to(g.dtype)
             projected = ops.project(signal, P.to(g.dtype))
-        # z_c sums to zero over samples, so z_c^T g = z_c^T g_c = P C.
-        pc = ops.outer(ops.centre(projected), signal).float()
-        gamma = ops.centred_sumsq(signal).float().max()  # max diag(C)
-        pc = pc / gamma.clamp_min(torch.finfo(torch.float32).tiny)
-        Pf = P.float()
-        oja = pc - pc.mm(Pf.t()).mm(Pf)
-        return (self.decay * Pf - oja).to(P.dtype)
+        return oja_grad(ops, signal, projected, P, self.decay)
 
     def hebbian_grad(self, ops, x, z, Q):
         """Q.grad = h^T (g P^T) + lambda Q (eq. 18 with delta = -g), summed over samples."""

@@ -1,0 +1,195 @@
+"""Broadcast rules: the error of one source layer sent straight to every earlier layer.
+
+* ``dfa`` (Noekland 2016): a fixed random B_l maps the source error e to layer l:
+  delta_l = (B_l e) * f'(a_l).
+* ``dldfa`` (eq. 17, Sec. 5.3): a rank-r map, delta_l = (Q_l P_l e) * f'(a_l), with Q_l fixed
+  and random and P_l learned by Oja's rule (eq. 15) on the source error's covariance.
+
+Source: the model's output (``source: output``, the default), the penultimate layer
+(``penultimate``: its output error reaches it by ordinary backprop through the last layer,
+which trains normally) or any named module. Layers after the source are not converted.
+
+How it runs. A hook on the source's output stores e when the backward pass reaches it. Each
+converted layer's backward then returns B_l e (reshaped to its input) as its *input*
+gradient: it never reads the gradient that arrives from above for that, so no W^T product
+exists anywhere between hidden layers (the feedback points cut the graph), while autograd
+still applies the activation's derivative f'(a_l) on the way to the layer below. The
+layer's own weight gradient is the usual one, from the broadcast error at its output.
+
+Shapes. A layer receives e through a dense map from the flattened source error to its
+flattened input ("dense"), or, when both are feature maps of the same height and width,
+through a 1x1 map at every pixel ("pixel": m_src -> r -> n channels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import accounting
+from .base import Rule, check, register, store
+from .local import oja_grad
+from .ops import ConvOps, LinearOps
+
+_ROWS = LinearOps()  # statistics over batch rows (dense)
+_PIXELS = ConvOps((1, 1), (0, 0), (1, 1))  # statistics over batch and pixels
+
+
+class BroadcastChannel:
+    """Carries the source error from the source's output to the layers below it."""
+
+    def __init__(self):
+        self.error: Tensor | None = None
+
+    def capture(self, grad: Tensor) -> None:
+        self.error = grad
+
+    def attach(self, module) -> None:
+        """Capture ``module``'s output gradient. The hook finds the channel through the
+        module, so a deep copy of the model (which copies the channel once, shared by the
+        copied rules) captures into its own channel."""
+        module.broadcast_channel = self
+        module.register_forward_hook(_capture_source_error)
+
+
+def _capture_source_error(module, args, out) -> None:
+    if isinstance(out, Tensor) and out.requires_grad:
+        out.register_hook(module.broadcast_channel.capture)
+
+
+@dataclass(frozen=True)
+class Broadcast(Rule):
+    """Shared by dfa and dldfa: the source, and per layer its input and source shapes
+    (per sample), filled in by the converter."""
+
+    broadcast: ClassVar[bool] = True
+    internal: ClassVar[tuple] = ("channel", "input_shape", "source_shape")
+
+    source: str = "output"
+    channel: object = field(default=None, compare=False, repr=False)
+    input_shape: tuple = field(default=(), compare=False, repr=False)
+    source_shape: tuple = field(default=(), compare=False, repr=False)
+
+    def options(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k not in self.internal}
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name not in cls.internal]
+
+    @property
+    def pixel(self) -> bool:
+        """Both maps of one spatial size: a 1x1 map at every pixel."""
+        return (len(self.input_shape) == 3 and len(self.source_shape) == 3
+                and self.input_shape[1:] == self.source_shape[1:])  # fmt: skip
+
+    @property
+    def source_width(self) -> int:
+        return self.source_shape[0] if self.pixel else math.prod(self.source_shape)
+
+    @property
+    def input_width(self) -> int:
+        return self.input_shape[0] if self.pixel else math.prod(self.input_shape)
+
+    def rank_limits(self, layer) -> tuple[int, int]:
+        return self.source_width, min(self.input_width, self.source_width)
+
+    def source_error(self, g: Tensor) -> Tensor:
+        error = self.channel.error if self.channel is not None else None
+        if error is None:
+            raise RuntimeError(
+                f"broadcast rule {self.name!r}: no source error was captured; the source "
+                "must come after this layer in the forward pass"
+            )
+        error = error.to(g.dtype)
+        return error if self.pixel else error.reshape(error.shape[0], -1)
+
+    def spread(self, z: Tensor, M: Tensor, x_shape) -> Tensor:
+        """z (samples x k) or (N, k, H, W) through M (input width x k) to the input's shape."""
+        if self.pixel:
+            return F.conv2d(z, M[:, :, None, None])
+        return z.mm(M.t()).view(x_shape)
+
+    def gather(self, e: Tensor, M: Tensor) -> Tensor:
+        """e through M (k x source width): the k-dimensional signal per sample or pixel."""
+        return F.conv2d(e, M[:, :, None, None]) if self.pixel else e.mm(M.t())
+
+
+@register
+@dataclass(frozen=True)
+class DirectFeedbackAlignment(Broadcast):
+    """DFA: delta_l = (B_l e) * f'(a_l), B_l fixed and random (input width x source width)."""
+
+    name: ClassVar[str] = "dfa"
+    summary: ClassVar[str] = "direct feedback alignment: source error through fixed random B"
+    equations: ClassVar[str] = "Sec. 5.3 (Noekland 2016)"
+
+    def create_feedback(self, layer) -> None:
+        bound = 1.0 / math.sqrt(self.source_width)
+        B = torch.empty(self.input_width, self.source_width, device=layer.weight.device,
+                        dtype=layer.weight.dtype).uniform_(-bound, bound)  # fmt: skip
+        store(layer, "feedback_B", B, learned=False)
+
+    def feedback_tensors(self, layer):
+        return (layer.feedback_B,)
+
+    def backward(self, ops, g, x, x_shape, feedback, targets, need_input, need_feedback, gw):
+        (B,) = feedback
+        if not need_input:
+            return None, (None,)
+        if accounting.ACTIVE:
+            accounting.set_phase("broadcast")
+        return self.spread(self.source_error(g), B.to(g.dtype), x_shape), (None,)
+
+
+@register
+@dataclass(frozen=True)
+class DirectLDFA(Broadcast):
+    """dLDFA (eq. 17): delta_l = (Q_l P_l e) * f'(a_l); Q_l fixed (input width x r), P_l
+    (r x source width) learned by Oja (eq. 15) from the source error: P.grad =
+    -(P C/gamma)(I - P^T P) + decay P with C the centred covariance of e over the batch (and
+    pixels, in pixel mode)."""
+
+    name: ClassVar[str] = "dldfa"
+    summary: ClassVar[str] = "direct LDFA: source error through Q P, Oja-learned P (eq. 17)"
+    equations: ClassVar[str] = "eqs. 15, 17; Sec. 5.3"
+    uses_rank: ClassVar[bool] = True
+
+    decay: float = 0.0
+
+    def __post_init__(self):
+        check(self.decay >= 0, f"rule 'dldfa': decay must be >= 0, got {self.decay}")
+
+    def create_feedback(self, layer) -> None:
+        r, w = layer.rank, layer.weight
+        p_bound = 1.0 / math.sqrt(self.source_width)
+        P = torch.empty(r, self.source_width, device=w.device, dtype=w.dtype)
+        Q = torch.empty(self.input_width, r, device=w.device, dtype=w.dtype)
+        store(layer, "feedback_P", P.uniform_(-p_bound, p_bound), learned=True)
+        store(layer, "feedback_Q", Q.uniform_(-1.0 / math.sqrt(r), 1.0 / math.sqrt(r)), False)
+
+    def feedback_tensors(self, layer):
+        return (layer.feedback_Q, layer.feedback_P)
+
+    def backward(self, ops, g, x, x_shape, feedback, targets, need_input, need_feedback, gw):
+        Q, P = feedback
+        if accounting.ACTIVE:
+            accounting.set_phase("broadcast")
+        e = self.source_error(g)
+        z = self.gather(e, P.to(g.dtype))  # r-dimensional teaching signal P e
+        grad_input = self.spread(z, Q.to(g.dtype), x_shape) if need_input else None
+        grad_p = None
+        if need_feedback[1]:
+            if accounting.ACTIVE:
+                accounting.set_phase("feedback_update")
+            grad_p = oja_grad(_PIXELS if self.pixel else _ROWS, e, z, P, self.decay)
+        return grad_input, (None, grad_p)
+
+    def feedback_matrix(self, layer):
+        return None  # B maps the source error, not this layer's output: no W^T to compare
