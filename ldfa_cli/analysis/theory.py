@@ -83,7 +83,6 @@ class Task:
     U: np.ndarray  # m x m
     s: np.ndarray  # singular values of sigma_io, min(m, n)
     V: np.ndarray  # n x n
-    singular_values_of_A: np.ndarray
 
 
 def make_task(cfg: TheoryConfig, rng: np.random.Generator) -> Task:
@@ -100,8 +99,7 @@ def make_task(cfg: TheoryConfig, rng: np.random.Generator) -> Task:
     Y = A @ X + rng.standard_normal((cfg.m, cfg.p))
     sigma_io = Y @ X.T / cfg.p
     U, s, Vt = np.linalg.svd(sigma_io, full_matrices=True)
-    return Task(X, Y, sigma_io, X @ X.T / cfg.p, Y @ Y.T / cfg.p, U, s, Vt.T,
-                np.linalg.svd(A, compute_uv=False)[: cfg.d])  # fmt: skip
+    return Task(X, Y, sigma_io, X @ X.T / cfg.p, Y @ Y.T / cfg.p, U, s, Vt.T)
 
 
 @dataclass

@@ -30,17 +30,7 @@ def _candidates(model: nn.Module):
 
 def _inputs_without_grad(model: nn.Module, example_input, names) -> set[str]:
     """Names of layers whose input needs no gradient in a forward pass on ``example_input``."""
-    found = capture_inputs(model, names)
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.enable_grad():
-            args = example_input if isinstance(example_input, tuple) else (example_input,)
-            model(*args)
-    finally:
-        model.train(was_training)
-        found.remove()
-    return {n for n, x in found.items() if not x.requires_grad}
+    return {n for n, info in _probe(model, example_input, names).items() if not info["needs_grad"]}
 
 
 class capture_inputs(dict):
@@ -189,7 +179,7 @@ def _probe(model: nn.Module, example_input, names) -> dict[str, dict]:
 
     hooks = [modules[n].register_forward_hook(hook_for(n)) for n in names]
     was_training = model.training
-    try:
+    try:  # eval mode: the probe must not move BatchNorm statistics
         model.eval()
         with torch.enable_grad():
             args = example_input if isinstance(example_input, tuple) else (example_input,)
