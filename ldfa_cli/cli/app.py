@@ -12,6 +12,7 @@ from . import (
     flops_cmd,
     plot_cmd,
     recipes_cmd,
+    rf_cmd,
     rules_cmd,
     sweep_cmd,
     theory_cmd,
@@ -36,6 +37,7 @@ app.command("flops")(flops_cmd.flops)
 app.command("sweep")(sweep_cmd.sweep)
 app.command("bench")(bench_cmd.bench)
 app.command("plot")(plot_cmd.plot)
+app.command("rf")(rf_cmd.rf)
 
 
 @app.callback()

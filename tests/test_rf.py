@@ -1,0 +1,59 @@
+"""Receptive fields: measures order hand-made filters, a single conv's field is its kernel,
+the command runs on a tiny trained run."""
+
+import json
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from ldfa_cli.analysis.rf import (
+    crop_to_support,
+    difference_of_gaussians,
+    gabor,
+    measures,
+    receptive_fields,
+)
+from tests.helpers import run_cli
+
+
+def test_measures_order_a_difference_of_gaussians_and_a_gabor():
+    dog, gab = measures(difference_of_gaussians()), measures(gabor())
+    assert dog["rotational_symmetry"] > 0.95 > 0.5 > gab["rotational_symmetry"]
+    assert gab["orientation_selectivity"] > 0.8 > 0.1 > dog["orientation_selectivity"]
+    assert dog["centre_surround_index"] > 0.9 > 0.5 > gab["centre_surround_index"]
+    noise = measures(np.random.default_rng(0).standard_normal((15, 15)))
+    assert noise["rotational_symmetry"] < 0.2 and noise["orientation_selectivity"] < 0.2
+
+
+def test_the_field_of_a_single_conv_is_its_kernel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 5, padding=2))
+    fields = receptive_fields(model, "0", (2, 11, 11))
+    for c in range(3):  # input channels are averaged; torch's conv is a correlation: no flip
+        kernel = model[0].weight[c].mean(0).detach().numpy()
+        np.testing.assert_allclose(crop_to_support(fields[c]), kernel, atol=1e-6)
+
+
+def test_rf_command_on_a_tiny_trained_retina(capsys, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "description": "tiny retina",
+        "model": {"name": "retina", "retina_channels": 4, "bottleneck": 2, "vvs_channels": 4,
+                  "vvs_layers": 1, "kernel_size": 3, "fc_width": 16},
+        "feedback": {"rule": "ldfa", "rank": 1, "include": ["retina*"]},
+        "data": {"dataset": "digits", "subset": 64},
+        "train": {"epochs": 1, "batch_size": 32},
+    }))  # fmt: skip
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", recipe, "--out", run, "--device", "cpu")[0] == 0
+    code, out, err = run_cli(capsys, "rf", run, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["layer"] == "retina2" and len(data["channels"]) == 2
+    assert (run / "rf" / "fields.png").stat().st_size > 500 and (run / "rf" / "rf.json").is_file()
+    code, _, err = run_cli(capsys, "rf", run, run, "--method", "maximize", "--out",
+                           tmp_path / "cmp.png")  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "cmp.png").stat().st_size > 500
