@@ -203,3 +203,13 @@ def test_tensorboard_option_writes_event_files(capsys, tmp_path):
     run = tmp_path / "run"
     assert run_cli(capsys, "train", recipe, "--out", run, "--device", "cpu")[0] == 0
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_bf16_and_compile_recipe_options_train(capsys, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", *FAMILIES["mlp"],
+                          train={"precision": "bf16", "compile": True})  # fmt: skip
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", recipe, "--out", run, "--device", "cpu", "--json")
+    assert code == 0, err
+    final = json.loads(out)["final"]
+    assert 0.0 <= final["acc"] <= 1.0 and final["loss"] == final["loss"]  # finite, not NaN
