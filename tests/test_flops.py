@@ -166,10 +166,13 @@ def _tiny_recipe(path):
 
 def test_train_records_cumulative_flops(capsys, tmp_path):
     recipe = _tiny_recipe(tmp_path / "r.yaml")
-    assert run_cli(capsys, "train", recipe, "--out", tmp_path / "run", "--device", "cpu")[0] == 0
+    assert run_cli(capsys, "train", recipe, "train.eval_every_steps=1", "--out",
+                   tmp_path / "run", "--device", "cpu")[0] == 0  # fmt: skip
     from ldfa_cli.engine.metrics import read_metrics
 
     events = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["epoch"] for e in evals] == [0.5, 1.0, 1.5, 2.0]  # 2 steps an epoch
     trains = [e for e in events if e["event"] == "train"]
     per_step = trains[0]["train_flops"] / trains[0]["step"]
     assert per_step > 0

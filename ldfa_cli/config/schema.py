@@ -202,6 +202,7 @@ class TrainConfig(Section):
     batch_size: PositiveInt = 128  # global batch, split over torchrun ranks
     eval_batch_size: PositiveInt = 1000
     eval_every: PositiveInt = 1  # epochs
+    eval_every_steps: PositiveInt | None = None  # also evaluate every N steps (finer curves)
     log_every: PositiveInt = 50  # steps between train events in metrics.jsonl
     seed: int = 0
     deterministic: bool = False

@@ -280,6 +280,26 @@ def train(
         if metrics is not None:
             metrics.log(event)
 
+    def evaluate_and_log() -> dict:
+        """Test-set evaluation, logged with the (fractional) epoch; best.pt when it improves."""
+        result = evaluate(model, data, cfg.eval_batch_size, world, autocast)
+        epochs_done = round(state.step / steps_per_epoch, 4)
+        log({"event": "eval", "epoch": epochs_done, "step": state.step, "split": "test",
+             "loss": result["loss"], "acc": result["acc"],
+             "per_class_acc": result["per_class_acc"], "lr": schedule.get_last_lr()[0],
+             "images_seen": state.images_seen, "train_flops": state.train_flops,
+             "time_s": time.perf_counter() - start_time})  # fmt: skip
+        if world.main:
+            console.print(f"epoch {epochs_done:g}: test loss {result['loss']:.4f} "
+                          f"acc {result['acc']:.4f}")  # fmt: skip
+        state.elapsed_s = time.perf_counter() - start_time
+        if result["acc"] > state.best_acc:
+            state.best_acc = result["acc"]
+            if recipe.output.save_best:
+                checkpoint("best.pt")
+        return result
+
+    every_steps = cfg.eval_every_steps
     last_eval: dict | None = None
     start_time = time.perf_counter() - state.elapsed_s
     last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, state.epoch + stop_after)
@@ -307,6 +327,8 @@ def train(
                     window_images += len(y) * world.size
                     bar.advance(task)
                     end_of_epoch = state.batch_in_epoch == steps_per_epoch
+                    if every_steps and state.step % every_steps == 0 and not end_of_epoch:
+                        last_eval = evaluate_and_log()
                     if state.step % cfg.log_every and not end_of_epoch:
                         continue
                     totals = distributed.sum_across(world, window.clone())
@@ -336,21 +358,7 @@ def train(
                     window_start, window_images = time.perf_counter(), 0
                 state.epoch, state.batch_in_epoch = epoch + 1, 0
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                    last_eval = evaluate(model, data, cfg.eval_batch_size, world, autocast)
-                    log({"event": "eval", "epoch": epoch + 1, "step": state.step,
-                         "split": "test", "loss": last_eval["loss"], "acc": last_eval["acc"],
-                         "per_class_acc": last_eval["per_class_acc"],
-                         "lr": schedule.get_last_lr()[0], "images_seen": state.images_seen,
-                         "train_flops": state.train_flops,
-                         "time_s": time.perf_counter() - start_time})  # fmt: skip
-                    if world.main:
-                        console.print(f"epoch {epoch + 1}: test loss {last_eval['loss']:.4f} "
-                                      f"acc {last_eval['acc']:.4f}")  # fmt: skip
-                    state.elapsed_s = time.perf_counter() - start_time
-                    if last_eval["acc"] > state.best_acc:
-                        state.best_acc = last_eval["acc"]
-                        if recipe.output.save_best:
-                            checkpoint("best.pt")
+                    last_eval = evaluate_and_log()
                 state.elapsed_s = time.perf_counter() - start_time
                 checkpoint("last.pt")
     except KeyboardInterrupt:
