@@ -213,3 +213,27 @@ def test_bf16_and_compile_recipe_options_train(capsys, tmp_path):
     assert code == 0, err
     final = json.loads(out)["final"]
     assert 0.0 <= final["acc"] <= 1.0 and final["loss"] == final["loss"]  # finite, not NaN
+
+
+def test_interrupt_during_evaluation_is_evaluated_again_on_resume(capsys, tmp_path, monkeypatch):
+    import ldfa_cli.engine.loop as loop
+
+    recipe = write_recipe(tmp_path / "r.yaml", *FAMILIES["mlp"], train={"epochs": 2})
+    run = tmp_path / "run"
+    real = loop.evaluate
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", interrupted)
+    code, _, err = run_cli(capsys, "train", recipe, "--out", run, "--device", "cpu")
+    assert code == 130 and "--resume" in err
+    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]
+    assert (saved["epoch"], saved["batch_in_epoch"]) == (0, 4)  # trained, not yet evaluated
+    assert run_cli(capsys, "train", "--resume", run, "--device", "cpu")[0] == 0
+    evals = [e["epoch"] for e in read_metrics(run / "metrics.jsonl") if e["event"] == "eval"]
+    assert evals == [1.0, 2.0]

@@ -356,9 +356,11 @@ def train(
                                            f"{rate:,.0f} img/s")  # fmt: skip
                     window.zero_()
                     window_start, window_images = time.perf_counter(), 0
-                state.epoch, state.batch_in_epoch = epoch + 1, 0
+                # Evaluate before the epoch counts as done: a Ctrl-C during the evaluation
+                # then saves a state whose resume evaluates this epoch again.
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     last_eval = evaluate_and_log()
+                state.epoch, state.batch_in_epoch = epoch + 1, 0
                 state.elapsed_s = time.perf_counter() - start_time
                 checkpoint("last.pt")
     except KeyboardInterrupt:
