@@ -67,7 +67,8 @@ def _make_feedback_function(device_type: str) -> type[torch.autograd.Function]:
             counting = accounting.ACTIVE
             if counting:
                 previous = accounting.enter(ctx.name, "weight_grad")
-            x = x.to(g.dtype)
+            g = ops.prepare(g)
+            x = ops.prepare(x.to(g.dtype))
             grad_w = grad_b = None
             if need_w or need_b or (rule.needs_weight_grad and any(need_feedback)):
                 grad_w, grad_b = ops.weight_grad(x, g, ctx.weight_shape, ctx.has_bias and need_b)

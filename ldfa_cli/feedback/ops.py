@@ -39,6 +39,11 @@ class LinearOps:
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
+    def prepare(self, t: Tensor) -> Tensor:
+        """One contiguous copy at most (gradients reaching a ViT's qkv or proj are often
+        strided), so the several row views the backward takes cost nothing."""
+        return t.contiguous()
+
     def weight_grad(
         self, x: Tensor, g: Tensor, weight_shape: torch.Size, has_bias: bool
     ) -> tuple[Tensor, Tensor | None]:
@@ -102,6 +107,9 @@ class ConvOps:
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+
+    def prepare(self, t: Tensor) -> Tensor:
+        return t  # convolutions take any memory format (channels_last included)
 
     def _backward(self, g, x, weight, mask, bias_sizes=None):
         """``aten.convolution_backward``; ``x`` and ``weight`` may be shapes where only the
