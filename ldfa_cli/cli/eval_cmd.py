@@ -9,27 +9,18 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ldfa_cli.config import validate
 from ldfa_cli.console import stderr_console
-from ldfa_cli.errors import CheckpointError
 
 
 def evaluate_checkpoint(target: Path, split: str, device_name: str, which: str, probe: int):
-    from ldfa_cli.engine.build import load_run_inputs, pick_device
-    from ldfa_cli.engine.checkpoint import find_checkpoint, load_checkpoint
+    from ldfa_cli.data import load_data
+    from ldfa_cli.engine.build import load_trained, pick_device
     from ldfa_cli.engine.evaluate import evaluate
     from ldfa_cli.feedback import alignment_diagnostics
 
-    path = find_checkpoint(target, f"{which}.pt")
     device = pick_device(device_name)
-    state = load_checkpoint(path, map_location=device)
-    recipe = validate(state.get("config") or {}, source=f"{path} (its config)")
-    data, model = load_run_inputs(recipe, device)
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as error:
-        first = str(error).splitlines()[0][:160]
-        raise CheckpointError(f"{path} does not fit its own recipe's model: {first}") from None
+    path, state, recipe, model = load_trained(target, which, device)
+    data = load_data(recipe.data, device)
     if split == "train":
         data = dataclasses.replace(data, test=data.train)
     result = evaluate(model, data, recipe.train.eval_batch_size)

@@ -14,31 +14,6 @@ from ldfa_cli.errors import ConfigError
 KEYS = ("rotational_symmetry", "orientation_selectivity", "centre_surround_index")
 
 
-def load_trained_model(run: Path, which: str, device):
-    """A run's model with its checkpoint's weights, built without reading the dataset."""
-    import torch
-
-    from ldfa_cli.config import validate
-    from ldfa_cli.data import dataset_shape
-    from ldfa_cli.engine.build import convert_as_recipe
-    from ldfa_cli.engine.checkpoint import find_checkpoint, load_checkpoint
-    from ldfa_cli.errors import CheckpointError
-    from ldfa_cli.models import InputShape, build_model
-
-    path = find_checkpoint(run, f"{which}.pt")
-    state = load_checkpoint(path, map_location=device)
-    recipe = validate(state.get("config") or {}, source=f"{path} (its config)")
-    channels, size, classes = dataset_shape(recipe.data)
-    model = build_model(recipe.model, InputShape(channels, size, classes)).to(device)
-    convert_as_recipe(model, recipe.feedback, torch.zeros(2, channels, size, size, device=device))
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as error:
-        first = str(error).splitlines()[0][:160]
-        raise CheckpointError(f"{path} does not fit its own recipe's model: {first}") from None
-    return recipe, model, (channels, size, size)
-
-
 def default_layer(model) -> str:
     """The retina's output (the bottleneck conv) if there is one, else the first conv."""
     from torch import nn
@@ -63,14 +38,17 @@ def rf(
     """Receptive fields of every channel of a layer: a PNG grid (diverging colours centred at
     zero) and per-channel rotational symmetry, orientation selectivity, centre-surround."""
     from ldfa_cli.analysis.rf import plot_fields, receptive_fields, summary
-    from ldfa_cli.engine.build import pick_device
+    from ldfa_cli.data import dataset_shape
+    from ldfa_cli.engine.build import load_trained, pick_device
     from ldfa_cli.engine.checkpoint import atomic_write_text
 
     if method not in ("gradient", "maximize"):
         raise ConfigError(f"--method must be gradient or maximize, got '{method}'")
     results, rows = [], []
     for run in runs:
-        recipe, model, shape = load_trained_model(run, checkpoint, pick_device(device))
+        _, _, recipe, model = load_trained(run, checkpoint, pick_device(device))
+        channels, size, _ = dataset_shape(recipe.data)
+        shape = (channels, size, size)
         name = layer or default_layer(model)
         if name not in dict(model.named_modules()):
             raise ConfigError(f"--layer '{name}' is not a layer of {run}'s model")

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from ldfa_cli.data import DeviceData, load_data
+from ldfa_cli.data import DeviceData
 from ldfa_cli.errors import ConfigError
 from ldfa_cli.feedback import convert, feedback_parameters
 from ldfa_cli.models import InputShape, build_model
@@ -52,20 +52,49 @@ def build_network(recipe, data: DeviceData, device: torch.device) -> nn.Module:
     return convert_as_recipe(model, recipe.feedback, data.normalise(data.train.images[:2]))
 
 
+def shaped_network(recipe, device: torch.device, example: torch.Tensor | None = None):
+    """The recipe's model (seeded, converted) for its dataset's shape, built without reading
+    the data; ``example`` (default: zeros) is the batch that probes the conversion."""
+    from ldfa_cli.data import dataset_shape
+
+    channels, size, classes = dataset_shape(recipe.data)
+    if example is None:
+        example = torch.zeros(2, channels, size, size, device=device)
+    torch.manual_seed(recipe.train.seed)
+    model = build_model(recipe.model, InputShape(channels, size, classes)).to(device)
+    return convert_as_recipe(model, recipe.feedback, example[:2])
+
+
 def synthetic_network(recipe, batch_size: int, device: torch.device):
     """The recipe's model (converted) and a random batch of its dataset's shape: for FLOP
     counts and timings, which need no real data."""
     from ldfa_cli.data import dataset_shape
 
     channels, size, classes = dataset_shape(recipe.data)
-    shape = InputShape(channels=channels, size=size, classes=classes)
     generator = torch.Generator().manual_seed(recipe.train.seed)
     x = torch.randn(batch_size, channels, size, size, generator=generator).to(device)
     y = torch.randint(0, classes, (batch_size,), generator=generator).to(device)
-    torch.manual_seed(recipe.train.seed)
-    model = build_model(recipe.model, shape).to(device)
-    convert_as_recipe(model, recipe.feedback, x[:2])
-    return model, x, y
+    return shaped_network(recipe, device, x), x, y
+
+
+def load_trained(target, which: str, device: torch.device):
+    """(checkpoint path, its state, its recipe, the model with its weights) of a run folder
+    (``checkpoints/<which>.pt``) or a checkpoint file; the dataset is not read."""
+    from ldfa_cli.config import validate
+    from ldfa_cli.errors import CheckpointError
+
+    from .checkpoint import find_checkpoint, load_checkpoint
+
+    path = find_checkpoint(target, f"{which}.pt")
+    state = load_checkpoint(path, map_location=device)
+    recipe = validate(state.get("config") or {}, source=f"{path} (its config)")
+    model = shaped_network(recipe, device)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as error:
+        first = str(error).splitlines()[0][:160]
+        raise CheckpointError(f"{path} does not fit its own recipe's model: {first}") from None
+    return path, state, recipe, model
 
 
 def convert_as_recipe(model: nn.Module, fb, example: torch.Tensor) -> nn.Module:
@@ -82,8 +111,3 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     learned = sum(p.numel() for p in model.parameters() if id(p) in feedback)
     fixed = sum(b.numel() for n, b in model.named_buffers() if "feedback_" in n)
     return {"forward": forward, "feedback_learned": learned, "feedback_fixed": fixed}
-
-
-def load_run_inputs(recipe, device: torch.device) -> tuple[DeviceData, nn.Module]:
-    data = load_data(recipe.data, device)
-    return data, build_network(recipe, data, device)
