@@ -18,7 +18,7 @@ from torch import nn
 
 from ldfa_cli.engine.build import synthetic_network
 from ldfa_cli.engine.optim import make_optimizer
-from ldfa_cli.feedback import feedback_loss, feedback_parameters, forward_parameters
+from ldfa_cli.feedback import backward_with_rules, feedback_parameters, forward_parameters
 
 from .flops import count_training_step
 
@@ -43,10 +43,7 @@ def _stepper(recipe, model: nn.Module, x, y):
         optimizer.zero_grad(set_to_none=True)
         if fb_optimizer is not None:
             fb_optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        normative = feedback_loss(model, count[0], with_constant=False)
-        if normative is not None:
-            normative.backward()
+        backward_with_rules(model, F.cross_entropy(model(x), y), count[0])
         count[0] += 1
         optimizer.step()
         if fb_optimizer is not None:

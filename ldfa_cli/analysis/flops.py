@@ -27,9 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldfa_cli.feedback import accounting, feedback_layers, feedback_loss, set_feedback_targets
+from ldfa_cli.feedback import (
+    accounting,
+    backward_with_rules,
+    feedback_layers,
+    set_feedback_targets,
+)
 from ldfa_cli.feedback.base import Rule, dense_cheaper
+from ldfa_cli.feedback.convert import _set_submodule
 from ldfa_cli.feedback.layers import FeedbackLayer
+from ldfa_cli.feedback.svd import SVDLayer
 
 PHASES = ("forward", "input_grad", "broadcast", "weight_grad", "feedback_update")
 # Outside feedback layers the backward is not split: it is filed as "backward".
@@ -81,7 +88,10 @@ def backprop_twin(model: nn.Module, only_plain: bool = False) -> nn.Module:
     which run plain autograd) compute backprop inside the feedback Function, where the
     counter can split their backward into input and weight gradients."""
     twin = copy.deepcopy(model)
-    for _, layer in feedback_layers(twin):
+    for name, layer in feedback_layers(twin):
+        if isinstance(layer, SVDLayer) and not only_plain:  # backprop of the dense layer
+            layer = layer.dense_twin()
+            _set_submodule(twin, name, layer)
         if not only_plain or layer.rule.plain_autograd:
             layer.rule = Transpose()
     return twin
@@ -135,10 +145,7 @@ def count_training_step(model: nn.Module, x, y, label_smoothing: float = 0.0) ->
     with torch.random.fork_rng(devices=devices), PhaseFlopCounter() as counter:
         set_feedback_targets(work, y)
         loss = F.cross_entropy(work(x).float(), y, label_smoothing=label_smoothing)
-        loss.backward()
-        normative = feedback_loss(work, with_constant=False)  # amortised in .get
-        if normative is not None:
-            normative.backward()
+        backward_with_rules(work, loss)  # every normative update; amortised in .get
     for h in hooks:
         h.remove()
     intervals = {name: getattr(layer.rule, "interval", 1) for name, layer in feedback_layers(work)}
@@ -158,6 +165,8 @@ def analytic_flops(layer: FeedbackLayer, samples: int, batch: int = 0) -> dict:
         # rows: the batch (dense map) or every pixel (1x1 map); widths of e and the input
         rows = batch * (math.prod(rule.source_shape[1:]) if rule.pixel else 1)
         d, n_in = rule.source_width, rule.input_width
+        if name == "svd_dfa":
+            return _svd_flops(layer, T, counts, 2 * rows * d * n_in)
         if name == "dfa":
             counts["broadcast"] = 2 * rows * d * n_in
         else:
@@ -182,6 +191,21 @@ def analytic_flops(layer: FeedbackLayer, samples: int, batch: int = 0) -> dict:
         if rule.learn_q:
             update += 2 * T * N * r
         counts["feedback_update"] = update
+    return counts
+
+
+def _svd_flops(layer, T: int, counts: dict, broadcast: int) -> dict:
+    """svd_dfa (feedback/svd.py): forward x V then (a s) U^T; backward g U, the projection
+    (g U) U^T and (g U)(U^T U), the gradients of U and V; alignment g^T (g U),
+    (g U)^T (g U) and two m x k x k products; the broadcast as dfa's."""
+    rule, k, m, N = layer.rule, layer.rank, layer.fan_out, layer.patch_size
+    counts["forward"] = 2 * T * k * (N + m)
+    gram = 2 * m * k * k if (rule.project or rule.align) else 0  # U^T U
+    projection = 2 * T * m * k + 2 * T * k * k if rule.project else 0
+    counts["weight_grad"] = 2 * T * m * k + gram + projection + 2 * T * m * k + 2 * T * N * k
+    if rule.align:
+        counts["feedback_update"] = 2 * T * m * k + 2 * T * k * k + 4 * m * k * k
+    counts["broadcast"] = broadcast if rule.sends else 0
     return counts
 
 

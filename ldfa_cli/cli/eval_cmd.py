@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import typer
@@ -63,9 +64,16 @@ def eval_(
     console.print(classes)
     if result["diagnostics"]:
         table = Table(title="feedback alignment (probe batch)")
-        for col in ("layer", "rule", "rank", "||B-W^T||/||W^T||", "angle(B, W^T)", "cos(grad, BP)"):
+        columns = ["layer", "rule", "rank", "||B-W^T||/||W^T||", "angle(B, W^T)", "cos(grad, BP)"]
+        svd = any("u_orth_error" in row for row in result["diagnostics"])
+        if svd:  # svd_dfa: how far the factors are from orthonormal
+            columns += ["||U^T U - I||", "||V^T V - I||"]
+        for col in columns:
             table.add_column(col, justify="left" if col in ("layer", "rule") else "right")
         for row in result["diagnostics"]:
-            table.add_row(row["name"], row["rule"], str(row["rank"]), f"{row['rel_error']:.3f}",
-                          f"{row['angle_deg']:.1f}°", f"{row['grad_cosine']:.3f}")  # fmt: skip
+            cells = [row["name"], row["rule"], str(row["rank"]), f"{row['rel_error']:.3f}",
+                     f"{row['angle_deg']:.1f}°", f"{row['grad_cosine']:.3f}"]  # fmt: skip
+            if svd:
+                cells += [f"{row.get(k, math.nan):.3f}" for k in ("u_orth_error", "v_orth_error")]
+            table.add_row(*cells)
         console.print(table)

@@ -23,9 +23,9 @@ from ldfa_cli.analysis.flops import count_training_step
 from ldfa_cli.console import stderr_console
 from ldfa_cli.errors import CheckpointError, TrainingError
 from ldfa_cli.feedback import (
+    backward_with_rules,
     conversion_report,
     feedback_layers,
-    feedback_loss,
     feedback_parameters,
     forward_parameters,
     reset_feedback_to_svd,
@@ -235,6 +235,8 @@ def train(
             step_flops[key] = counted.total * world.size
         state.train_flops += step_flops[key]
 
+    aux_loss: list[torch.Tensor | None] = [None]  # the last step's auxiliary loss, for logs
+
     def train_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if uses_targets:
             set_feedback_targets(model, y)
@@ -244,10 +246,9 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         if fb_optimizer is not None:
             fb_optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # W grads; input grads through the feedback; Oja/Hebbian/KP grads
-        normative = feedback_loss(model, state.step, with_constant=False)  # eq. 8, when due
-        if normative is not None:
-            normative.backward()
+        # W grads; input grads through the feedback; Oja/Hebbian/KP grads; a rule's own
+        # loss term (svd_dfa's orthogonality); the normative loss (eq. 8) when due
+        aux_loss[0] = backward_with_rules(model, loss, state.step)
         if recipe.optim.grad_clip:
             nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], recipe.optim.grad_clip)
         optimizer.step()
@@ -347,11 +348,15 @@ def train(
                         )
                     rate = window_images / max(time.perf_counter() - window_start, 1e-9)
                     acc = float(totals[1] / totals[2].clamp_min(1))
-                    log({"event": "train", "epoch": epoch + 1, "step": state.step,
-                         "split": "train", "loss": mean_loss, "acc": acc,
-                         "lr": schedule.get_last_lr()[0], "images_seen": state.images_seen,
-                         "images_per_s": rate, "train_flops": state.train_flops,
-                         "time_s": time.perf_counter() - start_time})  # fmt: skip
+                    event = {"event": "train", "epoch": epoch + 1, "step": state.step,
+                             "split": "train", "loss": mean_loss, "acc": acc,
+                             "lr": schedule.get_last_lr()[0],
+                             "images_seen": state.images_seen, "images_per_s": rate,
+                             "train_flops": state.train_flops,
+                             "time_s": time.perf_counter() - start_time}  # fmt: skip
+                    if aux_loss[0] is not None:  # not in "loss", which stays comparable
+                        event["aux_loss"] = float(aux_loss[0])
+                    log(event)
                     bar.update(task, stats=f"loss {mean_loss:.4f} acc {acc:.3f} "
                                            f"{rate:,.0f} img/s")  # fmt: skip
                     window.zero_()

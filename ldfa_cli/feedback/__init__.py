@@ -13,6 +13,8 @@ rule           feedback sent upstream                      how it learns        
 ``ldfa_local`` Q (P g), rank r (eq. 12)                    Oja eq. 15, eq. 18   local.py
 ``dfa``        B e_source, B fixed random (Noekland)       --                   broadcast.py
 ``dldfa``      Q (P e_source), rank r (eq. 17)             Oja eq. 15 on e      broadcast.py
+``svd_dfa``    B e_source; W = U diag(s) V^T, error        align + orth terms   svd.py
+               projected on U (Roy et al. 2025)
 =============  ==========================================  ===================  ==============
 
 Layouts: W is m x n (out x in). B = Q P approximates W^T with Q n x r and P r x m
@@ -28,16 +30,20 @@ and DDP's all-reduce treat feedback tensors like any parameter:
 * kp:         B.grad = W.grad + lambda B;
 * ldfa:       Q.grad, P.grad = gradients of 1/2 ||QP - W^T||^2 (via :func:`feedback_loss`);
 * ldfa_local: P.grad = -(P C/gamma)(I - P^T P) + lambda P  (Oja, eq. 15),
-              Q.grad = h^T (g P^T) + lambda Q            (Hebbian, eq. 18).
+              Q.grad = h^T (g P^T) + lambda Q            (Hebbian, eq. 18);
+* svd_dfa:    U.grad, s.grad, V.grad = gradients of W = U diag(s) V^T for the projected
+              error, + lambda_align d L_align/dU; the orthogonality term by autograd.
 
 Gradients that come from the data (Oja, Hebbian, kp) are returned by the layer's
 ``autograd.Function.backward``; the normative one comes from :func:`feedback_loss`.
 """
 
-from . import backprop, fa, normative, local, broadcast  # noqa: F401  # isort: skip  (registers, in order)
+from . import backprop, fa, normative, local, broadcast, svd  # noqa: F401  # isort: skip  (registers, in order)
 from .base import RULES, FeedbackConfigError, Rule, make_rule, resolve_rank
 from .convert import (
     ConversionReport,
+    auxiliary_loss,
+    backward_with_rules,
     conversion_report,
     convert,
     feedback_layers,
@@ -58,6 +64,8 @@ __all__ = [
     "LDFALinear",
     "Rule",
     "alignment_diagnostics",
+    "auxiliary_loss",
+    "backward_with_rules",
     "backprop_reference",
     "conversion_report",
     "convert",

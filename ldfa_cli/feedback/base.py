@@ -76,6 +76,14 @@ class Rule:
         """The feedback map B in the layout of W (so B^T stands where W^T would), or None."""
         return None
 
+    def auxiliary_loss(self, layer: FeedbackLayer) -> Tensor | None:
+        """A loss term on the layer's own parameters that training adds to the task loss."""
+        return None
+
+    def layer_measures(self, layer: FeedbackLayer) -> dict:
+        """Rule-specific numbers for ``ldfa eval``'s per-layer report."""
+        return {}
+
     def options(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -61,7 +61,12 @@ def _rank_for(name: str, rank, ranks: dict | None):
 
 
 def _swap(module: nn.Module, name: str, rule: Rule, rank) -> FeedbackLayer:
-    """A feedback layer sharing ``module``'s weight and bias Parameters."""
+    """A feedback layer sharing ``module``'s weight and bias Parameters (or, for a rule
+    that trains layers in SVD form, sharing its bias and factorising its weight)."""
+    if getattr(rule, "svd_form", False):
+        from .svd import svd_layer
+
+        return svd_layer(module, name, rule, rank)
     if isinstance(module, nn.Conv2d):
         new = LDFAConv2d(
             module.in_channels,
@@ -214,12 +219,13 @@ def _broadcast_plan(model, rule, chosen, example_input):
             f"penultimate or a module name such as: {known}"
         )
     limit = seen[source]["order"]
+    svd_form = getattr(rule, "svd_form", False)
     plan, rules = [], {}
     for name, module in chosen:
         info = seen.get(name)
         if info is None or info["order"] > limit:
             module.ldfa_note = f"kept: after the broadcast source '{source}'"
-        elif not info["needs_grad"]:
+        elif not info["needs_grad"] and not svd_form:
             module.ldfa_note = "kept: its input needs no gradient"
         else:
             plan.append((name, module))
@@ -228,6 +234,8 @@ def _broadcast_plan(model, rule, chosen, example_input):
         rules[name] = dataclasses.replace(rule, channel=channel,
                                           input_shape=seen[name]["input"][1:],
                                           source_shape=seen[source]["output"][1:])  # fmt: skip
+        if svd_form and not seen[name]["needs_grad"]:  # trained in SVD form, sends nothing
+            rules[name] = dataclasses.replace(rules[name], sends=False)
     return plan, rules, source
 
 
@@ -318,6 +326,31 @@ def forward_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every trainable parameter that is not a feedback tensor."""
     feedback = {id(p) for p in feedback_parameters(model)}
     return [p for p in model.parameters() if p.requires_grad and id(p) not in feedback]
+
+
+def auxiliary_loss(model: nn.Module) -> Tensor | None:
+    """The sum of the rules' loss terms on their own parameters (``svd_dfa``'s
+    orthogonality term), to add to the task loss; None when no rule has one."""
+    terms = [
+        term
+        for _, layer in feedback_layers(model)
+        if (term := layer.rule.auxiliary_loss(layer)) is not None
+    ]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def backward_with_rules(model: nn.Module, loss: Tensor, step: int | None = None):
+    """``loss.backward()`` plus what the rules add: their auxiliary loss terms in the same
+    backward, then the normative feedback loss (eq. 8) where due at ``step`` (always when
+    None). Returns the auxiliary loss (detached) or None, for logging."""
+    from .normative import feedback_loss
+
+    aux = auxiliary_loss(model)
+    (loss if aux is None else loss + aux).backward()
+    normative = feedback_loss(model, step, with_constant=False)
+    if normative is not None:
+        normative.backward()
+    return None if aux is None else aux.detach()
 
 
 def set_feedback_targets(model: nn.Module, targets: Tensor | None) -> None:

@@ -78,6 +78,7 @@ def alignment_diagnostics(
                 "rank": layer.rank,
                 **feedback_alignment(layer),
                 "grad_cosine": grad_cos,
+                **layer.rule.layer_measures(layer),
             }
         )
     return rows

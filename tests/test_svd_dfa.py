@@ -1,0 +1,280 @@
+"""svd_dfa (feedback/svd.py): the SVD form computes the layer, its gradients equal a hand
+computation of every term (broadcast, projection, alignment), no factor of the forward
+pathway is read to send the error down, the orthogonality term keeps U and V orthonormal
+(and without it they drift), FLOPs measured equal analytic."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldfa_cli.analysis.flops import analytic_flops, flops_report
+from ldfa_cli.engine.metrics import read_metrics
+from ldfa_cli.feedback import (
+    auxiliary_loss,
+    backward_with_rules,
+    conversion_report,
+    convert,
+    feedback_layers,
+    forward_parameters,
+)
+from ldfa_cli.feedback.svd import SVDConv2d, SVDLinear, factor_measures, svd_parameter_count
+from tests.helpers import run_cli
+from tests.test_broadcast import _WeightWatch
+from tests.test_train import write_recipe
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, stride=2), nn.ReLU(),
+                         nn.Conv2d(4, 6, 3, padding=2, dilation=2), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(6 * 4 * 4, 3))  # fmt: skip
+
+
+def _expected_factor_grads(layer, x, delta):
+    """Autograd's gradients of U, s, V, b for y = layer(x) with W = U diag(s) V^T, given the
+    output gradient ``delta``: what the layer must return for the error ``delta``."""
+    U, s, V = (p.detach().clone().requires_grad_() for p in (layer.svd_U, layer.svd_s, layer.svd_V))
+    b = layer.bias.detach().clone().requires_grad_()
+    rows = (U * s) @ V.t()
+    if isinstance(layer, SVDConv2d):
+        W = rows.reshape(layer.out_channels, layer.in_channels, *layer.kernel_size)
+        y = F.conv2d(x, W, b, layer.stride, layer.padding, layer.dilation)
+    else:
+        y = F.linear(x, rows, b)
+    y.backward(delta)
+    return U.grad, s.grad, V.grad, b.grad
+
+
+def _alignment_grad(U, g):
+    """d/dU of ||g (I - U U^T)||^2 / ||g||^2 with g fixed (item 4), by autograd."""
+    U = U.detach().clone().requires_grad_()
+    rows = g.movedim(1, -1).reshape(-1, g.shape[1]) if g.dim() == 4 else g
+    residual = rows - rows @ U @ U.t()
+    (residual.square().sum() / rows.square().sum()).backward()
+    return U.grad
+
+
+def _project(delta, U):
+    """delta U U^T over channels (dim 1 of a map, the last of a matrix)."""
+    if delta.dim() == 4:
+        return torch.einsum("nchw,ck,dk->ndhw", delta, U, U)
+    return delta @ U @ U.t()
+
+
+def _check_layer(layer, x, delta, align):
+    U = layer.svd_U.detach()
+    received = _project(delta, U) if layer.rule.project else delta
+    gu, gs, gv, gb = _expected_factor_grads(layer, x, received)
+    if align:
+        gu = gu + align * _alignment_grad(U, delta)
+    torch.testing.assert_close(layer.svd_U.grad, gu)
+    torch.testing.assert_close(layer.svd_s.grad, gs)
+    torch.testing.assert_close(layer.svd_V.grad, gv)
+    torch.testing.assert_close(layer.bias.grad, gb)
+
+
+def test_full_rank_svd_form_computes_the_dense_layer():
+    model, x = _mlp(), torch.randn(7, 4)
+    cnn, xi = _cnn(), torch.randn(2, 3, 8, 8)
+    before, before_cnn = model(x), cnn(xi)
+    convert(model, "svd_dfa", example_input=x)
+    convert(cnn, "svd_dfa", example_input=xi)
+    assert isinstance(model[0], SVDLinear) and isinstance(model[0], nn.Linear)
+    assert isinstance(cnn[2], SVDConv2d) and isinstance(cnn[2], nn.Conv2d)
+    torch.testing.assert_close(model(x), before)
+    torch.testing.assert_close(cnn(xi), before_cnn)
+    rows = {r.name: r for r in conversion_report(model).rows}
+    assert all(r.rule == "svd_dfa" for r in rows.values())  # the first layer too: SVD form
+    assert not hasattr(model[0], "feedback_B")  # its input needs no gradient: no B
+    assert "weight" not in model[0].state_dict() and "svd_U" in model[0].state_dict()
+
+
+def test_low_rank_has_fewer_parameters_and_truncates_the_svd():
+    model, x = _mlp(), torch.randn(7, 4)
+    W = model[2].weight.detach().clone()
+    convert(model, "svd_dfa", rank=2, example_input=x)
+    layer = model[2]
+    assert layer.rank == 2 and tuple(layer.svd_U.shape) == (5, 2)
+    U, S, Vh = torch.linalg.svd(W)
+    torch.testing.assert_close(layer.weight.detach(), (U[:, :2] * S[:2]) @ Vh[:2])
+    svd, dense = svd_parameter_count(layer)
+    assert svd == 2 * (5 + 6 + 1) + 5 and dense == 5 * 6 + 5
+
+
+@pytest.mark.parametrize("project", [False, True])
+@pytest.mark.parametrize("align", [0.0, 0.5])
+def test_mlp_gradients_equal_hand_computation(project, align):
+    model, x, target = _mlp(), torch.randn(7, 4), torch.randn(7, 3)
+    convert(model, "svd_dfa", rank=2, example_input=x, project=project, align=align, orth=0.0)
+    out = model(x)
+    ((out - target) ** 2).sum().div(2).backward()
+    e = out.detach() - target  # the source error
+    h1 = torch.tanh(model[0](x)).detach()
+    h2 = torch.tanh(model[2](h1)).detach()
+    delta2 = (e @ model[4].feedback_B.t()) * (1 - h2**2)  # fc2's output gets B_fc3 e * f'
+    delta1 = (e @ model[2].feedback_B.t()) * (1 - h1**2)
+    _check_layer(model[4], h2, e, align)
+    _check_layer(model[2], h1, delta2, align)
+    _check_layer(model[0], x, delta1, align)
+
+
+def test_conv_gradients_equal_hand_computation():
+    cnn, x = _cnn(), torch.randn(2, 3, 8, 8)
+    convert(cnn, "svd_dfa", rank=3, example_input=x, align=0.3, orth=0.0)
+    out = cnn(x)
+    out.square().sum().div(2).backward()
+    e = out.detach()
+    a1 = cnn[0](x).detach()
+    h1 = torch.relu(a1)
+    a2 = cnn[2](h1).detach()
+    h2 = torch.relu(a2).flatten(1)
+    delta2 = (e @ cnn[5].feedback_B.t()).view(a2.shape) * (a2 > 0)  # a dense map into conv2
+    delta1 = (e @ cnn[2].feedback_B.t()).view(a1.shape) * (a1 > 0)
+    _check_layer(cnn[5], h2, e, 0.3)
+    _check_layer(cnn[2], h1, delta2, 0.3)
+    _check_layer(cnn[0], x, delta1, 0.3)
+
+
+def test_no_forward_factor_is_read_to_send_the_error_down():
+    model, x = _mlp(), torch.randn(7, 4)
+    convert(model, "svd_dfa", rank=2, example_input=x)
+    loss = model(x).pow(2).sum()
+    V = [layer.svd_V for _, layer in feedback_layers(model)]
+    with _WeightWatch(V) as watch:
+        loss.backward()
+    assert watch.hits == []  # backprop's input gradient would be (z s) V^T
+    with _WeightWatch(V) as watch:  # the check can fail: backprop through the factors
+        F.linear(torch.randn(3, 5, requires_grad=True), model[4].weight).sum().backward()
+    assert watch.hits
+
+
+def test_orthogonality_term_is_the_formula_and_reaches_the_loss():
+    model, x = _mlp(), torch.randn(7, 4)
+    convert(model, "svd_dfa", rank=2, example_input=x, orth=0.25)
+    with torch.no_grad():
+        model[2].svd_U.mul_(1.5)
+    expected = 0.0
+    for _, layer in feedback_layers(model):
+        for factor in (layer.svd_U, layer.svd_V):
+            gram = factor.t() @ factor
+            expected = expected + 0.25 * (gram - torch.eye(gram.shape[0])).square().sum()
+    torch.testing.assert_close(auxiliary_loss(model), expected)
+    off, _ = _mlp(), None
+    convert(off, "svd_dfa", rank=2, example_input=x, orth=0.0)
+    assert auxiliary_loss(off) is None
+
+
+def _train_factors(orth: float, steps: int = 120) -> tuple[float, float]:
+    torch.manual_seed(0)
+    x = torch.randn(256, 20)
+    y = (x @ torch.randn(20, 10)).argmax(1)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 10))  # fmt: skip
+    convert(model, "svd_dfa", rank=16, example_input=x, orth=orth)
+    optimizer = torch.optim.Adam(forward_parameters(model), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        backward_with_rules(model, F.cross_entropy(model(x), y))
+        optimizer.step()
+    errors = [factor_measures(layer) for _, layer in feedback_layers(model)]
+    return max(e["u_orth_error"] for e in errors), max(e["v_orth_error"] for e in errors)
+
+
+def test_orthogonality_term_keeps_factors_orthonormal_and_they_drift_without_it():
+    on = _train_factors(orth=1.0)
+    off = _train_factors(orth=0.0)
+    assert max(on) < 0.1, on  # ||F^T F - I||_F at the end of training, F = U or V
+    assert min(off) > 1.0, off
+
+
+def test_alignment_turns_u_toward_the_received_error():
+    """With projection on, U's span turns only through the alignment term: fed a fixed error
+    from a 2-dimensional subspace, L_align falls toward 0 with it and stays put without."""
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(8, 2))[0]
+
+    def residual_after(align: float) -> tuple[float, float]:
+        torch.manual_seed(1)
+        layer = nn.Sequential(nn.Linear(5, 8))
+        x = torch.randn(64, 5)
+        convert(layer, "svd_dfa", rank=2, example_input=x, align=align, orth=1.0)
+        optimizer = torch.optim.SGD([layer[0].svd_U], lr=0.05)  # U alone: its span
+        error = torch.randn(64, 2) @ basis.t()
+        fraction = []
+        for _ in range(200):
+            optimizer.zero_grad()
+            # dL/dy = 1e-3 error: L_align is scale-free, the task's own U gradient tiny
+            backward_with_rules(layer, (layer(x) * error).sum() * 1e-3)
+            U = layer[0].svd_U.detach()
+            outside = (error - error @ U @ U.t()).square().sum() / error.square().sum()
+            fraction.append(float(outside))
+            optimizer.step()
+        return fraction[0], fraction[-1]
+
+    start, end = residual_after(1.0)
+    assert start > 0.3 and end < 0.01
+    start, end = residual_after(0.0)
+    assert end > 0.3
+
+
+def test_svd_flops_measured_equal_analytic():
+    for make, x in ((_mlp, torch.randn(5, 4)), (_cnn, torch.randn(2, 3, 8, 8))):
+        for options in ({}, {"project": False, "align": 0.0}):
+            model = make()
+            convert(model, "svd_dfa", rank=2, example_input=x, **options)
+            report = flops_report(model, x, torch.randint(0, 3, (len(x),)))
+            assert not report.warnings
+            layers = dict(feedback_layers(model))
+            for row in report.layers:
+                if row["layer"] not in layers:
+                    continue
+                expected = analytic_flops(layers[row["layer"]], row["samples"],
+                                          report.rule.batches[row["layer"]])  # fmt: skip
+                for phase in ("forward", "input_grad", "broadcast", "weight_grad",
+                              "feedback_update"):  # fmt: skip
+                    assert row[phase] == expected[phase], (row["layer"], phase)
+                assert row["input_grad"] == 0
+                assert row["bp_input_grad"] == (0 if row["layer"] == "0" else row["bp_forward"])
+
+
+def test_svd_dfa_recipe_trains_resumes_bit_for_bit_and_evaluates(capsys, tmp_path):
+    model = {"name": "vgg", "width_multiplier": 0.0625}  # convs in SVD form, BN, dropout
+    feedback = {"rule": "svd_dfa", "rank": 0.5, "options": {"align": 0.1, "orth": 0.1}}
+    recipe = write_recipe(tmp_path / "r.yaml", model, feedback,
+                          train={"epochs": 2, "deterministic": True, "log_every": 1})  # fmt: skip
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run_cli(capsys, "train", recipe, "--out", whole, "--device", "cpu")[0] == 0
+    assert run_cli(capsys, "train", recipe, "--out", parts, "--device", "cpu",
+                   "--stop-after", "1")[0] == 0  # fmt: skip
+    code, _, err = run_cli(capsys, "train", "--resume", parts, "--device", "cpu")
+    assert code == 0, err
+
+    def losses(run):
+        return [(e["event"], e["step"], e["loss"], e.get("aux_loss"))
+                for e in read_metrics(run / "metrics.jsonl")]  # fmt: skip
+
+    assert losses(whole) == losses(parts)
+    assert all(aux > 0 for event, _, _, aux in losses(whole) if event == "train")
+    code, out, err = run_cli(capsys, "eval", whole, "--json", "--device", "cpu")
+    assert code == 0, err
+    rows = json.loads(out)["diagnostics"]
+    assert rows and all(r["rule"] == "svd_dfa" and r["u_orth_error"] >= 0 for r in rows)
+
+
+def test_svd_dfa_under_bf16_autocast_and_compile(capsys, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "mlp", "widths": [32, 32]},
+                          {"rule": "svd_dfa", "rank": 8},
+                          train={"precision": "bf16", "compile": True})  # fmt: skip
+    code, out, err = run_cli(capsys, "train", recipe, "--out", tmp_path / "run", "--device",
+                             "cpu", "--json")  # fmt: skip
+    assert code == 0, err
+    final = json.loads(out)["final"]
+    assert 0.0 <= final["acc"] <= 1.0 and final["loss"] == final["loss"]
