@@ -169,13 +169,13 @@ def _make_svd_function(device_type: str) -> type[torch.autograd.Function]:
                 bias = bias.to(low) if bias is not None else None
             ctx.rule, ctx.geometry, ctx.x_shape = rule, geometry, x.shape
             y, a = geometry.forward(x, U, s, V, bias)
-            ctx.save_for_backward(x, a, U, s, V, *feedback)
+            ctx.save_for_backward(x, a, U, s, *feedback)  # not V: V s U^T g is never formed
             return y
 
         @staticmethod
         @torch.amp.custom_bwd(device_type=device_type)
         def backward(ctx, g):
-            x, a, U, s, V, *feedback = ctx.saved_tensors
+            x, a, U, s, *feedback = ctx.saved_tensors
             rule, geo = ctx.rule, ctx.geometry
             ops_u, ops_v, dim = geo.ops_u, geo.ops_v, geo.channel_dim
             need_x, need_u, need_s, need_v, need_b = ctx.needs_input_grad[:5]
@@ -184,7 +184,7 @@ def _make_svd_function(device_type: str) -> type[torch.autograd.Function]:
                 previous = accounting.enter(geo.name, "weight_grad")
             g = ops_v.prepare(g)
             x, a = ops_v.prepare(x.to(g.dtype)), a.to(g.dtype)
-            U, s, V = U.to(g.dtype), s.to(g.dtype), V.to(g.dtype)
+            U, s = U.to(g.dtype), s.to(g.dtype)
             z_raw = ops_u.project(g, U.t())  # g U: the error's coordinates in U
             UtU = U.t() @ U if (rule.project or rule.align) else None
             if rule.project:  # item 3: g^ = g U U^T, z = g^ U
@@ -198,7 +198,7 @@ def _make_svd_function(device_type: str) -> type[torch.autograd.Function]:
             grad_v = None
             if need_v:
                 grad_v = ops_v.weight_grad(x, _scale(z, s, dim), geo.v_shape, False)[0]
-                grad_v = grad_v.reshape(V.shape[1], -1).t()
+                grad_v = grad_v.reshape(geo.v_shape[0], -1).t()  # (k, N) -> V's N x k
             if rule.align and need_u:  # item 4
                 if counting:
                     accounting.set_phase("feedback_update")
