@@ -118,6 +118,9 @@ class FeedbackLayer:
     rank: int | None
     ops: LinearOps | ConvOps
     layer_name: str
+    # Run the Function even when the input needs no gradient (a first layer), so that the
+    # FLOP counter files its weight gradient under the layer: set on backprop references.
+    always_routed: bool = False
 
     def _setup_feedback(self, rule: str | Rule, rank, name: str | None, options: dict) -> None:
         self.layer_name = name or type(self).__name__
@@ -149,7 +152,7 @@ class FeedbackLayer:
         if (
             self.rule.plain_autograd
             or _reference["bp"]
-            or not (torch.is_grad_enabled() and x.requires_grad)
+            or not (torch.is_grad_enabled() and (x.requires_grad or self.always_routed))
         ):
             # No input gradient is needed (or asked for): autograd's own weight gradient is
             # all the work there is, so nothing is gained by the custom Function.

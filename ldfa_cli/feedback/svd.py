@@ -338,6 +338,7 @@ def _fill_twin(twin: nn.Module, layer: SVDLayer) -> nn.Module:
         if layer.bias is not None:
             twin.bias.copy_(layer.bias)
     twin.train(layer.training)
+    twin.always_routed = True  # a first layer's backward counted under it, as the SVD one
     return twin
 
 
