@@ -243,6 +243,7 @@ def test_svd_flops_measured_equal_analytic():
                     assert row[phase] == expected[phase], (row["layer"], phase)
                 assert row["input_grad"] == 0
                 assert row["bp_input_grad"] == (0 if row["layer"] == "0" else row["bp_forward"])
+                assert row["bp_weight_grad"] == row["bp_forward"]  # the first layer's too
 
 
 def test_svd_dfa_recipe_trains_resumes_bit_for_bit_and_evaluates(capsys, tmp_path):
