@@ -137,8 +137,9 @@ def summary(fields: np.ndarray) -> dict:
             "mean": {k: float(np.mean([m[k] for m in per_channel])) for k in keys}}  # fmt: skip
 
 
-def plot_fields(rows: list[tuple[str, np.ndarray]], path) -> None:
-    """A row of tiles per run (a tile per channel), diverging colours centred at zero."""
+def plot_fields(rows: list[tuple[str, np.ndarray]], path, per_line: int = 8) -> None:
+    """Each run's channels as tiles, ``per_line`` to a line, labelled on its first line;
+    diverging colours centred at zero, each tile on its own scale."""
     import io
 
     import matplotlib
@@ -148,10 +149,12 @@ def plot_fields(rows: list[tuple[str, np.ndarray]], path) -> None:
 
     from ldfa_cli.engine.checkpoint import atomic_write_bytes
 
-    cols = max(len(f) for _, f in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.1 * cols + 2.5, 1.25 * len(rows) + 0.4),
+    cols = min(per_line, max(len(f) for _, f in rows))
+    lines = [(label if start == 0 else "", fields[start : start + cols])
+             for label, fields in rows for start in range(0, len(fields), cols)]  # fmt: skip
+    fig, axes = plt.subplots(len(lines), cols, figsize=(1.1 * cols + 2.5, 1.1 * len(lines) + 0.4),
                              squeeze=False)  # fmt: skip
-    for r, (label, fields) in enumerate(rows):
+    for r, (label, fields) in enumerate(lines):
         for c in range(cols):
             ax = axes[r][c]
             ax.set_xticks([])
