@@ -4,6 +4,7 @@ the command runs on a tiny trained run."""
 import json
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from torch import nn
@@ -15,6 +16,7 @@ from ldfa_cli.analysis.rf import (
     measures,
     receptive_fields,
 )
+from ldfa_cli.feedback import convert
 from tests.helpers import run_cli
 
 
@@ -34,6 +36,24 @@ def test_the_field_of_a_single_conv_is_its_kernel():
     for c in range(3):  # input channels are averaged; torch's conv is a correlation: no flip
         kernel = model[0].weight[c].mean(0).detach().numpy()
         np.testing.assert_allclose(crop_to_support(fields[c]), kernel, atol=1e-6)
+
+
+@pytest.mark.parametrize(("rule", "options"), [("ldfa_local", {"rank": 1}),
+                                               ("dldfa", {"rank": 1, "source": "4"})])  # fmt: skip
+def test_fields_are_the_forward_maps_whatever_rule_trained_it(rule, options):
+    """The field is a property of the forward map: a low-rank rule's backward (its feedback
+    pathway) must not stand in for it, and a broadcast rule's must not be needed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))  # fmt: skip
+    with torch.no_grad():
+        for conv in (model[0], model[2]):
+            conv.bias.fill_(0.1)  # every ReLU open at a blank input
+    plain = receptive_fields(model, "2", (1, 9, 9))
+    convert(model, rule, include=["2", "4"], example_input=torch.randn(2, 1, 9, 9), **options)
+    np.testing.assert_allclose(receptive_fields(model, "2", (1, 9, 9)), plain, atol=1e-6)
+    assert receptive_fields(model, "2", (1, 9, 9), method="maximize", steps=3).shape == (4, 9, 9)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_rf_command_on_a_tiny_trained_retina(capsys, tmp_path):

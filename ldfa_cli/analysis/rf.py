@@ -26,6 +26,8 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from ldfa_cli.feedback import backprop_reference
+
 
 def _capture(model: nn.Module, layer: str):
     store = {}
@@ -38,38 +40,48 @@ def receptive_fields(model: nn.Module, layer: str, input_shape: tuple[int, int, 
                      method: str = "gradient", steps: int = 200, lr: float = 0.05,
                      l2: float = 1e-2) -> np.ndarray:  # fmt: skip
     """Fields of every channel of ``layer``: an array channels x H x W (input channels
-    averaged), for inputs of ``input_shape`` (C, H, W)."""
+    averaged), for inputs of ``input_shape`` (C, H, W). A field belongs to the forward map,
+    so its gradients are exact (``backprop_reference``), whatever feedback trained the
+    layers: a rule's backward would give its feedback pathway instead, and a broadcast
+    rule none at all."""
     was_training = model.training
     model.eval()
     store, handle = _capture(model, layer)
     device = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
-        channels = store["out"].shape[1]
-        cy, cx = (s // 2 for s in store["out"].shape[2:])
-        if method == "gradient":
-            x = torch.zeros(channels, *input_shape, device=device, requires_grad=True)
-            model(x)
-            units = store["out"][torch.arange(channels), torch.arange(channels), cy, cx]
-            (grad,) = torch.autograd.grad(units.sum(), x)
-            fields = grad
-        else:
-            generator = torch.Generator().manual_seed(0)
-            x = (0.01 * torch.randn(channels, *input_shape, generator=generator)).to(device)
-            x.requires_grad_(True)
-            optimizer = torch.optim.Adam([x], lr=lr)
-            for _ in range(steps):
-                optimizer.zero_grad()
-                model(x)
-                units = store["out"][torch.arange(channels), torch.arange(channels), cy, cx]
-                (-(units.sum()) + l2 * x.pow(2).sum()).backward()
-                optimizer.step()
-            fields = x.detach() - x.detach().mean(dim=(1, 2, 3), keepdim=True)
+        with backprop_reference():
+            fields = _fields(model, store, input_shape, device, method, steps, lr, l2)
     finally:
         handle.remove()
         model.train(was_training)
     return fields.mean(dim=1).cpu().numpy()
+
+
+def _fields(model, store, input_shape, device, method, steps, lr, l2) -> torch.Tensor:
+    """Per channel c, the gradient of c's centre unit at a blank input, or the input that
+    maximises it (L2-regularised): channels x C x H x W."""
+    with torch.no_grad():
+        model(torch.zeros(1, *input_shape, device=device))
+    channels = store["out"].shape[1]
+    cy, cx = (s // 2 for s in store["out"].shape[2:])
+    index = torch.arange(channels)
+
+    def centre_units(x):
+        model(x)
+        return store["out"][index, index, cy, cx].sum()
+
+    if method == "gradient":
+        x = torch.zeros(channels, *input_shape, device=device, requires_grad=True)
+        return torch.autograd.grad(centre_units(x), x)[0]
+    generator = torch.Generator().manual_seed(0)
+    x = (0.01 * torch.randn(channels, *input_shape, generator=generator)).to(device)
+    x.requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=lr)
+    for _ in range(steps):
+        objective = -centre_units(x) + l2 * x.pow(2).sum()
+        (x.grad,) = torch.autograd.grad(objective, x)  # the model's .grad stay untouched
+        optimizer.step()
+    return x.detach() - x.detach().mean(dim=(1, 2, 3), keepdim=True)
 
 
 def crop_to_support(field: np.ndarray, rel: float = 1e-6) -> np.ndarray:
