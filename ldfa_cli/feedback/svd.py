@@ -91,9 +91,6 @@ class SVDDirectFeedback(DirectFeedbackAlignment):
         check(self.align >= 0, f"rule 'svd_dfa': align must be >= 0, got {self.align}")
         check(self.orth >= 0, f"rule 'svd_dfa': orth must be >= 0, got {self.orth}")
 
-    def rank_limits(self, layer) -> tuple[int, int]:
-        return layer.fan_out, layer.full_rank  # k: the rank of W's factorisation
-
     def create_feedback(self, layer) -> None:
         if self.sends:
             super().create_feedback(layer)
@@ -232,6 +229,7 @@ class SVDLayer(FeedbackLayer):
     def _setup_svd(self, weight: Tensor, bias, rule, rank, name: str) -> None:
         self.layer_name = name
         self.rule = rule
+        # k, the rank of W's factorisation: a fraction refers to the output width m
         self.rank = resolve_rank(rank, name=name, m=self.fan_out, full_rank=self.full_rank)
         k = self.rank
         U, S, Vh = torch.linalg.svd(weight.detach().reshape(self.fan_out, -1).double(),
