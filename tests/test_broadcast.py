@@ -156,3 +156,20 @@ def test_broadcast_needs_an_example_and_a_known_source():
         convert(_mlp(), "dfa")
     with pytest.raises(FeedbackConfigError, match="not a module the forward pass reaches"):
         convert(_mlp(), "dldfa", rank=2, source="nope", example_input=torch.randn(2, 4))
+
+
+def test_dldfa_rank_above_the_source_width_embeds_the_error_isometrically():
+    """r > d (output broadcast past the number of classes): Oja drives P's columns to
+    orthonormality, P^T P = I_d, so the r-dimensional signal P e keeps e's geometry."""
+    torch.manual_seed(0)
+    model, x = _mlp(), torch.randn(64, 4)
+    convert(model, "dldfa", rank=5, example_input=x)  # the output error has d = 3
+    layer = model[2]
+    assert layer.rank == 5 and tuple(layer.feedback_P.shape) == (5, 3)
+    optimizer = torch.optim.SGD([layer.feedback_P], lr=0.5)
+    for _ in range(300):
+        optimizer.zero_grad()
+        model(x).pow(2).sum().div(2).backward()  # e = the output: a 3-d error
+        optimizer.step()
+    P = layer.feedback_P.detach()
+    torch.testing.assert_close(P.t() @ P, torch.eye(3), atol=0.02, rtol=0)

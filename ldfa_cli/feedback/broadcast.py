@@ -98,7 +98,11 @@ class Broadcast(Rule):
         return self.input_shape[0] if self.pixel else math.prod(self.input_shape)
 
     def rank_limits(self, layer) -> tuple[int, int]:
-        return self.source_width, min(self.input_width, self.source_width)
+        """A fraction refers to the source width d; r is clipped to the input width only:
+        the paper's output broadcast sweeps r past the 10 classes. With r > d, Oja drives
+        P (r x d) to orthonormal columns (P^T P = I_d), an isometric embedding of e, and
+        B = Q P keeps rank <= d."""
+        return self.source_width, self.input_width
 
     def source_error(self, g: Tensor) -> Tensor:
         error = self.channel.error if self.channel is not None else None
