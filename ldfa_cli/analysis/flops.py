@@ -34,7 +34,6 @@ from ldfa_cli.feedback import (
     set_feedback_targets,
 )
 from ldfa_cli.feedback.base import Rule, dense_cheaper
-from ldfa_cli.feedback.convert import _set_submodule
 from ldfa_cli.feedback.layers import FeedbackLayer
 from ldfa_cli.feedback.svd import SVDLayer
 
@@ -91,7 +90,7 @@ def backprop_twin(model: nn.Module, only_plain: bool = False) -> nn.Module:
     for name, layer in feedback_layers(twin):
         if isinstance(layer, SVDLayer) and not only_plain:  # backprop of the dense layer
             layer = layer.dense_twin()
-            _set_submodule(twin, name, layer)
+            twin.set_submodule(name, layer)
         if not only_plain or layer.rule.plain_autograd:
             layer.rule = Transpose()
     return twin
