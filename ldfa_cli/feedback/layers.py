@@ -139,6 +139,9 @@ class FeedbackLayer:
         """Rank of W^T as a map from the m error channels to the n kh kw input patch."""
         return min(self.fan_out, self.patch_size)
 
+    def forward(self, x: Tensor) -> Tensor:
+        return self._feedback_forward(x)
+
     def _feedback_forward(self, x: Tensor) -> Tensor:
         counting = accounting.ACTIVE
         if counting:
@@ -175,7 +178,31 @@ class FeedbackLayer:
         return f"rule={self.rule.name}{rank}" + (f", {options}" if options else "")
 
 
-class LDFALinear(FeedbackLayer, nn.Linear):
+class LinearShape:
+    """A feedback layer's sizes and repr in ``nn.Linear`` terms (mixed into every kind)."""
+
+    fan_in = property(lambda self: self.in_features)
+    fan_out = property(lambda self: self.out_features)
+    patch_size = property(lambda self: self.in_features)
+    kernel = property(lambda self: ())
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, {self.feedback_repr()}"
+
+
+class ConvShape:
+    """A feedback layer's sizes and repr in ``nn.Conv2d`` terms (mixed into every kind)."""
+
+    fan_in = property(lambda self: self.in_channels)
+    fan_out = property(lambda self: self.out_channels)
+    patch_size = property(lambda self: self.in_channels * self.kernel_size[0] * self.kernel_size[1])
+    kernel = property(lambda self: tuple(self.kernel_size))
+
+    def extra_repr(self) -> str:
+        return f"{nn.Conv2d.extra_repr(self)}, {self.feedback_repr()}"
+
+
+class LDFALinear(LinearShape, FeedbackLayer, nn.Linear):
     """``nn.Linear`` trained by a feedback rule. ``rule`` is a name from
     ``ldfa_cli.feedback.RULES`` (or a Rule), ``rank`` an int, a fraction of the output
     width, or None for full rank; further keywords are the rule's options."""
@@ -196,17 +223,6 @@ class LDFALinear(FeedbackLayer, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self.ops = LinearOps()
         self._setup_feedback(rule, rank, name, options)
-
-    fan_in = property(lambda self: self.in_features)
-    fan_out = property(lambda self: self.out_features)
-    patch_size = property(lambda self: self.in_features)
-    kernel = property(lambda self: ())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._feedback_forward(x)
-
-    def extra_repr(self) -> str:
-        return f"{nn.Linear.extra_repr(self)}, {self.feedback_repr()}"
 
 
 def conv_padding(conv: nn.Conv2d, name: str) -> tuple[int, int]:
@@ -238,7 +254,7 @@ def conv_padding(conv: nn.Conv2d, name: str) -> tuple[int, int]:
     return tuple(conv.padding)
 
 
-class LDFAConv2d(FeedbackLayer, nn.Conv2d):
+class LDFAConv2d(ConvShape, FeedbackLayer, nn.Conv2d):
     """``nn.Conv2d`` trained by a feedback rule. P acts as a 1x1 conv (m -> r channels at
     every pixel), Q as a kxk transposed conv (r -> n) with the layer's stride, padding and
     dilation, so QP has the shape of the W^T that the conv's backward would apply."""
@@ -279,14 +295,3 @@ class LDFAConv2d(FeedbackLayer, nn.Conv2d):
         padding_ints = conv_padding(self, name or type(self).__name__)
         self.ops = ConvOps(tuple(self.stride), padding_ints, tuple(self.dilation))
         self._setup_feedback(rule, rank, name, options)
-
-    fan_in = property(lambda self: self.in_channels)
-    fan_out = property(lambda self: self.out_channels)
-    patch_size = property(lambda self: self.in_channels * self.kernel_size[0] * self.kernel_size[1])
-    kernel = property(lambda self: tuple(self.kernel_size))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._feedback_forward(x)
-
-    def extra_repr(self) -> str:
-        return f"{nn.Conv2d.extra_repr(self)}, {self.feedback_repr()}"

@@ -62,7 +62,15 @@ from torch import Tensor, nn
 from . import accounting
 from .base import FeedbackConfigError, check, register, resolve_rank
 from .broadcast import DirectFeedbackAlignment
-from .layers import FeedbackLayer, LDFAConv2d, LDFALinear, _reference, conv_padding
+from .layers import (
+    ConvShape,
+    FeedbackLayer,
+    LDFAConv2d,
+    LDFALinear,
+    LinearShape,
+    _reference,
+    conv_padding,
+)
 from .ops import ConvOps, LinearOps
 
 _PIXELWISE = ConvOps((1, 1), (0, 0), (1, 1))  # U: a 1x1 conv at every output pixel
@@ -250,25 +258,17 @@ class SVDLayer(FeedbackLayer):
         rows = (self.svd_U * self.svd_s) @ self.svd_V.t()
         return rows.reshape(self.fan_out, self.fan_in, *self.kernel)
 
-    def _plain_forward(self, x: Tensor) -> Tensor:
-        return self.geometry.forward(x, self.svd_U, self.svd_s, self.svd_V, self.bias)[0]
-
-    def forward(self, x: Tensor) -> Tensor:
-        counting = accounting.ACTIVE
-        if counting:
-            previous = accounting.enter(self.layer_name, "forward")
+    def _forward_routed(self, x: Tensor) -> Tensor:
+        """The SVD Function even for a first layer (the factors learn from the projected
+        error); plain autograd through the factors for the backprop reference."""
         if _reference["bp"] or not torch.is_grad_enabled():
-            out = self._plain_forward(x)  # backprop through the factors: the reference
-        else:
-            function = _FUNCTIONS.get(x.device.type, _FUNCTIONS["cpu"])
-            out = function.apply(x, self.svd_U, self.svd_s, self.svd_V, self.bias, self.rule,
-                                 self.geometry, *self.rule.feedback_tensors(self))  # fmt: skip
-        if counting:
-            accounting.leave(previous)
-        return out
+            return self.geometry.forward(x, self.svd_U, self.svd_s, self.svd_V, self.bias)[0]
+        function = _FUNCTIONS.get(x.device.type, _FUNCTIONS["cpu"])
+        return function.apply(x, self.svd_U, self.svd_s, self.svd_V, self.bias, self.rule,
+                              self.geometry, *self.rule.feedback_tensors(self))  # fmt: skip
 
 
-class SVDLinear(SVDLayer, nn.Linear):
+class SVDLinear(LinearShape, SVDLayer, nn.Linear):
     """An ``nn.Linear`` held in SVD form (see the module docstring)."""
 
     channel_dim: ClassVar[int] = -1
@@ -280,14 +280,6 @@ class SVDLinear(SVDLayer, nn.Linear):
         self._setup_svd(linear.weight, linear.bias, rule, rank, name)
         self.train(linear.training)
 
-    fan_in = property(lambda self: self.in_features)
-    fan_out = property(lambda self: self.out_features)
-    patch_size = property(lambda self: self.in_features)
-    kernel = property(lambda self: ())
-
-    def extra_repr(self) -> str:
-        return f"{nn.Linear.extra_repr(self)}, {self.feedback_repr()}"
-
     def dense_twin(self) -> nn.Module:
         """The dense layer this one replaces (rule bp, W = U diag(s) V^T): for references."""
         twin = LDFALinear(self.in_features, self.out_features, self.bias is not None,
@@ -295,7 +287,7 @@ class SVDLinear(SVDLayer, nn.Linear):
         return _fill_twin(twin, self)
 
 
-class SVDConv2d(SVDLayer, nn.Conv2d):
+class SVDConv2d(ConvShape, SVDLayer, nn.Conv2d):
     """An ``nn.Conv2d`` held in SVD form: a kh x kw conv to k channels, then a 1x1 conv."""
 
     channel_dim: ClassVar[int] = 1
@@ -312,14 +304,6 @@ class SVDConv2d(SVDLayer, nn.Conv2d):
         self.ops_u = _PIXELWISE
         self._setup_svd(conv.weight, conv.bias, rule, rank, name)
         self.train(conv.training)
-
-    fan_in = property(lambda self: self.in_channels)
-    fan_out = property(lambda self: self.out_channels)
-    patch_size = property(lambda self: self.in_channels * self.kernel_size[0] * self.kernel_size[1])
-    kernel = property(lambda self: tuple(self.kernel_size))
-
-    def extra_repr(self) -> str:
-        return f"{nn.Conv2d.extra_repr(self)}, {self.feedback_repr()}"
 
     def dense_twin(self) -> nn.Module:
         """The dense layer this one replaces (rule bp, W = U diag(s) V^T): for references."""
