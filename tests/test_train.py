@@ -1,7 +1,9 @@
 """ldfa train / eval end to end on tiny overrides, resume, run folders, failures."""
 
 import json
+import os
 import pickle
+import signal
 
 import numpy as np
 import pytest
@@ -215,25 +217,64 @@ def test_bf16_and_compile_recipe_options_train(capsys, tmp_path):
     assert 0.0 <= final["acc"] <= 1.0 and final["loss"] == final["loss"]  # finite, not NaN
 
 
-def test_interrupt_during_evaluation_is_evaluated_again_on_resume(capsys, tmp_path, monkeypatch):
+def _ctrl_c_during(monkeypatch, name, call):
+    """Send this process a real SIGINT while the loop's ``name`` runs for the call-th time."""
     import ldfa_cli.engine.loop as loop
 
-    recipe = write_recipe(tmp_path / "r.yaml", *FAMILIES["mlp"], train={"epochs": 2})
-    run = tmp_path / "run"
-    real = loop.evaluate
-    calls = {"n": 0}
+    real, calls = getattr(loop, name), {"n": 0}
 
-    def interrupted(*args, **kwargs):
+    def pressed(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
+        if calls["n"] == call:
+            os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "evaluate", interrupted)
+    monkeypatch.setattr(loop, name, pressed)
+    return lambda: monkeypatch.setattr(loop, name, real)
+
+
+@pytest.mark.parametrize("where, call, stopped_at", [
+    ("backward_with_rules", 3, (0, 3, 3)),  # mid-epoch: the step finishes, then the stop
+    ("evaluate", 1, (1, 0, 4)),  # at the epoch's end: the evaluation and the epoch count
+])  # fmt: skip
+def test_ctrl_c_stops_at_a_step_boundary_and_resume_equals_an_unbroken_run(
+    capsys, tmp_path, monkeypatch, where, call, stopped_at
+):
+    recipe = write_recipe(tmp_path / "r.yaml", *FAMILIES["mlp"],
+                          train={"epochs": 2, "deterministic": True, "log_every": 1})  # fmt: skip
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run_cli(capsys, "train", recipe, "--out", whole, "--device", "cpu")[0] == 0
+    restore = _ctrl_c_during(monkeypatch, where, call)
+    code, _, err = run_cli(capsys, "train", recipe, "--out", broken, "--device", "cpu")
+    assert code == 130 and f"--resume {broken}" in err
+    progress = torch.load(broken / "checkpoints" / "last.pt", weights_only=True)["progress"]
+    assert (progress["epoch"], progress["batch_in_epoch"], progress["step"]) == stopped_at
+    restore()
+    assert run_cli(capsys, "train", "--resume", broken, "--device", "cpu")[0] == 0
+
+    def events(run):
+        return [(e["event"], e["step"], e["loss"]) for e in read_metrics(run / "metrics.jsonl")]
+
+    assert events(broken) == events(whole)  # no event lost or repeated, the same losses
+
+
+def test_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(capsys, tmp_path, monkeypatch):
+    recipe = write_recipe(tmp_path / "r.yaml", *FAMILIES["mlp"], train={"epochs": 2})
+    run = tmp_path / "run"
+    import ldfa_cli.engine.loop as loop
+
+    real, calls = loop.backward_with_rules, {"n": 0}
+
+    def pressed_twice_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 2, after epoch 1's checkpoint
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "backward_with_rules", pressed_twice_in_epoch_two)
     code, _, err = run_cli(capsys, "train", recipe, "--out", run, "--device", "cpu")
-    assert code == 130 and "--resume" in err
-    saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]
-    assert (saved["epoch"], saved["batch_in_epoch"]) == (0, 4)  # trained, not yet evaluated
-    assert run_cli(capsys, "train", "--resume", run, "--device", "cpu")[0] == 0
-    evals = [e["epoch"] for e in read_metrics(run / "metrics.jsonl") if e["event"] == "eval"]
-    assert evals == [1.0, 2.0]
+    assert code == 130 and "stopped at once" in err
+    progress = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]
+    assert (progress["epoch"], progress["batch_in_epoch"], progress["step"]) == (1, 0, 4)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored

@@ -36,6 +36,7 @@ from . import distributed
 from .build import build_network, parameter_counts, pick_device, set_deterministic
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import evaluate
+from .interrupt import GracefulStop, StopRequested
 from .metrics import MetricsLog
 from .optim import make_optimizer, make_schedule, reapply_hyperparameters
 from .run_dir import describe_device, write_run_files
@@ -306,14 +307,23 @@ def train(
     last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, state.epoch + stop_after)
     bar = _progress_bar(console, world.main)
     stopped_early = last_epoch < cfg.epochs
+    ctrl_c = GracefulStop()
+
+    def stop_here(requested_on_every_rank: bool = False) -> None:
+        """Stop at this step boundary if Ctrl-C was pressed. Under torchrun the ranks agree
+        only where they sum their logs (every log_every steps), so that all stop together."""
+        if requested_on_every_rank or (ctrl_c.requested and not world.distributed):
+            raise StopRequested
+
     try:
-        with bar:
+        with bar, ctrl_c:
             task = bar.add_task("", total=steps_per_epoch, stats="")
             while state.epoch < last_epoch:
                 epoch = state.epoch
                 bar.update(task, description=f"epoch {epoch + 1}/{cfg.epochs}",
                            completed=state.batch_in_epoch)  # fmt: skip
-                window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, hits, n
+                # loss sum, hits, images, Ctrl-C pressed: summed over ranks at each log
+                window = torch.zeros(4, dtype=torch.float64, device=device)
                 window_start, window_images = time.perf_counter(), 0
                 batches = data.train_batches(epoch, cfg.batch_size, cfg.seed, world.rank,
                                              world.size, start=state.batch_in_epoch)  # fmt: skip
@@ -331,7 +341,9 @@ def train(
                     if every_steps and state.step % every_steps == 0 and not end_of_epoch:
                         last_eval = evaluate_and_log()
                     if state.step % cfg.log_every and not end_of_epoch:
+                        stop_here()
                         continue
+                    window[3] = float(ctrl_c.requested)
                     totals = distributed.sum_across(world, window.clone())
                     mean_loss = float(totals[0] / totals[2].clamp_min(1))
                     if not math.isfinite(mean_loss):
@@ -361,19 +373,27 @@ def train(
                                            f"{rate:,.0f} img/s")  # fmt: skip
                     window.zero_()
                     window_start, window_images = time.perf_counter(), 0
-                # Evaluate before the epoch counts as done: a Ctrl-C during the evaluation
-                # then saves a state whose resume evaluates this epoch again.
+                    stop_here(requested_on_every_rank=bool(totals[3] > 0))
+                # Evaluate before the epoch counts as done, so that a stop before this point
+                # resumes into this evaluation and a stop after it does not repeat it.
                 if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                     last_eval = evaluate_and_log()
                 state.epoch, state.batch_in_epoch = epoch + 1, 0
                 state.elapsed_s = time.perf_counter() - start_time
                 checkpoint("last.pt")
-    except KeyboardInterrupt:
+                if state.epoch < last_epoch:  # a Ctrl-C after the last epoch changes nothing
+                    stop_here()  # (under torchrun the epoch's last log already agreed)
+    except StopRequested:
         state.elapsed_s = time.perf_counter() - start_time
         checkpoint("last.pt")
         if world.main:
             console.print(f"interrupted: checkpoint written at step {state.step}; continue with "
                           f"--resume {run_dir}")  # fmt: skip
+        raise
+    except KeyboardInterrupt:
+        if world.main:
+            console.print("stopped at once (second Ctrl-C): nothing written since the last "
+                          f"checkpoint; --resume {run_dir} continues from it")  # fmt: skip
         raise
     finally:
         if metrics is not None:
