@@ -39,10 +39,16 @@ def _losses(run):
     return [(e["event"], e["step"], e["loss"]) for e in read_metrics(run / "metrics.jsonl")]
 
 
-@pytest.mark.parametrize("feedback", [{"rule": "bp"}, {"rule": "ldfa", "rank": 4}])
+@pytest.mark.parametrize("feedback", [
+    {"rule": "bp"},
+    {"rule": "ldfa", "rank": 4},
+    {"rule": "dfa"},
+    {"rule": "svd_dfa", "rank": 8, "options": {"align": 0}},  # + its orthogonality loss
+])  # fmt: skip
 def test_torchrun_matches_single_process(capsys, tmp_path, feedback):
-    """bp and normative LDFA depend on the batch only through the mean loss, so two ranks
-    each taking half of every global batch reproduce the single-process run."""
+    """These rules depend on the batch only through the mean loss (svd_dfa's orthogonality
+    term not at all), so two ranks each taking half of every global batch reproduce the
+    single-process run."""
     recipe = _recipe(tmp_path / "r.yaml", feedback)
     assert run_cli(capsys, "train", recipe, "--out", tmp_path / "one", "--device", "cpu")[0] == 0
     _torchrun(recipe, tmp_path / "two")
@@ -52,12 +58,17 @@ def test_torchrun_matches_single_process(capsys, tmp_path, feedback):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
 
 
-def test_torchrun_local_rule_first_step_equal_then_close(capsys, tmp_path):
-    """Oja's update uses each rank's own centred covariance and gamma, and DDP averages the
-    resulting P.grad (see README, 'Distributed'): the first step, made before P moves, is
-    the single-process step; later ones stay close but need not be equal."""
-    recipe = _recipe(tmp_path / "r.yaml", {"rule": "ldfa_local", "rank": 4,
-                                           "options": {"learn_q": True}})  # fmt: skip
+@pytest.mark.parametrize("feedback", [
+    {"rule": "ldfa_local", "rank": 4, "options": {"learn_q": True}},
+    {"rule": "dldfa", "rank": 4},
+    {"rule": "svd_dfa", "rank": 8},
+])  # fmt: skip
+def test_torchrun_per_batch_rules_first_step_equal_then_close(capsys, tmp_path, feedback):
+    """Oja's update uses each rank's own centred covariance and gamma, and svd_dfa's
+    alignment term each rank's own ||g||^2; DDP averages the resulting gradients (see README,
+    'Distributed'): the first step is the single-process step; later ones stay close but
+    need not be equal."""
+    recipe = _recipe(tmp_path / "r.yaml", feedback)
     assert run_cli(capsys, "train", recipe, "--out", tmp_path / "one", "--device", "cpu")[0] == 0
     _torchrun(recipe, tmp_path / "two")
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
