@@ -2,6 +2,8 @@
 phase; compute-to-target on hand-written metrics; bench, sweep and plot end to end."""
 
 import json
+import os
+import signal
 
 import pytest
 import timm
@@ -201,6 +203,27 @@ def test_sweep_print_and_run_then_flops_reads_the_folder(capsys, tmp_path):
     code, _, err = run_cli(capsys, "plot", *folders, "--x", "flops", "--out", tmp_path / "c.png")
     assert code == 0, err
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_ctrl_c_in_a_sweep_exits_130_and_the_same_command_resumes(capsys, tmp_path, monkeypatch):
+    import ldfa_cli.engine.loop as loop
+
+    real, calls = loop.backward_with_rules, {"n": 0}
+
+    def pressed_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "backward_with_rules", pressed_once)
+    recipe = _tiny_recipe(tmp_path / "r.yaml")
+    command = ["sweep", recipe, "feedback.rank=2,4", "--out", tmp_path / "s", "--device", "cpu"]
+    code, _, err = run_cli(capsys, *command)
+    assert code == 130 and "sweep interrupted at rank=2" in err
+    assert not (tmp_path / "s" / "rank=4").exists()
+    code, _, err = run_cli(capsys, *command)
+    assert code == 0 and "rank=2: resuming" in err and "rank=4: training" in err
 
 
 def test_bench_on_a_tiny_model(capsys, tmp_path):

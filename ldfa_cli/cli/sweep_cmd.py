@@ -97,5 +97,9 @@ def sweep(
             prepare_run_dir(run_dir, overwrite=True)
         console.print(f"[{i}/{len(points)}] {name}: {'resuming' if resume else 'training'}"
                       f" into {run_dir}")  # fmt: skip
-        run(config, run_dir, device, resume=resume, console=console, recipe_name=path.stem)
+        try:
+            run(config, run_dir, device, resume=resume, console=console, recipe_name=path.stem)
+        except KeyboardInterrupt:
+            console.print(f"sweep interrupted at {name}: the same command resumes it")
+            raise typer.Exit(code=130) from None
     console.print(f"sweep done: ldfa flops {out}/* --plot {out}/compute.png")
