@@ -1,7 +1,10 @@
-"""Run the ldfa command in-process (fast) with its real error mapping and exit codes."""
+"""Run the ldfa command in-process (fast) with its real error mapping and exit codes; press
+Ctrl-C inside it."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 from ldfa_cli.cli.app import app
@@ -21,3 +24,21 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
         sys.argv = argv
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def press_ctrl_c_during(monkeypatch, name: str, call: int, presses: int = 1):
+    """Send this process ``presses`` real SIGINTs while the training loop's ``name`` (a
+    function it imports, e.g. ``evaluate``) runs for the call-th time. Returns an undo."""
+    import ldfa_cli.engine.loop as loop
+
+    real, calls = getattr(loop, name), {"n": 0}
+
+    def pressed(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, name, pressed)
+    return lambda: monkeypatch.setattr(loop, name, real)

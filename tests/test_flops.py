@@ -2,8 +2,6 @@
 phase; compute-to-target on hand-written metrics; bench, sweep and plot end to end."""
 
 import json
-import os
-import signal
 
 import pytest
 import timm
@@ -16,7 +14,7 @@ from ldfa_cli.analysis.flops import PHASES, analytic_flops, count_training_step,
 from ldfa_cli.config import validate
 from ldfa_cli.feedback import convert, feedback_layers
 from ldfa_cli.models import InputShape, build_model
-from tests.helpers import run_cli
+from tests.helpers import press_ctrl_c_during, run_cli
 
 SHAPE = InputShape(channels=3, size=16, classes=10)
 
@@ -206,17 +204,7 @@ def test_sweep_print_and_run_then_flops_reads_the_folder(capsys, tmp_path):
 
 
 def test_ctrl_c_in_a_sweep_exits_130_and_the_same_command_resumes(capsys, tmp_path, monkeypatch):
-    import ldfa_cli.engine.loop as loop
-
-    real, calls = loop.backward_with_rules, {"n": 0}
-
-    def pressed_once(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "backward_with_rules", pressed_once)
+    press_ctrl_c_during(monkeypatch, "backward_with_rules", 1)
     recipe = _tiny_recipe(tmp_path / "r.yaml")
     command = ["sweep", recipe, "feedback.rank=2,4", "--out", tmp_path / "s", "--device", "cpu"]
     code, _, err = run_cli(capsys, *command)

@@ -1,7 +1,6 @@
 """ldfa train / eval end to end on tiny overrides, resume, run folders, failures."""
 
 import json
-import os
 import pickle
 import signal
 
@@ -11,7 +10,7 @@ import torch
 import yaml
 
 from ldfa_cli.engine.metrics import read_metrics
-from tests.helpers import run_cli
+from tests.helpers import press_ctrl_c_during, run_cli
 
 TINY_TRAIN = {"epochs": 1, "batch_size": 32, "log_every": 2, "eval_batch_size": 128}
 FAMILIES = {
@@ -217,22 +216,6 @@ def test_bf16_and_compile_recipe_options_train(capsys, tmp_path):
     assert 0.0 <= final["acc"] <= 1.0 and final["loss"] == final["loss"]  # finite, not NaN
 
 
-def _ctrl_c_during(monkeypatch, name, call):
-    """Send this process a real SIGINT while the loop's ``name`` runs for the call-th time."""
-    import ldfa_cli.engine.loop as loop
-
-    real, calls = getattr(loop, name), {"n": 0}
-
-    def pressed(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == call:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, name, pressed)
-    return lambda: monkeypatch.setattr(loop, name, real)
-
-
 @pytest.mark.parametrize("where, call, stopped_at", [
     ("backward_with_rules", 3, (0, 3, 3)),  # mid-epoch: the step finishes, then the stop
     ("evaluate", 1, (1, 0, 4)),  # at the epoch's end: the evaluation and the epoch count
@@ -244,7 +227,7 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resume_equals_an_unbroken_run(
                           train={"epochs": 2, "deterministic": True, "log_every": 1})  # fmt: skip
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert run_cli(capsys, "train", recipe, "--out", whole, "--device", "cpu")[0] == 0
-    restore = _ctrl_c_during(monkeypatch, where, call)
+    restore = press_ctrl_c_during(monkeypatch, where, call)
     code, _, err = run_cli(capsys, "train", recipe, "--out", broken, "--device", "cpu")
     assert code == 130 and f"--resume {broken}" in err
     progress = torch.load(broken / "checkpoints" / "last.pt", weights_only=True)["progress"]
@@ -261,18 +244,7 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resume_equals_an_unbroken_run(
 def test_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(capsys, tmp_path, monkeypatch):
     recipe = write_recipe(tmp_path / "r.yaml", *FAMILIES["mlp"], train={"epochs": 2})
     run = tmp_path / "run"
-    import ldfa_cli.engine.loop as loop
-
-    real, calls = loop.backward_with_rules, {"n": 0}
-
-    def pressed_twice_in_epoch_two(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:  # epoch 2, after epoch 1's checkpoint
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "backward_with_rules", pressed_twice_in_epoch_two)
+    press_ctrl_c_during(monkeypatch, "backward_with_rules", 6, presses=2)  # epoch 2's 2nd step
     code, _, err = run_cli(capsys, "train", recipe, "--out", run, "--device", "cpu")
     assert code == 130 and "stopped at once" in err
     progress = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]
