@@ -98,11 +98,6 @@ def _swap(module: nn.Module, name: str, rule: Rule, rank) -> FeedbackLayer:
     return new
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def convert(
     model: nn.Module,
     rule: str | Rule,
@@ -158,7 +153,7 @@ def convert(
         layer_rule = rules[name] if broadcast else base_rule
         if uses_targets and i != len(chosen) - 1:
             layer_rule = make_rule(base_rule, use_targets=False)
-        _set_submodule(model, name, _swap(module, name, layer_rule, _rank_for(name, rank, ranks)))
+        model.set_submodule(name, _swap(module, name, layer_rule, _rank_for(name, rank, ranks)))
     if broadcast:  # after the swap: the source may itself have been swapped
         next(iter(rules.values())).channel.attach(model.get_submodule(source))
     return model

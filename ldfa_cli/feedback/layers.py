@@ -102,13 +102,18 @@ def _make_feedback_function(device_type: str) -> type[torch.autograd.Function]:
     return FeedbackFunction
 
 
-# Built once at import: torch.compile traces a lookup, not a class definition.
-_FUNCTIONS = {d: _make_feedback_function(d) for d in ("cpu", "cuda", "mps", "xpu")}
+def per_device(make):
+    """``make(device_type)`` for every device type, built once at import (torch.compile
+    traces a lookup, not a class definition); returns the lookup (other types: cpu's)."""
+    table = {d: make(d) for d in ("cpu", "cuda", "mps", "xpu")}
+
+    def for_device(device_type: str) -> type[torch.autograd.Function]:
+        return table.get(device_type, table["cpu"])
+
+    return for_device
 
 
-def feedback_function(device_type: str) -> type[torch.autograd.Function]:
-    """The layers' autograd Function for tensors on ``device_type``."""
-    return _FUNCTIONS.get(device_type, _FUNCTIONS["cpu"])
+feedback_function = per_device(_make_feedback_function)  # the layers' autograd Function
 
 
 class FeedbackLayer:

@@ -70,6 +70,7 @@ from .layers import (
     LinearShape,
     _reference,
     conv_padding,
+    per_device,
 )
 from .ops import ConvOps, LinearOps
 
@@ -222,7 +223,7 @@ def _make_svd_function(device_type: str) -> type[torch.autograd.Function]:
     return SVDFeedbackFunction
 
 
-_FUNCTIONS = {d: _make_svd_function(d) for d in ("cpu", "cuda", "mps", "xpu")}
+svd_function = per_device(_make_svd_function)
 
 
 class SVDLayer(FeedbackLayer):
@@ -263,7 +264,7 @@ class SVDLayer(FeedbackLayer):
         error); plain autograd through the factors for the backprop reference."""
         if _reference["bp"] or not torch.is_grad_enabled():
             return self.geometry.forward(x, self.svd_U, self.svd_s, self.svd_V, self.bias)[0]
-        function = _FUNCTIONS.get(x.device.type, _FUNCTIONS["cpu"])
+        function = svd_function(x.device.type)
         return function.apply(x, self.svd_U, self.svd_s, self.svd_V, self.bias, self.rule,
                               self.geometry, *self.rule.feedback_tensors(self))  # fmt: skip
 
