@@ -45,8 +45,9 @@ def rf(
     if method not in ("gradient", "maximize"):
         raise ConfigError(f"--method must be gradient or maximize, got '{method}'")
     results, rows = [], []
+    on = pick_device(device)
     for run in runs:
-        _, _, recipe, model = load_trained(run, checkpoint, pick_device(device))
+        _, _, recipe, model = load_trained(run, checkpoint, on)
         channels, size, _ = dataset_shape(recipe.data)
         shape = (channels, size, size)
         name = layer or default_layer(model)
