@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldfa_cli.feedback import (
@@ -42,11 +43,43 @@ PHASES = ("forward", "input_grad", "broadcast", "weight_grad", "feedback_update"
 ALL_PHASES = (*PHASES, "backward")
 
 
+def _attention_forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """scores = q k^T, then scores v: b h s_q s_k (d_q + d_v) multiply-adds."""
+    *batch, s_q, d_q = query
+    return 2 * math.prod(batch) * s_q * key[-2] * (d_q + value[-1])
+
+
+def _attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """The scores recomputed (d_q), grad of the scores and of v (2 d_v), of q and k (2 d_q)."""
+    *batch, s_q, d_q = query
+    return 2 * math.prod(batch) * s_q * key[-2] * (3 * d_q + 2 * value[-1])
+
+
+def attention_formulas() -> dict:
+    """FLOP formulas (shapes in, FLOPs out) for attention kernels PyTorch's counter lacks.
+
+    ``F.scaled_dot_product_attention`` runs a different aten kernel per device and version;
+    on CPU in torch 2.14 it is ``_scaled_dot_product_flash_attention_for_cpu``, which
+    FlopCounterMode's table leaves out, so attention counted 0. Kernels the table already
+    has keep PyTorch's own formula (the same products as these)."""
+    aten = torch.ops.aten
+    formulas = {}
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _attention_forward),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _attention_backward),
+    ):
+        op = getattr(aten, name, None)
+        if op is not None and op not in flop_counter.flop_registry:
+            formulas[op] = formula
+    return formulas
+
+
 class PhaseFlopCounter(FlopCounterMode):
-    """FlopCounterMode that also keeps ``counts[(layer, phase)]``."""
+    """FlopCounterMode (with :func:`attention_formulas`) that also keeps
+    ``counts[(layer, phase)]``."""
 
     def __init__(self):
-        super().__init__(display=False)
+        super().__init__(display=False, custom_mapping=attention_formulas())
         self.counts: dict[tuple[str, str], int] = defaultdict(int)
 
     def __enter__(self):
@@ -209,9 +242,15 @@ def _svd_flops(layer, T: int, counts: dict, broadcast: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- fvcore
-def fvcore_forward(model: nn.Module, x) -> tuple[float | None, str]:
-    """fvcore's forward count in multiply-adds, with handles for SDPA and the feedback
-    Function (which it would otherwise count as 0); (None, reason) if it cannot trace."""
+FVCORE_HANDLES = ("feedback", "attention")
+
+
+def fvcore_forward(
+    model: nn.Module, x, handles: tuple[str, ...] = FVCORE_HANDLES
+) -> tuple[float | None, str]:
+    """fvcore's forward count in multiply-adds, with ``handles`` for the feedback Function
+    and SDPA (either of which it would otherwise count as 0); (None, reason) if it cannot
+    trace."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fvcore's import uses deprecated torch.jit calls
@@ -233,9 +272,11 @@ def fvcore_forward(model: nn.Module, x) -> tuple[float | None, str]:
         return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
     analysis = FlopCountAnalysis(model, (x,))
-    for device in ("cpu", "cuda", "mps", "xpu"):
-        analysis.set_op_handle(f"prim::PythonOp.FeedbackFunction_{device}", feedback_handle)
-    analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_handle)
+    if "feedback" in handles:
+        for device in ("cpu", "cuda", "mps", "xpu"):
+            analysis.set_op_handle(f"prim::PythonOp.FeedbackFunction_{device}", feedback_handle)
+    if "attention" in handles:
+        analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_handle)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     try:
         with warnings.catch_warnings():
