@@ -42,3 +42,17 @@ def press_ctrl_c_during(monkeypatch, name: str, call: int, presses: int = 1):
 
     monkeypatch.setattr(loop, name, pressed)
     return lambda: monkeypatch.setattr(loop, name, real)
+
+
+def recipe_layers(recipe_spec, overrides=()) -> dict[str, str]:
+    """{layer name: conversion note} of every Linear/Conv layer of a recipe's model as the
+    recipe converts it, so that tests name layers as the installed timm does."""
+    import torch
+
+    from ldfa_cli.config import load_recipe
+    from ldfa_cli.engine.build import shaped_network
+    from ldfa_cli.feedback import conversion_report
+
+    recipe, _ = load_recipe(str(recipe_spec), list(overrides))
+    model = shaped_network(recipe, torch.device("cpu"))
+    return {row.name: row.note for row in conversion_report(model).rows}

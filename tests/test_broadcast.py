@@ -67,17 +67,18 @@ def test_penultimate_broadcast_trains_the_last_layer_normally():
 
 
 class _WeightWatch(TorchDispatchMode):
-    """Records every op that reads one of the given tensors' storage."""
+    """Records, for every op that reads one of the given tensors' storage, which tensor
+    (its index) and the op."""
 
     def __init__(self, tensors):
         super().__init__()
-        self.pointers = {t.untyped_storage().data_ptr() for t in tensors}
+        self.index = {t.untyped_storage().data_ptr(): i for i, t in enumerate(tensors)}
         self.hits = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        flat = [a for a in args if isinstance(a, torch.Tensor)]
-        if any(a.untyped_storage().data_ptr() in self.pointers for a in flat):
-            self.hits.append(str(func))
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in self.index:
+                self.hits.append((self.index[a.untyped_storage().data_ptr()], str(func)))
         return func(*args, **(kwargs or {}))
 
 
@@ -95,7 +96,8 @@ def test_no_weight_is_touched_in_the_backward(rule):
     loss = plain(x).pow(2).sum()
     with _WeightWatch([plain[2].weight, plain[4].weight]) as watch:
         loss.backward()
-    assert watch.hits.count("aten.mm.default") == 2  # g @ W for each of the two layers
+    # (whichever aten op a torch version computes g @ W with)
+    assert {index for index, _ in watch.hits} == {0, 1}
 
 
 def _vgg_like():
