@@ -87,6 +87,20 @@ def test_missing_recipe_file(capsys, tmp_path):
     assert code == 2 and "invalid YAML at line" in err
 
 
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n# and another\n", "---\n"])
+@pytest.mark.parametrize("command", ["train", "validate"])
+def test_empty_recipe_is_refused_naming_the_file(capsys, tmp_path, command, text):
+    """An empty or comment-only recipe would otherwise train the schema's defaults."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(text)
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, command, empty, *(["--out", out] if command == "train" else []))
+    line = err.strip()
+    assert code == 2 and "\n" not in line and "Traceback" not in line
+    assert str(empty) in line and "empty" in line
+    assert not out.exists()
+
+
 def test_print_config_is_the_resolved_recipe(capsys):
     code, out, _ = run_cli(capsys, "train", "quickstart", "train.epochs=3", "--print-config")
     assert code == 0 and "epochs: 3" in out and "label_smoothing: 0.0" in out

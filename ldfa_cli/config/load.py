@@ -36,15 +36,22 @@ def find_recipe(spec: str) -> Path:
 
 
 def read_yaml(path: Path) -> dict:
+    """A recipe file's sections. An empty file (or one holding only comments) is refused:
+    validating it would silently train the schema's defaults."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); give a YAML recipe") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(error, "problem", None) or "cannot be parsed"
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     if data is None:
-        return {}
+        raise ConfigError(
+            f"{path}: the recipe is empty (no sections, only comments or blank lines); write "
+            "at least 'model', or copy a shipped recipe ('ldfa recipes' lists them)"
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}"
