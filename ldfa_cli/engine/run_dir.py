@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ldfa_cli.config import to_yaml
 from ldfa_cli.errors import ConfigError
+from ldfa_cli.lock import environment_report
 
 from .checkpoint import atomic_write_text
 
@@ -55,11 +56,13 @@ def write_run_files(
     """config.yaml (the resolved recipe) and env.json; a resume adds its own entry to
     env.json's ``resumes`` and rewrites config.yaml with any overrides it was given."""
     atomic_write_text(path / "config.yaml", to_yaml(recipe))
+    stack = environment_report()  # exact versions, and whether they match the lock
     env = {
         "recipe": recipe_name,
         "argv": sys.argv,
-        "python": platform.python_version(),
-        "versions": {p: _version(p) for p in ("ldfa-cli", "torch", "torchvision", "timm")},
+        "python": stack["python"],
+        "versions": {"ldfa-cli": _version("ldfa-cli"), **stack["versions"]},
+        "lock": stack["lock"],
         "device": device,
         "world_size": world_size,
         "host": socket.gethostname(),
