@@ -75,8 +75,15 @@ def test_backprop_reference_counts_what_autograd_counts(family):
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     with FlopCounterMode(display=False) as counter:
         nn.functional.cross_entropy(plain(x), y).backward()
+    plain.zero_grad(set_to_none=True)  # (accumulating into .grad would add elementwise work)
+    with PhaseFlopCounter() as ours:  # the same step, elementwise work charged as well
+        nn.functional.cross_entropy(plain(x), y).backward()
     converted = convert(plain, "bp", example_input=x)
-    assert flops_report(converted, x, y).reference.total == counter.get_total_flops()
+    reference = flops_report(converted, x, y).reference
+    assert reference.products == counter.get_total_flops()
+    assert reference.elementwise == {
+        p: ours.counts[("(elementwise)", p)] for p in ("forward", "backward")
+    }
 
 
 def test_low_rank_saves_input_gradient_flops_and_interval_amortises():
@@ -159,13 +166,16 @@ def test_attention_is_counted_whatever_kernel_torch_picks():
     def by_hand():
         return (q @ k.transpose(-1, -2) / 2.0).softmax(-1) @ v
 
+    def products(counter):  # the elementwise work (softmax, scaling) is another row
+        return sum(v for (row, _), v in counter.counts.items() if row != "(elementwise)")
+
     counts = {}
     for name, attention in (("fused", fused), ("by_hand", by_hand)):
         with PhaseFlopCounter() as counter:
             out = attention()
-            forward = sum(counter.counts.values())
+            forward = products(counter)
             out.sum().backward()
-        counts[name] = (forward, sum(counter.counts.values()) - forward)
+        counts[name] = (forward, products(counter) - forward)
     scores = 2 * 2 * 3 * 5 * 5 * 4  # q k^T
     assert counts["fused"][0] == counts["by_hand"][0] == 2 * scores
     assert counts["by_hand"][1] <= counts["fused"][1] <= counts["by_hand"][1] + scores
@@ -217,6 +227,9 @@ def test_compute_to_target_on_hand_written_metrics(capsys, tmp_path):
     # common target: 0.9 x BP's mean final 0.9 = 0.81 -> r8 reaches it at eval 4 -> 2 TFLOPs
     assert data["bp_target_acc"] == pytest.approx(0.81)
     assert by_name["r8"]["flops_to_common"] == pytest.approx(2e12)
+    # BP's mean final itself, 0.9: bp0 at eval 3, bp1 at eval 4, r8 at eval 5 (2.5 TFLOPs)
+    assert [by_name[n]["flops_to_bp_final"] for n in ("bp0", "bp1")] == [3e12, 4e12]
+    assert by_name["r8"]["flops_to_bp_final"] == pytest.approx(2.5e12)
     bp_group = next(g for g in data["groups"] if g["rule"] == "bp")
     assert bp_group["seeds"] == 2 and bp_group["flops_to_target"] == 2.5e12
     assert bp_group["flops_to_target_se"] == pytest.approx(0.5e12)
@@ -270,6 +283,23 @@ def test_sweep_print_and_run_then_flops_reads_the_folder(capsys, tmp_path):
     code, _, err = run_cli(capsys, "plot", *folders, "--x", "flops", "--out", tmp_path / "c.png")
     assert code == 0, err
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_sweep_with_jobs_runs_points_in_parallel_processes(capsys, tmp_path):
+    recipe = _tiny_recipe(tmp_path / "r.yaml")
+    command = ["sweep", recipe, "feedback.rank=2,4", "--out", tmp_path / "s", "--device", "cpu",
+               "--jobs", "2"]  # fmt: skip
+    code, _, err = run_cli(capsys, *command)
+    assert code == 0, err
+    for name in ("rank=2", "rank=4"):
+        assert (tmp_path / "s" / name / "checkpoints" / "last.pt").is_file()
+        assert "epoch 2" in (tmp_path / "s" / f"{name}.log").read_text()
+    code, _, err = run_cli(capsys, *command)
+    assert code == 0 and err.count("finished, skipped") == 2
+    code, _, err = run_cli(capsys, "sweep", recipe, "feedback.rank=2,4", "data.dataset=mnist",
+                           f"data.root={tmp_path / 'none'}", "data.download=false",
+                           "--out", tmp_path / "b", "--jobs", "2")  # fmt: skip
+    assert code == 1 and "2 sweep point(s) failed" in " ".join(err.split()) and ".log" in err
 
 
 def test_ctrl_c_in_a_sweep_exits_130_and_the_same_command_resumes(capsys, tmp_path, monkeypatch):

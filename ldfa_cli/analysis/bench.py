@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldfa_cli.engine.build import synthetic_network
-from ldfa_cli.engine.optim import make_optimizer
-from ldfa_cli.feedback import backward_with_rules, feedback_parameters, forward_parameters
+from ldfa_cli.engine.optim import build_optimizers
+from ldfa_cli.feedback import backward_with_rules
 
 from .flops import count_training_step
 
@@ -33,21 +33,14 @@ class Variant:
 
 
 def _stepper(recipe, model: nn.Module, x, y):
-    optimizer = make_optimizer(recipe.optim, forward_parameters(model))
-    fb_params = feedback_parameters(model)
-    fb_optimizer = make_optimizer(recipe.feedback.optimizer, fb_params) if fb_params else None
-
+    optimizers = build_optimizers(recipe, model, steps_per_epoch=1)
     count = [0]
 
     def step() -> None:  # the training loop's step, on a fixed batch
-        optimizer.zero_grad(set_to_none=True)
-        if fb_optimizer is not None:
-            fb_optimizer.zero_grad(set_to_none=True)
+        optimizers.zero_grad()
         backward_with_rules(model, F.cross_entropy(model(x), y), count[0])
         count[0] += 1
-        optimizer.step()
-        if fb_optimizer is not None:
-            fb_optimizer.step()
+        optimizers.step()
 
     return step
 

@@ -1,5 +1,7 @@
 """Compute to accuracy: training FLOPs and wall-clock until a run first reaches a target
-fraction of its final accuracy (the paper's Fig. 3c bottom), grouped over seeds."""
+fraction of its final accuracy (the paper's Fig. 3c bottom), until it reaches that fraction
+of backprop's mean final accuracy, and until it reaches backprop's mean final accuracy
+itself (the authors' second criterion), grouped over seeds."""
 
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ class RunSummary:
     time_to_target: float | None
     flops_to_common: float | None = None
     time_to_common: float | None = None
+    flops_to_bp_final: float | None = None  # first reaching BP's mean final accuracy
+    time_to_bp_final: float | None = None
+    reference: dict | None = None  # the recipe's published top-1 and its source
 
     @property
     def group(self) -> tuple:
@@ -60,20 +65,28 @@ def summarise_run(run_dir: Path, target: float) -> RunSummary:
     env_file = run_dir / "env.json"
     recipe = json.loads(env_file.read_text()).get("recipe", "") if env_file.is_file() else ""
     fb = config["feedback"]
+    reference = config.get("reference")
+    if reference:
+        top1 = reference.get("top1")
+        top1 = 1.0 - reference["top1_error"] if top1 is None else top1
+        reference = {"top1": top1, "sd": reference.get("sd"), "source": reference["source"]}
     return RunSummary(str(run_dir), recipe or config.get("description", "")[:40], fb["rule"],
-                      fb.get("rank"), config["train"]["seed"], final, flops, seconds)  # fmt: skip
+                      fb.get("rank"), config["train"]["seed"], final, flops, seconds,
+                      reference=reference)  # fmt: skip
 
 
 def add_common_target(runs: list[RunSummary], target: float) -> float | None:
-    """With backprop runs among them: every run's cost to reach target x BP's mean final."""
+    """With backprop runs among them: every run's cost to reach target x BP's mean final
+    accuracy, and to reach BP's mean final accuracy itself. Returns the first level."""
     bp = [r.final_acc for r in runs if r.is_bp]
     if not bp:
         return None
-    level = target * sum(bp) / len(bp)
+    bp_final = sum(bp) / len(bp)
     for run in runs:
         evals = [e for e in read_metrics(Path(run.path) / "metrics.jsonl") if e["event"] == "eval"]
-        run.flops_to_common, run.time_to_common = _first_reaching(evals, level)
-    return level
+        run.flops_to_common, run.time_to_common = _first_reaching(evals, target * bp_final)
+        run.flops_to_bp_final, run.time_to_bp_final = _first_reaching(evals, bp_final)
+    return target * bp_final
 
 
 def _mean_se(values: list[float | None]) -> tuple[float | None, float | None, int]:
@@ -101,9 +114,10 @@ def group_runs(runs: list[RunSummary]) -> list[dict]:
     rows = []
     for key in sorted(groups, key=order):
         members = groups[key]
-        row = {"recipe": key[0], "rule": key[1], "rank": key[2], "seeds": len(members)}
+        row = {"recipe": key[0], "rule": key[1], "rank": key[2], "seeds": len(members),
+               "reference": next((m.reference for m in members if m.reference), None)}  # fmt: skip
         for name in ("final_acc", "flops_to_target", "time_to_target", "flops_to_common",
-                     "time_to_common"):  # fmt: skip
+                     "time_to_common", "flops_to_bp_final", "time_to_bp_final"):  # fmt: skip
             mean, se, reached = _mean_se([getattr(m, name) for m in members])
             row[name], row[f"{name}_se"] = mean, se
             if name != "final_acc":

@@ -32,13 +32,21 @@ from ldfa_cli.feedback import (
     accounting,
     backward_with_rules,
     feedback_layers,
+    feedback_parameters,
+    forward_parameters,
     set_feedback_targets,
 )
 from ldfa_cli.feedback.base import Rule, dense_cheaper
 from ldfa_cli.feedback.layers import FeedbackLayer
+from ldfa_cli.feedback.normative import load_svd, normative_layers
 from ldfa_cli.feedback.svd import SVDLayer
 
+from . import costs
+
 PHASES = ("forward", "input_grad", "broadcast", "weight_grad", "feedback_update")
+OMITTED = ("data movement (copies, views, indexing, concatenation, padding), random-number "
+           "generation, bias additions fused into addmm/convolution, the data pipeline and "
+           "evaluation")  # fmt: skip
 # Outside feedback layers the backward is not split: it is filed as "backward".
 ALL_PHASES = (*PHASES, "backward")
 
@@ -74,13 +82,21 @@ def attention_formulas() -> dict:
     return formulas
 
 
+ELEMENTWISE_ROW = "(elementwise)"
+RESET_PHASE = "svd_reset"
+
+
 class PhaseFlopCounter(FlopCounterMode):
-    """FlopCounterMode (with :func:`attention_formulas`) that also keeps
-    ``counts[(layer, phase)]``."""
+    """FlopCounterMode (with :func:`attention_formulas` and the QR/SVD formulas) that also
+    keeps ``counts[(layer, phase)]``, charges elementwise ops by ``costs.ELEMENTWISE`` under
+    ``("(elementwise)", "forward" | "backward")`` (inside an SVD reset: under the reset), and
+    remembers the names of the ops it charged nothing (``uncounted``)."""
 
     def __init__(self):
-        super().__init__(display=False, custom_mapping=attention_formulas())
-        self.counts: dict[tuple[str, str], int] = defaultdict(int)
+        formulas = {**attention_formulas(), **costs.decomposition_formulas()}
+        super().__init__(display=False, custom_mapping=formulas)
+        self.counts: dict[tuple[str, str], float] = defaultdict(float)
+        self.uncounted: set[str] = set()
 
     def __enter__(self):
         accounting.set_active(True)
@@ -93,11 +109,23 @@ class PhaseFlopCounter(FlopCounterMode):
             accounting.set_active(False)
 
     def _count_flops(self, func_packet, out, args, kwargs):
+        where = accounting.where()
         if func_packet in self.flop_registry:
             flops = self.flop_registry[func_packet](*args, **kwargs, out_val=out)
-            self.counts[accounting.where()] += flops
+            self.counts[where] += flops
             for parent in set(self.mod_tracker.parents):
                 self.flop_counts[parent][func_packet] += flops
+            return out
+        name = func_packet.__name__
+        flops = costs.elementwise_flops(name, args, out)
+        if flops is None:
+            self.uncounted.add(name)
+        elif where[1] == RESET_PHASE:
+            self.counts[where] += flops
+        else:
+            self.counts[(ELEMENTWISE_ROW, "forward" if where[1] == "forward" else "backward")] += (
+                flops
+            )
         return out
 
 
@@ -131,17 +159,24 @@ def backprop_twin(model: nn.Module, only_plain: bool = False) -> nn.Module:
 
 @dataclass
 class StepFlops:
-    """FLOPs of one training step by (layer, phase), and each feedback layer's samples."""
+    """FLOPs of one training step by (layer, phase), and each feedback layer's samples; the
+    feedback update amortised over its interval, an SVD reset over its; the optimizer steps
+    (``optimizer``: label -> FLOPs) from their algorithms."""
 
-    counts: dict[tuple[str, str], int]
+    counts: dict[tuple[str, str], float]
     samples: dict[str, int] = field(default_factory=dict)
     batches: dict[str, int] = field(default_factory=dict)
     intervals: dict[str, int] = field(default_factory=dict)  # normative update interval
+    resets: dict[str, int] = field(default_factory=dict)  # steps between SVD resets
+    optimizer: dict[str, float] = field(default_factory=dict)
+    uncounted: list[str] = field(default_factory=list)
 
     def get(self, layer: str, phase: str) -> float:
         value = self.counts.get((layer, phase), 0)
         if phase == "feedback_update":
             value /= self.intervals.get(layer, 1)  # amortised over the update interval
+        elif phase == RESET_PHASE:
+            value /= self.resets.get(layer, 1)
         return value
 
     def layer_total(self, layer: str) -> float:
@@ -149,11 +184,34 @@ class StepFlops:
 
     @property
     def layers(self) -> list[str]:
-        return list(dict.fromkeys(layer for layer, _ in self.counts))
+        """Feedback layers and ``(other)``: the rows of products."""
+        names = (layer for layer, phase in self.counts if phase != RESET_PHASE)
+        return [n for n in dict.fromkeys(names) if n != ELEMENTWISE_ROW]
+
+    @property
+    def products(self) -> float:
+        """Matmuls, convolutions and attention: what FlopCounterMode itself counts."""
+        return sum(self.layer_total(layer) for layer in self.layers)
+
+    @property
+    def elementwise(self) -> dict[str, float]:
+        return {p: self.get(ELEMENTWISE_ROW, p) for p in ("forward", "backward")}
+
+    @property
+    def svd_reset(self) -> float:
+        return sum(self.get(layer, p) for layer, p in self.counts if p == RESET_PHASE)
+
+    def extra_rows(self) -> dict[str, float]:
+        """The step's costs beside the per-layer products, each its own row."""
+        rows = {"(elementwise fwd)": self.elementwise["forward"],
+                "(elementwise bwd)": self.elementwise["backward"],
+                "(svd reset)": self.svd_reset}  # fmt: skip
+        rows.update({f"(optimizer: {label})": v for label, v in self.optimizer.items()})
+        return rows
 
     @property
     def total(self) -> float:
-        return sum(self.get(layer, phase) for layer, phase in self.counts)
+        return self.products + sum(self.extra_rows().values())
 
 
 def _samples_hooks(model: nn.Module, samples: dict, batches: dict):
@@ -165,9 +223,32 @@ def _samples_hooks(model: nn.Module, samples: dict, batches: dict):
     return [layer.register_forward_hook(hook) for _, layer in feedback_layers(model)]
 
 
-def count_training_step(model: nn.Module, x, y, label_smoothing: float = 0.0) -> StepFlops:
-    """Count one training step (forward, loss, backward, every feedback update) on ``model``
-    without changing it: it runs on a copy, with the RNG state restored afterwards."""
+def _reset_every_due_layer(model: nn.Module, steps_per_epoch: int | None) -> dict[str, int]:
+    """Run the SVD reset once in every layer that has one (the counter then sees its cost);
+    return each such layer's interval, to amortise it over."""
+    intervals = {}
+    for layer in normative_layers(model):
+        every = layer.rule.reset_interval(steps_per_epoch)
+        if every:
+            previous = accounting.enter(layer.layer_name, RESET_PHASE)
+            load_svd(layer)
+            accounting.leave(previous)
+            intervals[layer.layer_name] = every
+    return intervals
+
+
+def count_training_step(
+    model: nn.Module,
+    x,
+    y,
+    label_smoothing: float = 0.0,
+    optimizers: list[tuple[str, object, int]] = (),
+    steps_per_epoch: int | None = None,
+) -> StepFlops:
+    """Count one training step (forward, loss, backward, every feedback update, the SVD
+    resets amortised) on ``model`` without changing it: it runs on a copy, with the RNG state
+    restored afterwards. ``optimizers``: (label, optimizer config, parameter elements) for
+    each optimizer step to add (see :func:`ldfa_cli.analysis.costs.optimizer_flops`)."""
     work = copy.deepcopy(model)
     work.train(model.training)
     samples: dict[str, int] = {}
@@ -178,10 +259,29 @@ def count_training_step(model: nn.Module, x, y, label_smoothing: float = 0.0) ->
         set_feedback_targets(work, y)
         loss = F.cross_entropy(work(x).float(), y, label_smoothing=label_smoothing)
         backward_with_rules(work, loss)  # every normative update; amortised in .get
+        resets = _reset_every_due_layer(work, steps_per_epoch)
     for h in hooks:
         h.remove()
     intervals = {name: getattr(layer.rule, "interval", 1) for name, layer in feedback_layers(work)}
-    return StepFlops(dict(counter.counts), samples, batches, intervals)
+    steps = {label: costs.optimizer_flops(config, n) for label, config, n in optimizers}
+    return StepFlops(dict(counter.counts), samples, batches, intervals, resets, steps,
+                     sorted(counter.uncounted))  # fmt: skip
+
+
+def optimizer_plan(recipe, model: nn.Module) -> tuple[list, list]:
+    """(rule's, backprop's) optimizer steps of a recipe's model for
+    :func:`count_training_step`: the forward optimizer over the forward parameters (and the
+    feedback tensors with ``feedback.optimizer: forward``), the feedback one over the rest;
+    backprop has the forward one over the forward parameters only."""
+    forward = sum(p.numel() for p in forward_parameters(model))
+    feedback = sum(p.numel() for p in feedback_parameters(model))
+    if recipe.feedback.optimizer == "forward":
+        rule = [("forward", recipe.optim, forward + feedback)]
+    else:
+        rule = [("forward", recipe.optim, forward)]
+        if feedback:
+            rule.append(("feedback", recipe.feedback.optimizer, feedback))
+    return rule, [("forward", recipe.optim, forward)]
 
 
 # ------------------------------------------------------------------------- analytic
@@ -297,21 +397,37 @@ class FlopsReport:
     warnings: list[str]
 
     def to_dict(self) -> dict:
+        rule, bp = self.rule.extra_rows(), self.reference.extra_rows()
+        extra = [{"row": name, "rule": rule[name], "bp": bp.get(name, 0.0)} for name in rule]
         return {
             "layers": self.layers,
+            "extra": extra,
+            "products": {"rule": self.rule.products, "bp": self.reference.products},
             "total": {"rule": self.rule.total, "bp": self.reference.total,
                       "ratio": self.rule.total / self.reference.total},
             "forward_measured_flops": sum(self.rule.get(n, "forward") for n in self.rule.layers),
+            "uncounted_ops": self.rule.uncounted,
+            "omitted": OMITTED,
             "fvcore_forward_macs": self.fvcore_macs,
             "fvcore_note": self.fvcore_note,
             "warnings": self.warnings,
         }  # fmt: skip
 
 
-def flops_report(model: nn.Module, x, y) -> FlopsReport:
-    """Per-layer FLOPs of one training step under the model's rules and under backprop."""
-    rule = count_training_step(backprop_twin(model, only_plain=True), x, y)
-    reference = count_training_step(backprop_twin(model), x, y)
+def flops_report(
+    model: nn.Module, x, y, optimizers: tuple[list, list] = ((), ()),
+    steps_per_epoch: int | None = None,
+) -> FlopsReport:  # fmt: skip
+    """Per-layer FLOPs of one training step under the model's rules and under backprop;
+    ``optimizers``: the rule's and backprop's optimizer steps (:func:`optimizer_plan`)."""
+    rule = count_training_step(
+        backprop_twin(model, only_plain=True),
+        x,
+        y,
+        optimizers=optimizers[0],
+        steps_per_epoch=steps_per_epoch,
+    )
+    reference = count_training_step(backprop_twin(model), x, y, optimizers=optimizers[1])
     layers_by_name = dict(feedback_layers(model))
     rows, warnings = [], []
     names = [n for n in rule.layers if n != "(other)"]

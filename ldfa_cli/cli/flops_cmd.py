@@ -9,12 +9,16 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ldfa_cli.analysis.flops import ALL_PHASES, PHASES
+from ldfa_cli.analysis.flops import ALL_PHASES, OMITTED, PHASES
 from ldfa_cli.console import stderr_console
 from ldfa_cli.errors import ConfigError
 
 
 def _gflops(value: float) -> str:
+    """GFLOPs to 3 decimals; small non-zero costs (a reset amortised over many steps)
+    with 3 significant digits instead of 0.000."""
+    if 0 < abs(value) < 5e5:
+        return f"{value / 1e9:.2e}"
     return f"{value / 1e9:,.3f}"
 
 
@@ -42,6 +46,12 @@ def _recipe_table(report, title: str) -> Table:
         table.add_row(row["layer"], row.get("rule", "-"), str(row.get("rank") or "-"),
                       str(row.get("samples") or "-"), *cells,
                       f"{_gflops(total)} ({_ratio(total, bp_total)})")  # fmt: skip
+    table.add_section()
+    bp_rows = report.reference.extra_rows()
+    for name, value in report.rule.extra_rows().items():  # costs beside the products
+        if value or bp_rows.get(name):
+            cell = f"{_gflops(value)} ({_ratio(value, bp_rows.get(name))})"
+            table.add_row(name, *[""] * 8, cell)
     rule, bp = report.rule.total, report.reference.total
     table.add_section()
     table.add_row("total", *[""] * 8, f"{_gflops(rule)} ({_ratio(rule, bp)})")
@@ -50,8 +60,9 @@ def _recipe_table(report, title: str) -> Table:
 
 def recipe_flops(spec: str, overrides: list[str], batch_size: int | None, device: str,
                  json_out: bool) -> None:  # fmt: skip
-    from ldfa_cli.analysis.flops import flops_report
+    from ldfa_cli.analysis.flops import flops_report, optimizer_plan
     from ldfa_cli.config import load_recipe
+    from ldfa_cli.data import steps_per_epoch
     from ldfa_cli.engine.build import pick_device, synthetic_network
     from ldfa_cli.feedback import convert
 
@@ -61,8 +72,10 @@ def recipe_flops(spec: str, overrides: list[str], batch_size: int | None, device
     if recipe.feedback.rule == "bp":  # split backprop's backward per layer as well
         fb = recipe.feedback
         convert(model, "bp", include=fb.include, exclude=fb.exclude, example_input=x[:2])
-    report = flops_report(model, x, y)
-    data = {"recipe": path.stem, "batch_size": batch, **report.to_dict()}
+    steps = steps_per_epoch(recipe.data, recipe.train.batch_size)  # for the reset interval
+    report = flops_report(model, x, y, optimizer_plan(recipe, model), steps)
+    data = {"recipe": path.stem, "batch_size": batch, "steps_per_epoch": steps,
+            **report.to_dict()}  # fmt: skip
     console = stderr_console()
     console.print(_recipe_table(report, f"{path.stem}: one training step, batch {batch}"))
     forward = data["forward_measured_flops"] / 2
@@ -73,8 +86,17 @@ def recipe_flops(spec: str, overrides: list[str], batch_size: int | None, device
         console.print(f"fvcore cross-check unavailable: {report.fvcore_note}")
     for warning in report.warnings:
         console.print(f"[yellow]warning[/yellow]: measured and analytic differ: {warning}")
+    console.print(f"not counted: {OMITTED}; ops seen with no cost: "
+                  f"{', '.join(report.rule.uncounted) or 'none'}")  # fmt: skip
     if json_out:
         print(json.dumps(data, indent=2))
+
+
+def _reference_cell(reference: dict | None) -> str:
+    if not reference:
+        return "-"
+    sd = f" ± {100 * reference['sd']:.2f}" if reference.get("sd") is not None else ""
+    return f"{100 * reference['top1']:.2f}{sd}"
 
 
 def runs_flops(paths: list[Path], target: float, json_out: bool, plot: Path | None) -> None:
@@ -84,8 +106,8 @@ def runs_flops(paths: list[Path], target: float, json_out: bool, plot: Path | No
     common = add_common_target(runs, target)
     rows = group_runs(runs)
     table = Table(title=f"compute to {target:.0%} of final accuracy ({len(runs)} runs)")
-    for col in ("recipe", "rule", "r", "seeds", "final acc", "TFLOPs to own target",
-                "s to own target", "TFLOPs to BP target"):  # fmt: skip
+    for col in ("recipe", "rule", "r", "seeds", "final acc", "reference", "TFLOPs to own target",
+                "s to own target", "TFLOPs to BP target", "TFLOPs to BP final"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("recipe", "rule") else "right")
 
     def fmt(row, key, scale=1.0, digits=3):
@@ -93,17 +115,28 @@ def runs_flops(paths: list[Path], target: float, json_out: bool, plot: Path | No
         if mean is None:
             return "not reached"
         text = f"{mean * scale:.{digits}f}"
-        return text + (f" ± {se * scale:.{digits}f}" if se is not None else "")
+        text += f" ± {se * scale:.{digits}f}" if se is not None else ""
+        reached = row.get(f"{key}_reached")
+        return text + (
+            f" ({reached}/{row['seeds']})" if reached not in (None, row["seeds"]) else ""
+        )
 
     for row in rows:
         table.add_row(row["recipe"], row["rule"], str(row["rank"] or "-"), str(row["seeds"]),
-                      fmt(row, "final_acc", 100, 2), fmt(row, "flops_to_target", 1e-12),
+                      fmt(row, "final_acc", 100, 2), _reference_cell(row["reference"]),
+                      fmt(row, "flops_to_target", 1e-12),
                       fmt(row, "time_to_target", 1, 1),
-                      fmt(row, "flops_to_common", 1e-12) if common else "-")  # fmt: skip
+                      fmt(row, "flops_to_common", 1e-12) if common else "-",
+                      fmt(row, "flops_to_bp_final", 1e-12) if common else "-")  # fmt: skip
     console = stderr_console()
     console.print(table)
+    for row in rows:
+        if row["reference"]:
+            console.print(f"reference of {row['recipe']}: {row['reference']['source']}")
     if common is not None:
-        console.print(f"BP target: {target:.0%} of BP's mean final accuracy = {common:.4f}")
+        console.print(f"BP target: {target:.0%} of BP's mean final accuracy = {common:.4f}; "
+                      f"BP final: {common / target:.4f} (runs that never reach it are left "
+                      "out of the mean, the column says how many did)")  # fmt: skip
     if plot is not None:
         plot_compute(rows, plot, target, common=common is not None)
         console.print(f"wrote {plot}")

@@ -64,9 +64,17 @@ def sweep(
         help="Print one 'ldfa train' command per point (for a cluster scheduler) and exit.",
     ),  # fmt: skip
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    jobs: int = typer.Option(
+        1,
+        "--jobs",
+        min=1,
+        help="Points run at once, each in its own process with "
+        "cores/jobs threads (its log in FOLDER/<point>.log).",
+    ),  # fmt: skip
 ) -> None:
-    """Run a grid of one recipe sequentially into one folder (finished points are skipped,
-    interrupted ones resumed), or print the commands; 'ldfa flops FOLDER' reads it."""
+    """Run a grid of one recipe into one folder (finished points are skipped, interrupted
+    ones resumed), one point at a time or --jobs at once, or print the commands; 'ldfa flops
+    FOLDER' reads it."""
     from ldfa_cli.config import find_recipe, load_recipe
 
     path = find_recipe(recipe)
@@ -86,6 +94,10 @@ def sweep(
     from ldfa_cli.engine.run_dir import prepare_run_dir
 
     console = stderr_console()
+    if jobs > 1:
+        _run_parallel(path, points, names, out, device, jobs, console)
+        console.print(f"sweep done: ldfa flops {out}/* --plot {out}/compute.png")
+        return
     for i, (point, name) in enumerate(zip(points, names, strict=True), start=1):
         config, _ = load_recipe(str(path), point)
         run_dir = out / name
@@ -103,3 +115,52 @@ def sweep(
             console.print(f"sweep interrupted at {name}: the same command resumes it")
             raise typer.Exit(code=130) from None
     console.print(f"sweep done: ldfa flops {out}/* --plot {out}/compute.png")
+
+
+def _run_parallel(path: Path, points, names, out: Path, device: str, jobs: int, console) -> None:
+    """Each unfinished point as ``ldfa train`` in its own process, ``jobs`` at a time, every
+    process with cores/jobs intra-op threads. A Ctrl-C reaches every child, which stops at
+    its next step boundary with a checkpoint, so the same command resumes the lot."""
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ldfa_cli.config import load_recipe
+
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    out.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for point, name in zip(points, names, strict=True):
+        config, _ = load_recipe(str(path), point)
+        run_dir = out / name
+        if _finished(run_dir, config.train.epochs):
+            console.print(f"{name}: finished, skipped")
+            continue
+        if (run_dir / "checkpoints" / "last.pt").is_file():
+            command = ["--resume", str(run_dir), *point]
+        else:
+            command = [str(path), *point, "--out", str(run_dir), "--overwrite"]
+        todo.append((name, [sys.executable, "-m", "ldfa_cli", "train", *command,
+                            "--device", device]))  # fmt: skip
+
+    def launch(job) -> tuple[str, int]:
+        name, command = job
+        console.print(f"{name}: {'resuming' if '--resume' in command else 'training'} "
+                      f"({threads} threads, log {out / name}.log)")  # fmt: skip
+        with open(out / f"{name}.log", "w") as log:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return name, code.returncode
+
+    try:
+        with ThreadPoolExecutor(jobs) as pool:
+            results = list(pool.map(launch, todo))
+    except KeyboardInterrupt:
+        console.print("sweep interrupted: the same command resumes every unfinished point")
+        raise typer.Exit(code=130) from None
+    failed = [f"{name} (exit {code}, see {out / name}.log)" for name, code in results if code]
+    if failed:
+        from ldfa_cli.errors import TrainingError
+
+        raise TrainingError(f"{len(failed)} sweep point(s) failed: {', '.join(failed)}")

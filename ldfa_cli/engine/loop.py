@@ -19,15 +19,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from ldfa_cli.analysis.flops import count_training_step
+from ldfa_cli.analysis.flops import count_training_step, optimizer_plan
 from ldfa_cli.console import stderr_console
 from ldfa_cli.errors import CheckpointError, TrainingError
 from ldfa_cli.feedback import (
     backward_with_rules,
     conversion_report,
     feedback_layers,
-    feedback_parameters,
-    forward_parameters,
     reset_feedback_to_svd,
     set_feedback_targets,
 )
@@ -38,7 +36,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import evaluate
 from .interrupt import GracefulStop, StopRequested
 from .metrics import MetricsLog
-from .optim import make_optimizer, make_schedule, reapply_hyperparameters
+from .optim import build_optimizers
 from .run_dir import describe_device, write_run_files
 
 
@@ -78,6 +76,13 @@ def _ignore_normative_in_ddp(model: nn.Module) -> None:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, names
         )
+
+
+def _optimizer_name(config) -> str:
+    """'forward' (shares the forward optimizer) or the feedback optimizer's name."""
+    if isinstance(config, str):
+        return config
+    return config["name"] if isinstance(config, dict) else config.name
 
 
 def _autocast(device: torch.device, precision: str):
@@ -150,15 +155,7 @@ def train(
     data = load_data(recipe.data, device)
     model = build_network(recipe, data, device)
     steps_per_epoch = data.steps_per_epoch(cfg.batch_size, world.size)
-    optimizer = make_optimizer(recipe.optim, forward_parameters(model))
-    schedule = make_schedule(recipe.schedule, optimizer, steps_per_epoch, cfg.epochs)
-    fb_params = feedback_parameters(model)
-    fb_optimizer = make_optimizer(recipe.feedback.optimizer, fb_params) if fb_params else None
-    fb_schedule = (
-        make_schedule(recipe.feedback.schedule, fb_optimizer, steps_per_epoch, cfg.epochs)
-        if fb_optimizer
-        else None
-    )
+    optimizers = build_optimizers(recipe, model, steps_per_epoch)
     uses_targets = any(getattr(m.rule, "use_targets", False) for _, m in feedback_layers(model))
     state = RunState()
 
@@ -168,8 +165,8 @@ def train(
         saved = ckpt["config"]
         for key, now, before in (
             ("optim.name", recipe.optim.name, saved["optim"]["name"]),
-            ("feedback.optimizer.name", recipe.feedback.optimizer.name,
-             saved["feedback"]["optimizer"]["name"]),
+            ("feedback.optimizer", _optimizer_name(recipe.feedback.optimizer),
+             _optimizer_name(saved["feedback"]["optimizer"])),
         ):  # fmt: skip
             if now != before:
                 raise CheckpointError(
@@ -178,16 +175,9 @@ def train(
                 )
         try:
             model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            schedule.load_state_dict(ckpt["schedule"])
-            if fb_optimizer is not None:
-                fb_optimizer.load_state_dict(ckpt["feedback_optimizer"])
-                fb_schedule.load_state_dict(ckpt["feedback_schedule"])
+            optimizers.load_state_dict(ckpt)
             _set_rng_state(ckpt["rng"], device)
             state = RunState(**ckpt["progress"])
-            reapply_hyperparameters(recipe.optim, optimizer, schedule)
-            if fb_optimizer is not None:
-                reapply_hyperparameters(recipe.feedback.optimizer, fb_optimizer, fb_schedule)
         except (KeyError, ValueError, RuntimeError, TypeError) as error:
             raise CheckpointError(
                 f"{path} does not fit the resumed recipe ({type(error).__name__}: "
@@ -214,10 +204,7 @@ def train(
             run_files_due = False
         save_checkpoint(run_dir / "checkpoints" / name, {
             "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "feedback_optimizer": fb_optimizer.state_dict() if fb_optimizer else None,
-            "feedback_schedule": fb_schedule.state_dict() if fb_schedule else None,
+            **optimizers.state_dict(),
             "rng": _rng_state(device),
             "progress": asdict(state),
             "config": recipe.model_dump(mode="json"),
@@ -226,13 +213,15 @@ def train(
     step_flops: dict[tuple, float] = {}  # per distinct batch shape, measured once
 
     def count_flops(x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add this step's FLOPs (forward, backward, feedback updates; PyTorch's counter on
-        a copy of the model, so training is untouched) to the running total."""
+        """Add this step's FLOPs (forward, backward, feedback updates, elementwise work, the
+        SVD reset amortised, both optimizer steps; PyTorch's counter on a copy of the model,
+        so training is untouched) to the running total."""
         if not writes:
             return
         key = tuple(x.shape)
         if key not in step_flops:
-            counted = count_training_step(model, x, y, cfg.label_smoothing)
+            plan = optimizer_plan(recipe, model)[0]
+            counted = count_training_step(model, x, y, cfg.label_smoothing, plan, steps_per_epoch)
             step_flops[key] = counted.total * world.size
         state.train_flops += step_flops[key]
 
@@ -244,23 +233,13 @@ def train(
         with autocast:
             logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        if fb_optimizer is not None:
-            fb_optimizer.zero_grad(set_to_none=True)
+        optimizers.zero_grad()
         # W grads; input grads through the feedback; Oja/Hebbian/KP grads; a rule's own
         # loss term (svd_dfa's orthogonality); the normative loss (eq. 8) when due
         aux_loss[0] = backward_with_rules(model, loss, state.step)
-        if recipe.optim.grad_clip:
-            nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], recipe.optim.grad_clip)
-        optimizer.step()
-        schedule.step()
-        if fb_optimizer is not None:
-            if recipe.feedback.optimizer.grad_clip:
-                nn.utils.clip_grad_norm_(fb_params, recipe.feedback.optimizer.grad_clip)
-            fb_optimizer.step()
-            fb_schedule.step()
+        optimizers.step()  # clip, step and schedule, forward then feedback
         state.step += 1
-        reset_feedback_to_svd(model, state.step)
+        reset_feedback_to_svd(model, state.step, steps_per_epoch)
         return loss.detach(), (logits.argmax(1) == y).sum()
 
     if dry_run:
@@ -288,7 +267,7 @@ def train(
         epochs_done = round(state.step / steps_per_epoch, 4)
         log({"event": "eval", "epoch": epochs_done, "step": state.step, "split": "test",
              "loss": result["loss"], "acc": result["acc"],
-             "per_class_acc": result["per_class_acc"], "lr": schedule.get_last_lr()[0],
+             "per_class_acc": result["per_class_acc"], "lr": optimizers.lr,
              "images_seen": state.images_seen, "train_flops": state.train_flops,
              "time_s": time.perf_counter() - start_time})  # fmt: skip
         if world.main:
@@ -362,7 +341,7 @@ def train(
                     acc = float(totals[1] / totals[2].clamp_min(1))
                     event = {"event": "train", "epoch": epoch + 1, "step": state.step,
                              "split": "train", "loss": mean_loss, "acc": acc,
-                             "lr": schedule.get_last_lr()[0],
+                             "lr": optimizers.lr,
                              "images_seen": state.images_seen, "images_per_s": rate,
                              "train_flops": state.train_flops,
                              "time_s": time.perf_counter() - start_time}  # fmt: skip

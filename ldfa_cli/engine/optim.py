@@ -1,10 +1,13 @@
-"""Optimizers and learning-rate schedules from a recipe's ``optim``/``schedule`` sections."""
+"""Optimizers and learning-rate schedules from a recipe's ``optim``/``schedule`` sections,
+and the run's pair of them (:class:`Optimizers`): the forward one and the feedback one."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 def _fused_ok(params) -> bool:
@@ -75,3 +78,92 @@ def reapply_hyperparameters(config, optimizer, schedule) -> None:
     for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas, strict=True):
         group["lr"] = config.lr * factor(schedule.last_epoch)
     schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def clip_gradients(params, config) -> None:
+    """The config's clipping: of the gradients' joint norm (``grad_clip``), then of every
+    element to [-v, v] (``grad_clip_value``, as the authors' code clamps LDFA gradients)."""
+    if config.grad_clip:
+        nn.utils.clip_grad_norm_(params, config.grad_clip)
+    if config.grad_clip_value:
+        nn.utils.clip_grad_value_(params, config.grad_clip_value)
+
+
+@dataclass
+class Optimizers:
+    """The run's optimizers and schedules. The forward optimizer holds the forward
+    parameters, and the feedback tensors too when the recipe says ``feedback.optimizer:
+    forward`` (App. C.3: W, P and Q in one Adam); otherwise the feedback tensors have their
+    own optimizer and schedule (App. C.2), or none when the rule learns nothing."""
+
+    forward: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    forward_config: object
+    feedback: torch.optim.Optimizer | None = None
+    feedback_schedule: torch.optim.lr_scheduler.LambdaLR | None = None
+    feedback_config: object = None
+
+    def zero_grad(self) -> None:
+        self.forward.zero_grad(set_to_none=True)
+        if self.feedback is not None:
+            self.feedback.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        """Clip, step and advance the schedule of each optimizer."""
+        for optimizer, schedule, config in self.pairs():
+            clip_gradients([p for g in optimizer.param_groups for p in g["params"]], config)
+            optimizer.step()
+            schedule.step()
+
+    def pairs(self):
+        yield self.forward, self.schedule, self.forward_config
+        if self.feedback is not None:
+            yield self.feedback, self.feedback_schedule, self.feedback_config
+
+    def state_dict(self) -> dict:
+        fb = self.feedback is not None
+        return {
+            "optimizer": self.forward.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "feedback_optimizer": self.feedback.state_dict() if fb else None,
+            "feedback_schedule": self.feedback_schedule.state_dict() if fb else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a checkpoint's states, then put the recipe's values back (a resume may
+        override lr, weight decay or epochs); the step count is kept."""
+        self.forward.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.feedback is not None:
+            self.feedback.load_state_dict(state["feedback_optimizer"])
+            self.feedback_schedule.load_state_dict(state["feedback_schedule"])
+        for optimizer, schedule, config in self.pairs():
+            reapply_hyperparameters(config, optimizer, schedule)
+
+    @property
+    def lr(self) -> float:
+        return self.schedule.get_last_lr()[0]
+
+
+def shares_forward_optimizer(feedback_config) -> bool:
+    return feedback_config.optimizer == "forward"
+
+
+def build_optimizers(recipe, model: nn.Module, steps_per_epoch: int) -> Optimizers:
+    from ldfa_cli.feedback import feedback_parameters, forward_parameters
+
+    epochs = recipe.train.epochs
+    feedback = feedback_parameters(model)
+    shared = shares_forward_optimizer(recipe.feedback)
+    params = forward_parameters(model) + (feedback if shared else [])
+    forward = make_optimizer(recipe.optim, params)
+    optimizers = Optimizers(forward, make_schedule(recipe.schedule, forward, steps_per_epoch,
+                                                   epochs), recipe.optim)  # fmt: skip
+    if feedback and not shared:
+        config = recipe.feedback.optimizer
+        optimizers.feedback = make_optimizer(config, feedback)
+        optimizers.feedback_schedule = make_schedule(
+            recipe.feedback.schedule, optimizers.feedback, steps_per_epoch, epochs
+        )
+        optimizers.feedback_config = config
+    return optimizers
