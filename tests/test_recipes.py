@@ -40,6 +40,57 @@ def test_paper_hyperparameters_in_vit_r24():
     assert recipe.train.epochs == 250
 
 
+def _families():
+    """(paper recipe, authors' recipe) for every experiment shipped in both families."""
+    names = {p.stem for p in RECIPES}
+    return sorted((n.removesuffix("_authors"), n) for n in names if n.endswith("_authors"))
+
+
+def test_every_authors_recipe_has_its_paper_twin_and_both_name_their_source():
+    pairs = _families()
+    assert len(pairs) >= 20
+    for paper, authors in pairs:
+        assert paper in {p.stem for p in RECIPES}, f"{authors} has no paper-text twin"
+        for name, who in ((paper, "the paper"), (authors, "the authors' code")):
+            assert f"source: {who}" in load_recipe(name)[0].description, name
+
+
+@pytest.mark.parametrize("name", [n for pair in _families() for n in pair if "vit" in n])
+def test_vit_families_differ_where_the_authors_code_differs(name):
+    recipe, _ = load_recipe(name)
+    fb, authors = recipe.feedback, name.endswith("_authors")
+    assert recipe.optim.grad_clip_value == (10.0 if authors else None)
+    assert recipe.schedule.warmup_start_factor == (0.04 if authors else 0.1)
+    if fb.rule == "bp":
+        return
+    assert fb.schedule.warmup_start_factor == 0.1
+    if authors:
+        assert fb.options == {"init": "svd", "svd": "lowrank", "svd_niter": 10,
+                              "reset_svd_every_epochs": 0.5}  # fmt: skip
+        assert fb.rank_scale == {"*.qkv": 3} and fb.optimizer.grad_clip_value == 10.0
+    else:
+        assert fb.options == {"init": "kaiming"} and fb.rank_scale == {}
+    if recipe.data.dataset.startswith("cifar"):  # GPU-scale: the authors' batch and data
+        assert recipe.train.batch_size == 256
+        assert recipe.data.augment.autoaugment == "cifar10" and recipe.data.augment.hflip
+
+
+@pytest.mark.parametrize("name", [n for pair in _families() for n in pair
+                                  if "mlp" in n and "local" in n])  # fmt: skip
+def test_local_mlp_families_follow_app_c3(name):
+    recipe, _ = load_recipe(name)
+    fb, authors = recipe.feedback, name.endswith("_authors")
+    assert fb.optimizer == "forward" and recipe.train.batch_size == 32
+    o = recipe.optim
+    assert (o.name, o.lr, o.weight_decay, o.amsgrad) == ("adam", 6e-4, 4e-4, True)
+    assert (recipe.schedule.name, recipe.schedule.gamma) == ("exponential", 0.975)
+    assert recipe.model.init == "torch_default" and recipe.model.batch_norm == authors
+    expected = {"init": "kaiming"}
+    if authors:
+        expected.update(learn_q=True, normalise="std", use_targets=True, clamp_input_grad=1.0)
+    assert fb.options == expected
+
+
 def test_recipe_by_name_or_path_and_overrides():
     assert find_recipe("quickstart") == find_recipe("quickstart.yaml")
     recipe, _ = load_recipe(
@@ -114,10 +165,11 @@ def test_shipped_recipe_takes_a_training_step(path):
     import torch.nn.functional as F
 
     from ldfa_cli.engine.build import synthetic_network
-    from ldfa_cli.feedback import backward_with_rules, conversion_report
+    from ldfa_cli.feedback import backward_with_rules, conversion_report, set_feedback_targets
 
     recipe, _ = load_recipe(str(path))
     model, x, y = synthetic_network(recipe, 2, torch.device("cpu"))
+    set_feedback_targets(model, y)  # as the training loop does (use_targets)
     rules = {row.rule for row in conversion_report(model).converted}
     if recipe.feedback.rule != "bp":
         assert rules == {recipe.feedback.rule}  # the rule reached at least one layer

@@ -30,7 +30,22 @@ def evaluate_checkpoint(target: Path, split: str, device_name: str, which: str, 
     diagnostics = alignment_diagnostics(model, x, y)
     return {"checkpoint": str(path), "split": split, "step": state["progress"]["step"],
             "epoch": state["progress"]["epoch"], **result, "class_names": data.class_names,
+            "reference": reference_beside(recipe.reference, result["acc"]),
             "diagnostics": diagnostics}  # fmt: skip
+
+
+def reference_beside(reference, measured: float) -> dict | None:
+    """The recipe's published number, as top-1 accuracy, beside the measured one."""
+    if reference is None:
+        return None
+    return {"top1": reference.accuracy, "sd": reference.sd, "source": reference.source,
+            "measured": measured, "difference": measured - reference.accuracy}  # fmt: skip
+
+
+def describe_reference(ref: dict) -> str:
+    sd = f" ± {ref['sd']:.4f}" if ref.get("sd") is not None else ""
+    return (f"reference top-1 {ref['top1']:.4f}{sd} ({ref['source']}); measured "
+            f"{ref['measured']:.4f} ({100 * ref['difference']:+.2f} points)")  # fmt: skip
 
 
 def eval_(
@@ -56,6 +71,8 @@ def eval_(
     console.print(f"{result['checkpoint']} (epoch {result['epoch']}, step {result['step']}): "
                   f"{split} accuracy {result['acc']:.4f}, loss {result['loss']:.4f}, "
                   f"{result['samples']} images")  # fmt: skip
+    if result["reference"] is not None:
+        console.print(describe_reference(result["reference"]))
     classes = Table(title="per-class accuracy")
     classes.add_column("class")
     classes.add_column("accuracy", justify="right")

@@ -31,11 +31,23 @@ NonNegative = Annotated[float, Field(ge=0.0)]
 
 # ----------------------------------------------------------------------------- models
 class MLPConfig(Section):
-    """Flatten -> [Linear(width) -> ReLU] per hidden width -> Linear(classes) (App. C.1)."""
+    """Flatten -> [Linear(width) -> ReLU] per hidden width -> Linear(classes) (App. C.1).
+
+    ``init``: ``torch_default`` is nn.Linear's own Kaiming uniform (a = sqrt(5), W ~
+    U(+-1/sqrt(n)), bias U(+-1/sqrt(n))): the paper's "Kaiming uniform" as the authors' code
+    applies it; ``kaiming_relu`` is Kaiming uniform with the ReLU gain (W ~ U(+-sqrt(6/n)),
+    zero bias). ``batch_norm`` puts BatchNorm1d before each ReLU (the authors' MLP; the
+    paper's App. C.1 has none)."""
 
     name: Literal["mlp"] = "mlp"
     widths: list[PositiveInt] = [512, 512, 512]
-    init: Literal["kaiming_uniform", "torch_default"] = "kaiming_uniform"
+    init: Literal["torch_default", "kaiming_relu"] = "torch_default"
+    batch_norm: bool = False
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _old_init_name(cls, value):
+        return "kaiming_relu" if value == "kaiming_uniform" else value  # its name until 0.1
 
 
 class VGGConfig(Section):
@@ -101,7 +113,8 @@ class OptimConfig(Section):
     momentum: NonNegative = 0.0
     alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.99  # rmsprop smoothing
     eps: Annotated[float, Field(gt=0.0)] = 1e-8
-    grad_clip: Annotated[float, Field(gt=0.0)] | None = None
+    grad_clip: Annotated[float, Field(gt=0.0)] | None = None  # max norm of all gradients
+    grad_clip_value: Annotated[float, Field(gt=0.0)] | None = None  # clamp each element
 
 
 class ScheduleConfig(Section):
@@ -141,8 +154,12 @@ class FeedbackConfig(Section):
     include: list[str] = ["*"]
     exclude: list[str] = []
     ranks: dict[str, int | float] = {}  # per-layer rank by name pattern, first match wins
+    # per-layer multiplier of the rank by name pattern, e.g. {"*.qkv": 3} (the authors' 3r)
+    rank_scale: dict[str, Annotated[float, Field(gt=0.0)]] = {}
     options: dict = {}  # the rule's options ('ldfa rules' lists them)
-    optimizer: OptimConfig = OptimConfig(name="adamw", lr=1e-3)
+    # the feedback tensors' own optimizer (App. C.2), or "forward": they join the forward
+    # optimizer and its schedule (App. C.3 trains W, P and Q with one Adam)
+    optimizer: OptimConfig | Literal["forward"] = OptimConfig(name="adamw", lr=1e-3)
     schedule: ScheduleConfig = ScheduleConfig()
 
     @field_validator("rule")
@@ -164,6 +181,15 @@ class FeedbackConfig(Section):
             check_rank(value)
         return ranks
 
+    @model_validator(mode="after")
+    def _schedule_needs_own_optimizer(self):
+        if self.optimizer == "forward" and self.schedule != ScheduleConfig():
+            raise ValueError(
+                "'feedback.schedule' has no effect with feedback.optimizer: forward (the "
+                "feedback tensors follow the forward schedule); remove one of them"
+            )
+        return self
+
     @field_validator("options")
     @classmethod
     def _options_fit_rule(cls, options: dict, info: ValidationInfo):
@@ -178,19 +204,30 @@ class FeedbackConfig(Section):
 
 # ------------------------------------------------------------------------------- data
 class AugmentConfig(Section):
-    """Batch-wise, on-device augmentation of the training set."""
+    """On-device augmentation of the training set, in this order: random crop after zero
+    padding and horizontal flip (whole batches, a draw per image), then torchvision's
+    RandomRotation(+-``rotation`` degrees) and AutoAugment with the named policy
+    (``cifar10``, ``imagenet`` or ``svhn``), each image drawing its own (the authors' CIFAR
+    pipelines; these two run image by image)."""
 
     crop_padding: Annotated[int, Field(ge=0)] = 0  # random crop after zero padding; 0 = off
     hflip: bool = False
+    rotation: Annotated[float, Field(ge=0.0, le=180.0)] = 0.0  # degrees; 0 = off
+    autoaugment: Literal["cifar10", "imagenet", "svhn"] | None = None
 
 
 class DataConfig(Section):
+    """``normalise``: ``channel`` standardises each channel by its training-set mean and std;
+    ``pixel`` each pixel by its own; ``symmetric`` maps [0, 1] to [-1, 1] (torchvision's
+    Normalize(0.5, 0.5), the authors' MNIST code)."""
+
     dataset: Literal["cifar10", "cifar100", "fashion_mnist", "mnist", "digits"] = "digits"
     root: str = "data"
     download: bool = True
+    normalise: Literal["channel", "pixel", "symmetric"] = "channel"
     augment: AugmentConfig = AugmentConfig()
     classes: PositiveInt | None = None  # a fixed seeded subset of d classes, relabelled
-    class_seed: int = 0
+    class_seed: int | None = 0  # the subset's seed; null: the first d labels (the authors')
     grayscale: bool = False
     pad_to: PositiveInt | None = None  # zero-pad images to this size (e.g. 28 -> 32)
     subset: PositiveInt | None = None  # use only the first N training images (tiny runs)
@@ -217,10 +254,33 @@ class OutputConfig(Section):
     save_best: bool = True
 
 
+class ReferenceConfig(Section):
+    """A published number the recipe reproduces: top-1 accuracy (``top1``) or top-1 error
+    (``top1_error``), fractions in [0, 1], with its spread over seeds (``sd``, optional) and
+    where it comes from (``source``). ``ldfa eval`` and ``ldfa flops RUN...`` print it
+    beside the measured accuracy."""
+
+    top1: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    top1_error: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    sd: NonNegative | None = None
+    source: str
+
+    @model_validator(mode="after")
+    def _one_number(self):
+        if (self.top1 is None) == (self.top1_error is None):
+            raise ValueError("give exactly one of top1 and top1_error (fractions in [0, 1])")
+        return self
+
+    @property
+    def accuracy(self) -> float:
+        return self.top1 if self.top1 is not None else 1.0 - self.top1_error
+
+
 class Recipe(Section):
     """A whole recipe."""
 
     description: str = ""
+    reference: ReferenceConfig | None = None
     model: ModelConfig = MLPConfig()
     feedback: FeedbackConfig = FeedbackConfig()
     data: DataConfig = DataConfig()

@@ -1,6 +1,7 @@
 """Datasets on the training device: one uint8 tensor per split, batches drawn by index,
 augmentation (random crop with zero padding, horizontal flip) and normalisation applied to
-whole batches on the device. No per-image Python work in the training loop."""
+whole batches on the device. AutoAugment, when asked for, is the one per-image step: each
+image gets its own draw of torchvision's policy."""
 
 from __future__ import annotations
 
@@ -23,12 +24,17 @@ def _mix(*numbers: int) -> int:
     return value
 
 
-def _select_classes(raw: RawDataset, count: int, seed: int) -> RawDataset:
-    """A fixed, seeded subset of ``count`` classes, relabelled 0..count-1 in label order."""
+def _select_classes(raw: RawDataset, count: int, seed: int | None) -> RawDataset:
+    """A fixed, seeded subset of ``count`` classes (``seed`` None: the first ``count``
+    labels, as the authors' code), relabelled 0..count-1 in label order."""
     total = len(raw.class_names)
     if count > total:
         raise DataError(f"data.classes={count} but the dataset has only {total} classes")
-    chosen = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count].sort()[0]
+    if seed is None:
+        chosen = torch.arange(count)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(total, generator=generator)[:count].sort()[0]
     relabel = torch.full((total,), -1, dtype=torch.int64)
     relabel[chosen] = torch.arange(count)
 
@@ -52,6 +58,35 @@ def _reshape_images(images: torch.Tensor, grayscale: bool, pad_to: int | None) -
     return images.contiguous()
 
 
+def per_image_transforms(rotation: float = 0.0, autoaugment: str | None = None):
+    """torchvision v2 transforms drawn for each image on its own: RandomRotation(+-degrees)
+    then AutoAugment with the named policy (the authors' CIFAR pipelines); None if none."""
+    from torchvision.transforms import v2
+
+    steps = []
+    if rotation:
+        steps.append(v2.RandomRotation(rotation))
+    if autoaugment:
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(autoaugment)))
+    return v2.Compose(steps) if steps else None
+
+
+def apply_per_image(images: torch.Tensor, transform, generator: torch.Generator) -> torch.Tensor:
+    """``transform`` applied to each uint8 image on its own (its own random draws: never one
+    op for the whole batch), reproducibly: the global RNG torchvision draws from is seeded
+    from ``generator`` inside a forked RNG state, so training's RNG is untouched."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return torch.stack([transform(image) for image in images])
+
+
+def auto_augment(images: torch.Tensor, policy: str, generator: torch.Generator) -> torch.Tensor:
+    """torchvision's AutoAugment (``policy``: cifar10, imagenet or svhn), per image."""
+    return apply_per_image(images, per_image_transforms(autoaugment=policy), generator)
+
+
 @dataclass
 class DeviceData:
     """Both splits on ``device``; ``train_batches`` and ``eval_batches`` yield normalised
@@ -60,10 +95,11 @@ class DeviceData:
     train: Split
     test: Split
     class_names: list[str]
-    mean: torch.Tensor  # 1 x C x 1 x 1, of the training images scaled to [0, 1]
+    mean: torch.Tensor  # 1 x C x 1 x 1 (or 1 x C x H x W per pixel), images scaled to [0, 1]
     std: torch.Tensor
     crop_padding: int
     hflip: bool
+    per_image: object = None  # torchvision transforms drawn per image (rotation, AutoAugment)
 
     @property
     def channels(self) -> int:
@@ -96,7 +132,13 @@ class DeviceData:
         if self.hflip:
             flip = torch.rand(n, generator=generator, device=device) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(3), images)
+        if self.per_image is not None:
+            images = apply_per_image(images, self.per_image, generator)
         return images
+
+    @property
+    def augments(self) -> bool:
+        return bool(self.crop_padding or self.hflip or self.per_image is not None)
 
     def steps_per_epoch(self, batch_size: int, world: int = 1) -> int:
         n = len(self.train.labels)
@@ -118,7 +160,7 @@ class DeviceData:
             if world > 1:
                 index = index.tensor_split(world)[rank]
             images = self.train.images[index]
-            if self.crop_padding or self.hflip:
+            if self.augments:
                 generator.manual_seed(_mix(seed, epoch, step, rank))
                 images = self.augment(images, generator)
             yield self.normalise(images), self.train.labels[index]
@@ -137,6 +179,25 @@ NATIVE_SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "fashion_mnis
                  "mnist": (1, 28, 10), "digits": (1, 8, 10)}  # fmt: skip
 
 
+# training images of each dataset as read from its files (digits: the 80% train split)
+NATIVE_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000,
+                "mnist": 60_000, "digits": 1_438}  # fmt: skip
+
+
+def steps_per_epoch(config, batch_size: int) -> int:
+    """Training steps per epoch of a recipe's data section at ``batch_size``, without
+    reading the data: ``subset`` if given, else the native size (times d / classes for a
+    class subset: exact for the balanced datasets, CIFAR and Fashion-MNIST; about right for
+    MNIST)."""
+    channels, size, classes = NATIVE_SHAPES[config.dataset]
+    images = NATIVE_SIZES[config.dataset]
+    if config.classes:
+        images = images * config.classes // classes
+    if config.subset:
+        images = min(images, config.subset)
+    return -(-images // batch_size)
+
+
 def dataset_shape(config) -> tuple[int, int, int]:
     """(channels, size, classes) a recipe's data section yields, without reading the data:
     for FLOP counts and benchmarks on synthetic batches of the right shape."""
@@ -144,6 +205,20 @@ def dataset_shape(config) -> tuple[int, int, int]:
     if config.grayscale:
         channels = 1
     return channels, config.pad_to or size, config.classes or classes
+
+
+def _normalisation(images: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) that ``DeviceData.normalise`` applies to images scaled to [0, 1]: per
+    channel (1 x C x 1 x 1) or per pixel (1 x C x H x W) from the training images, or the
+    fixed 0.5, 0.5 (``symmetric``)."""
+    if how == "symmetric":
+        half = torch.full((1, images.shape[1], 1, 1), 0.5, dtype=torch.float64)
+        return half, half
+    scaled = images.to(torch.float64) / 255.0
+    dims = (0, 2, 3) if how == "channel" else (0,)
+    mean, std = scaled.mean(dim=dims, keepdim=True), scaled.std(dim=dims, keepdim=True)
+    # a pixel that never varies (an MNIST corner) is centred only (scikit-learn's rule)
+    return mean, torch.where(std > 1e-8, std, torch.ones_like(std))
 
 
 def load_data(config, device: torch.device | str = "cpu") -> DeviceData:
@@ -156,9 +231,7 @@ def load_data(config, device: torch.device | str = "cpu") -> DeviceData:
     train_labels = raw.train.labels
     if config.subset is not None:
         train_images, train_labels = train_images[: config.subset], train_labels[: config.subset]
-    scaled = train_images.to(torch.float64) / 255.0
-    mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
-    std = scaled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    mean, std = _normalisation(train_images, config.normalise)
     return DeviceData(
         train=Split(train_images.to(device), train_labels.to(device)),
         test=Split(test_images.to(device), raw.test.labels.to(device)),
@@ -167,7 +240,8 @@ def load_data(config, device: torch.device | str = "cpu") -> DeviceData:
         std=std.to(device, torch.float32),
         crop_padding=config.augment.crop_padding,
         hflip=config.augment.hflip,
+        per_image=per_image_transforms(config.augment.rotation, config.augment.autoaugment),
     )
 
 
-__all__ = ["DeviceData", "dataset_shape", "load_data", "read_dataset"]
+__all__ = ["DeviceData", "dataset_shape", "load_data", "read_dataset", "steps_per_epoch"]

@@ -139,6 +139,13 @@ def kaiming_uniform_like_weight(shape: tuple[int, ...], fan_in: int, like: Tenso
     return torch.empty(shape, device=like.device, dtype=like.dtype).uniform_(-bound, bound)
 
 
+def load_factors(layer: nn.Module, Q: Tensor, P: Tensor) -> None:
+    """Copy Q, P into the layer's feedback factors in place (Parameters or buffers)."""
+    with torch.no_grad():
+        layer.feedback_Q.copy_(Q)
+        layer.feedback_P.copy_(P)
+
+
 def store(layer: nn.Module, name: str, value: Tensor, learned: bool) -> None:
     """Register ``value`` as a Parameter (learned) or a persistent buffer (fixed)."""
     if learned:
@@ -233,3 +240,65 @@ def svd_factors(layer: FeedbackLayer) -> tuple[Tensor, Tensor]:
     Q = layer.ops.q_from_rows(q_matrix.t(), q_shape)
     w = layer.weight
     return Q.to(w.dtype), P.to(w.dtype).contiguous()
+
+
+def kaiming_factors(layer: FeedbackLayer) -> tuple[Tensor, Tensor]:
+    """Random Q, P by App. B's "Kaiming uniform" as the authors' code draws it: each factor
+    initialised like an nn.Linear / nn.Conv2d of its own shape (``kaiming_uniform_(a=
+    sqrt(5))``, U(+-1/sqrt(fan_in))) in their layout, P m x r and Q r x N: P ~ U(+-1/sqrt(r))
+    and, Q drawn with the linear gain, Q ~ U(+-sqrt(3/N)) (N = n kh kw, the patch). Returned
+    in this package's layout (P r x m, Q n x r or r x n x kh x kw).
+
+    Why this one: Oja drives P to orthonormal rows, where the feedback's gain is Q's own, and
+    under Adam's coupled weight decay that gain sets how strongly the decay acts (a large
+    gain drowns it). This Q gives ||QP||_F = sqrt(r) there, about the Frobenius norm of a
+    default-initialised W's best rank-r approximation; :func:`kaiming_literal_factors`' Q is
+    sqrt(N/(3r)) times larger and trained over-confident networks (see docs/reproducing.md)."""
+    r, m, n_patch = layer.rank, layer.fan_out, layer.patch_size
+    w = layer.weight
+    p_bound, q_bound = 1.0 / math.sqrt(r), math.sqrt(3.0 / n_patch)
+    P = torch.empty((r, m), device=w.device, dtype=w.dtype).uniform_(-p_bound, p_bound)
+    q_shape = layer.ops.q_shape(layer.fan_in, r, layer.kernel)
+    Q = torch.empty(q_shape, device=w.device, dtype=w.dtype).uniform_(-q_bound, q_bound)
+    return Q, P
+
+
+def kaiming_literal_factors(layer: FeedbackLayer) -> tuple[Tensor, Tensor]:
+    """App. B's "Kaiming uniform" read literally in the paper's layout (this package's):
+    PyTorch's default init, ``kaiming_uniform_(a=sqrt(5))``, of each stored factor, i.e.
+    U(+-1/sqrt(fan_in)) with the fan-in of its second dimension: P (r x m) ~ U(+-1/sqrt(m)),
+    a Linear Q (n x r) ~ U(+-1/sqrt(r)), a conv Q (the r x n x kh x kw kernel of a
+    transposed conv, as nn.ConvTranspose2d's) ~ U(+-1/sqrt(n kh kw))."""
+    w = layer.weight
+    P = torch.empty((layer.rank, layer.fan_out), device=w.device, dtype=w.dtype)
+    Q = torch.empty(layer.ops.q_shape(layer.fan_in, layer.rank, layer.kernel), device=w.device,
+                    dtype=w.dtype)  # fmt: skip
+    for factor in (P, Q):
+        nn.init.kaiming_uniform_(factor, a=math.sqrt(5))
+    return Q, P
+
+
+RANDOM_INITS = {"kaiming": kaiming_factors, "kaiming_literal": kaiming_literal_factors,
+                "random": random_factors}  # fmt: skip
+
+
+def init_factors(layer: FeedbackLayer, init: str) -> None:
+    """Draw the layer's Q, P by one of :data:`RANDOM_INITS`, in place."""
+    load_factors(layer, *RANDOM_INITS[init](layer))
+
+
+def lowrank_svd_factors(layer: FeedbackLayer, niter: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Q, P from ``torch.svd_lowrank(W, q=r, niter)`` (a randomized SVD, as the authors'
+    code): W ~ U S V^T, so W^T ~ V S U^T, Q = V S^1/2 and P = S^1/2 U^T. Its random start is
+    drawn under ``seed`` with the global RNG state saved and restored."""
+    r = layer.rank
+    w_rows = layer.weight.detach().reshape(layer.fan_out, -1)  # m x N, in W's dtype
+    devices = [w_rows.device] if w_rows.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        U, S, V = torch.svd_lowrank(w_rows, q=r, niter=niter)
+    root = S[:r].sqrt()
+    P = (root[:, None] * U[:, :r].t()).contiguous()  # r x m
+    q_shape = layer.ops.q_shape(layer.fan_in, r, layer.kernel)
+    Q = layer.ops.q_from_rows((V[:, :r] * root).t(), q_shape)
+    return Q.to(w_rows.dtype), P.to(w_rows.dtype)

@@ -53,11 +53,18 @@ class capture_inputs(dict):
             h.remove()
 
 
-def _rank_for(name: str, rank, ranks: dict | None):
-    for pattern, value in (ranks or {}).items():
-        if fnmatch(name, pattern):
-            return value
-    return rank
+def _rank_for(name: str, module: nn.Module, rank, ranks: dict | None, scale: dict | None):
+    """The rank spec for a layer: ``ranks``' first matching pattern, else ``rank``; then
+    times ``scale``'s first matching multiplier (a fraction is resolved against the output
+    width first, so ``{"*.qkv": 3}`` makes qkv's rank 3r whatever r is)."""
+    spec = next((v for p, v in (ranks or {}).items() if fnmatch(name, p)), rank)
+    factor = next((v for p, v in (scale or {}).items() if fnmatch(name, p)), None)
+    if factor is None or spec is None or isinstance(spec, bool):
+        return spec
+    if isinstance(spec, float):
+        width = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+        spec = max(1, round(spec * width))
+    return max(1, round(spec * factor))
 
 
 def _swap(module: nn.Module, name: str, rule: Rule, rank) -> FeedbackLayer:
@@ -106,6 +113,7 @@ def convert(
     exclude=None,
     ranks: dict | None = None,
     example_input: Tensor | tuple | None = None,
+    rank_scale: dict | None = None,
     **options,
 ) -> nn.Module:
     """Swap every ``nn.Linear`` / ``nn.Conv2d`` whose qualified name matches a glob in
@@ -113,7 +121,8 @@ def convert(
     (its options as keywords), and return the model (changed in place).
 
     ``rank``: int, fraction of the layer's output width, or None (full rank); ``ranks``
-    overrides it by pattern, first match wins, e.g. ``{"*.qkv": 72}``. With
+    overrides it by pattern, first match wins, e.g. ``{"*.qkv": 72}``; ``rank_scale``
+    multiplies it by pattern, e.g. ``{"*.qkv": 3}`` (the authors' 3r for qkv). With
     ``example_input``, layers whose input needs no gradient (the first layer on the raw
     input, a ViT's patch_embed) stay plain ``nn`` layers; without it they are converted but
     still run plain autograd at run time, as their input needs no gradient. With
@@ -153,7 +162,8 @@ def convert(
         layer_rule = rules[name] if broadcast else base_rule
         if uses_targets and i != len(chosen) - 1:
             layer_rule = make_rule(base_rule, use_targets=False)
-        model.set_submodule(name, _swap(module, name, layer_rule, _rank_for(name, rank, ranks)))
+        spec = _rank_for(name, module, rank, ranks, rank_scale)
+        model.set_submodule(name, _swap(module, name, layer_rule, spec))
     if broadcast:  # after the swap: the source may itself have been swapped
         next(iter(rules.values())).channel.attach(model.get_submodule(source))
     return model

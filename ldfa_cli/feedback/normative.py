@@ -17,6 +17,7 @@ engine steps a second optimizer (the paper's second AdamW, App. C.2) on the fact
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,7 +25,16 @@ import torch
 from torch import Tensor, nn
 
 from . import accounting
-from .base import LowRankRule, check, register, svd_factors
+from .base import (
+    RANDOM_INITS,
+    LowRankRule,
+    check,
+    init_factors,
+    load_factors,
+    lowrank_svd_factors,
+    register,
+    svd_factors,
+)
 
 
 @register
@@ -32,10 +42,18 @@ from .base import LowRankRule, check, register, svd_factors
 class Normative(LowRankRule):
     """Learned rank-r feedback tracking W^T (Algorithm 1).
 
-    Options: ``init`` ``random`` (Kaiming uniform, the paper) or ``svd`` (truncated SVD of
-    W); ``interval`` k, the factorisation update runs every k steps; ``reset_svd_every``
-    (steps, off by default): reset Q, P to the SVD of W, as the authors' code does every half
-    epoch. That reset reads W's exact singular vectors, so it is partly an oracle.
+    Options: ``init`` ``kaiming`` (the default, App. B's Kaiming uniform as the authors
+    draw it; see :func:`~ldfa_cli.feedback.base.kaiming_factors`), ``kaiming_literal``,
+    ``random`` (see ``ldfa_local``) or ``svd`` (truncated SVD of W, the authors' code for
+    the normative rule); ``interval`` k,
+    the factorisation update runs every k steps;
+    ``reset_svd_every`` (steps) or ``reset_svd_every_epochs`` (a fraction of an epoch, floored
+    to steps as the authors' ``len(loader) // 2``; both off by default): reset Q, P to the SVD
+    of W, as the authors' code does every half epoch. That reset reads W's singular vectors
+    (weight transport), so it is partly an oracle. ``svd``: ``exact`` (``torch.linalg.svd``
+    in float64) or ``lowrank`` (``torch.svd_lowrank`` with ``svd_niter`` power iterations
+    in the weight's dtype, as the authors' code; seeded from the layer and step, so the
+    training RNG is untouched).
     """
 
     name: ClassVar[str] = "ldfa"
@@ -44,14 +62,27 @@ class Normative(LowRankRule):
     p_is_parameter: ClassVar[bool] = True
     q_is_parameter: ClassVar[bool] = True
 
-    init: str = "random"
+    init: str = "kaiming"
     interval: int = 1
     reset_svd_every: int | None = None
+    reset_svd_every_epochs: float | None = None
+    svd: str = "exact"
+    svd_niter: int = 10
 
     def __post_init__(self):
+        check(self.svd in ("exact", "lowrank"),
+              f"rule 'ldfa': svd must be 'exact' or 'lowrank', got {self.svd!r}")  # fmt: skip
+        check(self.svd_niter >= 0, f"rule 'ldfa': svd_niter must be >= 0, got {self.svd_niter}")
+        check(self.reset_svd_every is None or self.reset_svd_every_epochs is None,
+              "rule 'ldfa': give reset_svd_every (steps) or reset_svd_every_epochs, not "
+              "both")  # fmt: skip
+        check(self.reset_svd_every_epochs is None or self.reset_svd_every_epochs > 0,
+              f"rule 'ldfa': reset_svd_every_epochs must be > 0 or null, got "
+              f"{self.reset_svd_every_epochs}")  # fmt: skip
+        inits = (*RANDOM_INITS, "svd")
         check(
-            self.init in ("random", "svd"),
-            f"rule 'ldfa': init must be 'random' or 'svd', got {self.init!r}",
+            self.init in inits,
+            f"rule 'ldfa': init must be one of {', '.join(inits)}, got {self.init!r}",
         )
         check(self.interval >= 1, f"rule 'ldfa': interval must be >= 1, got {self.interval}")
         check(
@@ -63,14 +94,26 @@ class Normative(LowRankRule):
         super().create_feedback(layer)
         if self.init == "svd":
             load_svd(layer)
+        else:
+            init_factors(layer, self.init)
+
+    def reset_interval(self, steps_per_epoch: int | None) -> int | None:
+        """Steps between SVD resets, or None (never; or in epochs with no epoch length)."""
+        if self.reset_svd_every is not None:
+            return self.reset_svd_every
+        if self.reset_svd_every_epochs is None or not steps_per_epoch:
+            return None
+        return max(1, math.floor(steps_per_epoch * self.reset_svd_every_epochs))
 
 
-def load_svd(layer) -> None:
-    """Set the layer's Q, P to the truncated SVD of its current W^T, in place."""
-    Q, P = svd_factors(layer)
-    with torch.no_grad():
-        layer.feedback_Q.copy_(Q)
-        layer.feedback_P.copy_(P)
+def load_svd(layer, seed: int = 0) -> None:
+    """Set the layer's Q, P to the truncated SVD of its current W^T, in place; the rule's
+    ``svd`` says how (``lowrank`` draws its random start from ``seed``)."""
+    if layer.rule.svd == "lowrank":
+        Q, P = lowrank_svd_factors(layer, layer.rule.svd_niter, seed)
+    else:
+        Q, P = svd_factors(layer)
+    load_factors(layer, Q, P)
 
 
 class FactorisationLoss(torch.autograd.Function):
@@ -146,13 +189,19 @@ def feedback_loss(
     return torch.stack(losses).sum() if losses else None
 
 
-def reset_feedback_to_svd(model: nn.Module, step: int) -> int:
-    """Reset Q, P to the SVD of W in layers whose ``reset_svd_every`` divides ``step``
-    (an explicit, partly oracular option). Returns how many layers were reset."""
+def reset_feedback_to_svd(model: nn.Module, step: int, steps_per_epoch: int | None = None) -> int:
+    """Reset Q, P to the SVD of W in layers whose reset interval (``reset_svd_every``, or
+    ``reset_svd_every_epochs`` of ``steps_per_epoch``) divides ``step`` (an explicit, partly
+    oracular option). Returns how many layers were reset."""
     reset = 0
-    for layer in normative_layers(model):
-        every = layer.rule.reset_svd_every
+    for index, layer in enumerate(normative_layers(model)):
+        every = layer.rule.reset_interval(steps_per_epoch)
         if every and step > 0 and step % every == 0:
-            load_svd(layer)
+            counting = accounting.ACTIVE
+            if counting:
+                previous = accounting.enter(layer.layer_name, "svd_reset")
+            load_svd(layer, seed=step * 1_000_003 + index)
+            if counting:
+                accounting.leave(previous)
             reset += 1
     return reset
