@@ -184,7 +184,7 @@ def test_rank_clipped_to_full_rank_and_fraction():
         (lambda: convert(nn.Linear(3, 3), "dfaa"), ["unknown rule 'dfaa'", "ldfa_local"]),
         (lambda: convert(nn.Sequential(nn.Linear(3, 9)), "ldfa", rank=0), ["'0'", "m=9", ">= 1"]),
         (lambda: convert(nn.Sequential(nn.Linear(3, 9)), "ldfa", rank=1.5), ["'0'", "(0, 1]"]),
-        (lambda: convert(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), "ldfa"), ["groups=2"]),
+        (lambda: convert(nn.Linear(3, 3), "ldfa", init="nope"), ["init must be one of", "svd"]),
         (lambda: convert(nn.Linear(3, 3), "ldfa", warmup=3), ["no option 'warmup'", "interval"]),
         (lambda: convert(nn.Linear(3, 3), "ldfa", include=["nothing"]), ["no Linear"]),
         (lambda: LDFALinear(3, 3, rule="kp", decay=-1.0), ["decay must be >= 0"]),

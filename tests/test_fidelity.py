@@ -48,9 +48,10 @@ def test_oja_std_is_gamma_times_samples_minus_one():
 @pytest.mark.parametrize(
     ("make", "bounds"),
     [  # (P, Q) bounds. App. B as the authors draw it: P ~ U(+-1/sqrt(r)), Q ~ U(+-sqrt(3/N))
-        (lambda: LDFALinear(40, 30, rule="ldfa_local", rank=5),
+        (lambda: LDFALinear(40, 30, rule="ldfa_local", rank=5, init="kaiming"),
          (1 / math.sqrt(5), math.sqrt(3 / 40))),
-        (lambda: LDFAConv2d(4, 6, 3, rule="ldfa", rank=5), (1 / math.sqrt(5), math.sqrt(3 / 36))),
+        (lambda: LDFAConv2d(4, 6, 3, rule="ldfa", rank=5, init="kaiming"),
+         (1 / math.sqrt(5), math.sqrt(3 / 36))),
         # read literally: PyTorch's default of each stored factor, the paper's layout
         (lambda: LDFALinear(40, 30, rule="ldfa_local", rank=5, init="kaiming_literal"),
          (1 / math.sqrt(30), 1 / math.sqrt(5))),
@@ -64,6 +65,27 @@ def test_kaiming_factor_inits_reach_their_bounds_and_never_exceed_them(make, bou
     for tensor, bound in zip((layer.feedback_P, layer.feedback_Q), bounds, strict=True):
         top = tensor.detach().abs().max().item()
         assert 0.8 * bound < top <= bound
+
+
+@pytest.mark.parametrize("rule", ["ldfa", "lowrank_fa", "ldfa_local"])
+def test_matched_init_scales_feedback_to_the_layers_own_weight(rule):
+    """||QP||_F = ||W_r||_F (W's best rank-r approximation) whatever W's own scale; the
+    Oja rule starts P with orthonormal rows, so the match holds at its fixed point."""
+    from ldfa_cli.feedback.base import best_rank_norm
+
+    for scale in (0.02, 1.0):
+        torch.manual_seed(0)
+        layer = LDFALinear(40, 30, rule=rule, rank=5)
+        with torch.no_grad():
+            layer.weight.mul_(scale)
+        layer.rule.create_feedback(layer)  # draw again for this W
+        product = (layer.feedback_Q @ layer.feedback_P).detach().double().norm()
+        torch.testing.assert_close(product, best_rank_norm(layer, 5)[0], rtol=1e-5, atol=0)
+        if rule == "ldfa_local":
+            P = layer.feedback_P.detach()
+            torch.testing.assert_close(P @ P.t(), torch.eye(5), atol=1e-5, rtol=0)
+    fa = LDFALinear(40, 30, rule="fa")
+    torch.testing.assert_close(fa.feedback_B.double().norm(), fa.weight.detach().double().norm())
 
 
 def test_clamp_input_grad_clamps_what_is_sent_upstream():

@@ -148,9 +148,23 @@ def _svd_formula(a_shape, full_matrices=True, compute_uv=True, *args, out_shape=
     return batch * svd_flops(m, n, vectors=bool(compute_uv))
 
 
+def _conv_backward_formula(grad_out, x, w, bias, stride, padding, dilation, transposed,
+                           output_padding, groups, output_mask, *args, **kwargs):  # fmt: skip
+    """``convolution_backward`` with groups: the input gradient and the weight gradient each
+    cost the forward convolution's multiply-adds, N * C_out * positions * (C_in / g) * k...
+    (PyTorch's own formula charges a grouped weight gradient g times that)."""
+    if transposed:  # the forward was a transposed conv: x (N, C_in...) with w (C_in, C_out/g..)
+        per = math.prod(x[:1]) * math.prod(x[2:]) * math.prod(w)
+    else:  # grad_out (N, C_out, positions...), w (C_out, C_in / g, k...)
+        per = grad_out[0] * math.prod(grad_out[2:]) * math.prod(w)
+    return 2 * per * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
 def decomposition_formulas() -> dict:
-    """FlopCounterMode formulas (shapes in) for the decompositions the SVD reset runs."""
-    return {aten.linalg_qr: _qr_formula, aten._linalg_svd: _svd_formula}
+    """FlopCounterMode formulas (shapes in) for the decompositions the SVD reset runs, and a
+    group-aware ``convolution_backward``."""
+    return {aten.linalg_qr: _qr_formula, aten._linalg_svd: _svd_formula,
+            aten.convolution_backward: _conv_backward_formula}  # fmt: skip
 
 
 # ----------------------------------------------------------------------- optimizers

@@ -216,7 +216,7 @@ class StepFlops:
 
 def _samples_hooks(model: nn.Module, samples: dict, batches: dict):
     def hook(module, args, out):
-        channels = out.shape[1] if isinstance(module, nn.Conv2d) else out.shape[-1]
+        channels = out.shape[1] if isinstance(module, nn.Conv1d | nn.Conv2d) else out.shape[-1]
         samples[module.layer_name] = out.numel() // channels
         batches[module.layer_name] = out.shape[0]
 
@@ -307,21 +307,24 @@ def analytic_flops(layer: FeedbackLayer, samples: int, batch: int = 0) -> dict:
         return counts
     if name in ("bp", "fa", "kp"):
         counts["input_grad"] = dense
-    elif name in ("lowrank_fa", "ldfa"):
+        return counts
+    # the low-rank rules: per group (r = rank per group, m = m_g), times the groups
+    g, m = layer.groups, layer.group_out
+    if name in ("lowrank_fa", "ldfa"):
         if dense_cheaper(T, r, m, N):
-            counts["input_grad"] = 2 * m * N * r + dense
+            counts["input_grad"] = g * 2 * m * N * r + dense
         else:
-            counts["input_grad"] = 2 * T * r * (m + N)
+            counts["input_grad"] = g * 2 * T * r * (m + N)
         if name == "ldfa":
-            per_update = 4 * m * N * r + 4 * r * r * N + 4 * r * r * m  # eq. 9, no dot
+            per_update = g * (4 * m * N * r + 4 * r * r * N + 4 * r * r * m)  # eq. 9, no dot
             counts["feedback_update"] = per_update / rule.interval
     elif name == "ldfa_local":
-        counts["input_grad"] = 2 * T * r * (m + N)
-        update = 2 * T * r * m + 4 * r * r * m
+        counts["input_grad"] = g * 2 * T * r * (m + N)
+        update = g * (2 * T * r * m + 4 * r * r * m)
         if rule.use_targets:
-            update += 2 * T * m * r
+            update += g * 2 * T * m * r
         if rule.learn_q:
-            update += 2 * T * N * r
+            update += g * 2 * T * N * r
         counts["feedback_update"] = update
     return counts
 

@@ -96,8 +96,26 @@ class RetinaConfig(Section):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
 
 
+class TimmConfig(Section):
+    """Any timm architecture (``timm.create_model(architecture, pretrained=False)``; the
+    dataset sets ``num_classes``, ``in_chans`` and, where the model takes it, ``img_size``;
+    ``kwargs`` go to the model, e.g. ``{drop_path_rate: 0.1}``). Every Linear and Conv the
+    converter meets is converted or listed with the reason it was kept."""
+
+    name: Literal["timm"] = "timm"
+    architecture: str
+    kwargs: dict = {}
+
+    @field_validator("architecture")
+    @classmethod
+    def _known(cls, architecture: str) -> str:
+        from ldfa_cli.models.timm_any import known_architecture
+
+        return known_architecture(architecture)
+
+
 ModelConfig = Annotated[
-    MLPConfig | VGGConfig | ViTConfig | RetinaConfig, Field(discriminator="name")
+    MLPConfig | VGGConfig | ViTConfig | RetinaConfig | TimmConfig, Field(discriminator="name")
 ]
 
 
@@ -156,6 +174,8 @@ class FeedbackConfig(Section):
     ranks: dict[str, int | float] = {}  # per-layer rank by name pattern, first match wins
     # per-layer multiplier of the rank by name pattern, e.g. {"*.qkv": 3} (the authors' 3r)
     rank_scale: dict[str, Annotated[float, Field(gt=0.0)]] = {}
+    # convert grouped convs even where rank 1 per group saves nothing (depthwise)
+    force_grouped: bool = False
     options: dict = {}  # the rule's options ('ldfa rules' lists them)
     # the feedback tensors' own optimizer (App. C.2), or "forward": they join the forward
     # optimizer and its schedule (App. C.3 trains W, P and Q with one Adam)
@@ -294,5 +314,5 @@ class Recipe(Section):
     def _model_named(cls, data):
         model = data.get("model") if isinstance(data, dict) else None
         if isinstance(model, dict) and "name" not in model:
-            raise ValueError("'model.name' is missing: choose mlp, vgg, vit or retina")
+            raise ValueError("'model.name' is missing: choose mlp, vgg, vit, retina or timm")
         return data

@@ -101,8 +101,8 @@ def convert_as_recipe(model: nn.Module, fb, example: torch.Tensor) -> nn.Module:
     """Convert ``model``'s layers as the recipe's ``feedback`` section says (``bp``: kept)."""
     if fb.rule != "bp":
         convert(model, fb.rule, rank=fb.rank, include=fb.include, exclude=fb.exclude,
-                ranks=fb.ranks, rank_scale=fb.rank_scale, example_input=example,
-                **fb.options)  # fmt: skip
+                ranks=fb.ranks, rank_scale=fb.rank_scale, force_grouped=fb.force_grouped,
+                example_input=example, **fb.options)  # fmt: skip
     return model
 
 

@@ -19,7 +19,25 @@ rule           feedback sent upstream                      how it learns        
 
 Layouts: W is m x n (out x in). B = Q P approximates W^T with Q n x r and P r x m
 (a conv's Q is an r x n x kh x kw transposed-conv kernel, its P a 1x1 conv); the input
-gradient is (g P^T) Q^T. A full-rank B (fa, kp) is stored in W's own layout.
+gradient is (g P^T) Q^T. A full-rank B (fa, kp) is stored in W's own layout. Layers:
+nn.Linear, nn.Conv1d, nn.Conv2d (zero padding).
+
+Grouped convs (groups g > 1) keep their groups in the feedback: one (P_j, Q_j) pair per
+group, P a grouped 1x1 conv and Q a grouped transposed conv, the rank per group (clipped to
+the group's full rank min(m_g, n_g kh kw)), Oja's covariance, the Hebbian update and the
+factorisation loss formed per group. Where a low-rank map cannot save anything, because even
+rank 1 per group costs more than the group's W^T (a depthwise conv: its W^T g costs
+T k^2 m, rank 1 costs T m (1 + k^2)), the converter keeps the layer on plain autograd and
+says so ("kept: depthwise, its transpose is already cheaper than rank 1 per group");
+``force_grouped=True`` converts it anyway.
+
+Random feedback defaults to ``init: matched`` for every low-rank rule and ``fa``/``kp``:
+random directions scaled from the layer's own W (||QP||_F that of W's best rank-r
+approximation, ||B||_F = ||W||_F), so models that initialise their weights otherwise than
+nn.Linear's default (timm's truncated normals) get feedback of their own gradients' size
+instead of a gain that compounds with depth; the paper-faithful recipes pin App. B's
+``kaiming``. The broadcast rules' maps (dfa, dldfa) stand for no single W^T and keep their
+own draw.
 
 Sign convention, once for every rule. The paper writes updates with the error
 delta = y - y_hat, a negative gradient. Here every update of a feedback tensor reaches it as

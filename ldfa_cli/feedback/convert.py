@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 
 import torch
 from torch import Tensor, nn
 
-from .base import FeedbackConfigError, Rule, make_rule
-from .layers import FeedbackLayer, LDFAConv2d, LDFALinear
+from .base import FeedbackConfigError, Rule, make_rule, resolve_rank
+from .layers import FeedbackLayer, LDFAConv1d, LDFAConv2d, LDFALinear
 
 # nn.MultiheadAttention calls its out_proj's weight functionally: swapping it changes nothing.
 _FUNCTIONAL_LINEARS = (nn.modules.linear.NonDynamicallyQuantizableLinear,)
@@ -20,12 +21,36 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch(name, p) for p in patterns)
 
 
+CONVERTIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
 def _candidates(model: nn.Module):
     for name, module in model.named_modules():
         if isinstance(module, FeedbackLayer):
             continue
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, CONVERTIBLE):
             yield name, module
+
+
+def _kept_because(module: nn.Module, rule: Rule, rank, force_grouped: bool) -> str | None:
+    """Why a selected layer stays on plain autograd, or None to convert it."""
+    if isinstance(module, nn.Conv1d | nn.Conv2d) and module.padding_mode != "zeros":
+        return f"kept: pads with {module.padding_mode!r} (feedback layers support zero padding)"
+    if getattr(rule, "svd_form", False) and (
+        isinstance(module, nn.Conv1d) or getattr(module, "groups", 1) > 1
+    ):
+        return "kept: svd_dfa trains Linear and ungrouped Conv2d layers only"
+    groups = getattr(module, "groups", 1)
+    if groups == 1 or not rule.uses_rank or force_grouped or getattr(rule, "broadcast", False):
+        return None
+    m_g = module.out_channels // groups
+    n_patch = module.in_channels // groups * math.prod(module.kernel_size)
+    r_g = resolve_rank(rank, name="", m=m_g, full_rank=min(m_g, n_patch))
+    if r_g * (m_g + n_patch) < m_g * n_patch:  # the thin pathway saves something
+        return None
+    what = "depthwise" if groups == module.in_channels else f"grouped (groups={groups})"
+    return (f"kept: {what}, its transpose is already cheaper than rank {r_g} per group "
+            "(force_grouped converts it)")  # fmt: skip
 
 
 def _inputs_without_grad(model: nn.Module, example_input, names) -> set[str]:
@@ -62,7 +87,8 @@ def _rank_for(name: str, module: nn.Module, rank, ranks: dict | None, scale: dic
     if factor is None or spec is None or isinstance(spec, bool):
         return spec
     if isinstance(spec, float):
-        width = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+        conv = isinstance(module, nn.Conv1d | nn.Conv2d)
+        width = module.out_channels // module.groups if conv else module.out_features
         spec = max(1, round(spec * width))
     return max(1, round(spec * factor))
 
@@ -74,8 +100,9 @@ def _swap(module: nn.Module, name: str, rule: Rule, rank) -> FeedbackLayer:
         from .svd import svd_layer
 
         return svd_layer(module, name, rule, rank)
-    if isinstance(module, nn.Conv2d):
-        new = LDFAConv2d(
+    if isinstance(module, nn.Conv1d | nn.Conv2d):
+        kind = LDFAConv1d if isinstance(module, nn.Conv1d) else LDFAConv2d
+        new = kind(
             module.in_channels,
             module.out_channels,
             module.kernel_size,
@@ -114,6 +141,7 @@ def convert(
     ranks: dict | None = None,
     example_input: Tensor | tuple | None = None,
     rank_scale: dict | None = None,
+    force_grouped: bool = False,
     **options,
 ) -> nn.Module:
     """Swap every ``nn.Linear`` / ``nn.Conv2d`` whose qualified name matches a glob in
@@ -122,7 +150,9 @@ def convert(
 
     ``rank``: int, fraction of the layer's output width, or None (full rank); ``ranks``
     overrides it by pattern, first match wins, e.g. ``{"*.qkv": 72}``; ``rank_scale``
-    multiplies it by pattern, e.g. ``{"*.qkv": 3}`` (the authors' 3r for qkv). With
+    multiplies it by pattern, e.g. ``{"*.qkv": 3}`` (the authors' 3r for qkv). A grouped
+    conv gets a rank per group; where even rank 1 per group saves nothing (a depthwise conv:
+    its W^T g costs T k^2 m) it stays on plain autograd unless ``force_grouped``. With
     ``example_input``, layers whose input needs no gradient (the first layer on the raw
     input, a ViT's patch_embed) stay plain ``nn`` layers; without it they are converted but
     still run plain autograd at run time, as their input needs no gradient. With
@@ -134,10 +164,13 @@ def convert(
     exclude = list(exclude or [])
     chosen = []
     for name, module in _candidates(model):
+        spec = _rank_for(name, module, rank, ranks, rank_scale)
         if isinstance(module, _FUNCTIONAL_LINEARS):
             module.ldfa_note = "kept: used functionally by nn.MultiheadAttention"
         elif not _matches(name, include) or _matches(name, exclude):
             module.ldfa_note = "kept: not selected by include/exclude"
+        elif (why := _kept_because(module, base_rule, spec, force_grouped)) is not None:
+            module.ldfa_note = why
         else:
             chosen.append((name, module))
     broadcast = getattr(base_rule, "broadcast", False)
@@ -155,7 +188,8 @@ def convert(
         chosen = [(n, m) for n, m in chosen if n not in no_grad]
     if not chosen:
         raise FeedbackConfigError(
-            f"no Linear or Conv2d layer matched include={include} exclude={exclude}"
+            f"no Linear or Conv layer matched include={include} exclude={exclude} (or each "
+            "was kept: conversion_report tells why)"
         )
     uses_targets = getattr(base_rule, "use_targets", False)
     for i, (name, module) in enumerate(chosen):
@@ -247,17 +281,18 @@ def _broadcast_plan(model, rule, chosen, example_input):
 @dataclass(frozen=True)
 class ConversionRow:
     name: str
-    kind: str  # Linear | Conv2d
+    kind: str  # Linear | Conv1d | Conv2d
     n: int  # input features / channels
     m: int  # output features / channels
-    rank: int | None  # feedback rank; None for a full-rank or transpose feedback
+    rank: int | None  # feedback rank (per group); None for a full-rank or transpose feedback
     full_rank: int
     rule: str
     note: str
+    groups: int = 1
 
 
 class ConversionReport:
-    """What a conversion swapped: one row per Linear/Conv2d layer of the model."""
+    """What a conversion swapped: one row per Linear/Conv layer of the model."""
 
     def __init__(self, rows: list[ConversionRow]):
         self.rows = rows
@@ -265,6 +300,10 @@ class ConversionReport:
     @property
     def converted(self) -> list[ConversionRow]:
         return [r for r in self.rows if r.note == "converted"]
+
+    @property
+    def kept(self) -> list[ConversionRow]:
+        return [r for r in self.rows if r.note != "converted"]
 
     def to_dicts(self) -> list[dict]:
         return [asdict(r) for r in self.rows]
@@ -279,7 +318,10 @@ class ConversionReport:
             rank = "full" if r.rank is None else f"{r.rank}"
             if r.rank is not None and r.rank >= r.full_rank:
                 rank += " (full)"
-            table.add_row(r.name, r.kind, str(r.n), str(r.m), rank, r.rule, r.note)
+            if r.rank is not None and r.groups > 1:
+                rank += f" x {r.groups} groups"
+            kind = r.kind + (f" g={r.groups}" if r.groups > 1 else "")
+            table.add_row(r.name, kind, str(r.n), str(r.m), rank, r.rule, r.note)
         return table
 
     def __str__(self) -> str:
@@ -291,24 +333,25 @@ class ConversionReport:
 
 
 def conversion_report(model: nn.Module) -> ConversionReport:
-    """Rows for every Linear/Conv2d layer: converted layers with their rule and rank, the
-    others (plain autograd, i.e. backprop) with the reason they were kept."""
+    """Rows for every Linear/Conv layer of the model: converted layers with their rule and
+    rank, the others (plain autograd, i.e. backprop) with the reason they were kept."""
     rows = []
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not isinstance(module, CONVERTIBLE):
             continue
-        kind = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
-        n = module.in_channels if kind == "Conv2d" else module.in_features
-        m = module.out_channels if kind == "Conv2d" else module.out_features
+        conv = isinstance(module, nn.Conv1d | nn.Conv2d)
+        kind = next(c.__name__ for c in CONVERTIBLE if isinstance(module, c))
+        n = module.in_channels if conv else module.in_features
+        m = module.out_channels if conv else module.out_features
+        groups = module.groups if conv else 1
         if isinstance(module, FeedbackLayer):
-            rows.append(
-                ConversionRow(
-                    name, kind, n, m, module.rank, module.full_rank, module.rule.name, "converted"
-                )
-            )
+            rows.append(ConversionRow(name, kind, n, m, module.rank, module.full_rank,
+                                      module.rule.name, "converted", groups))  # fmt: skip
         else:
             note = getattr(module, "ldfa_note", "kept: not converted")
-            rows.append(ConversionRow(name, kind, n, m, None, min(n, m), "bp", note))
+            m_g = m // groups
+            full = min(m_g, n // groups * (math.prod(module.kernel_size) if conv else 1))
+            rows.append(ConversionRow(name, kind, n, m, None, full, "bp", note, groups))
     return ConversionReport(rows)
 
 

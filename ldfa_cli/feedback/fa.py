@@ -17,7 +17,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import LowRankRule, Rule, check, kaiming_uniform_like_weight, register, store
+from .base import (
+    RANDOM_INITS,
+    LowRankRule,
+    Rule,
+    check,
+    kaiming_uniform_like_weight,
+    matched_full_rank,
+    register,
+    store,
+)
 
 
 @register
@@ -30,8 +39,21 @@ class FeedbackAlignment(Rule):
     equations: ClassVar[str] = "eq. 1"
     learned: ClassVar[bool] = False
 
+    # matched: ||B||_F = ||W||_F (the default; any model's init); kaiming: B drawn as a
+    # default-initialised W (App. B)
+    init: str = "matched"
+
+    def __post_init__(self):
+        check(self.init in ("matched", "kaiming"),
+              f"rule {self.name!r}: init must be 'matched' or 'kaiming', got "
+              f"{self.init!r}")  # fmt: skip
+
     def create_feedback(self, layer) -> None:
-        B = kaiming_uniform_like_weight(tuple(layer.weight.shape), layer.patch_size, layer.weight)
+        if self.init == "matched":
+            B = matched_full_rank(layer)
+        else:
+            B = kaiming_uniform_like_weight(tuple(layer.weight.shape), layer.patch_size,
+                                            layer.weight)  # fmt: skip
         store(layer, "feedback_B", B, learned=self.learned)
 
     def feedback_tensors(self, layer):
@@ -69,6 +91,7 @@ class KolenPollack(FeedbackAlignment):
     decay: float = 1e-4
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.decay >= 0, f"rule 'kp': decay must be >= 0, got {self.decay}")
 
     def feedback_grad(self, B, grad_weight):
@@ -86,3 +109,10 @@ class LowRankFeedbackAlignment(LowRankRule):
     name: ClassVar[str] = "lowrank_fa"
     summary: ClassVar[str] = "fixed random rank-r feedback B = QP (the failing baseline)"
     equations: ClassVar[str] = "Sec. 3, eqs. 4-6"
+
+    init: str = "matched"  # or kaiming, kaiming_literal, random (see ldfa_local)
+
+    def __post_init__(self):
+        check(self.init in RANDOM_INITS,
+              f"rule 'lowrank_fa': init must be one of {', '.join(RANDOM_INITS)}, got "
+              f"{self.init!r}")  # fmt: skip

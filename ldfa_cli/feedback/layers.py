@@ -15,6 +15,7 @@ W^T g before a hook saw it.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor, nn
@@ -139,10 +140,22 @@ class FeedbackLayer:
         self.feedback_targets: Tensor | None = None
         self.rule.create_feedback(self)
 
+    groups: int = 1  # a grouped conv's groups; its rank is per group
+
+    @property
+    def group_out(self) -> int:
+        """Output channels per group (m_g; m for a Linear layer or an ungrouped conv)."""
+        return self.fan_out // self.groups
+
     @property
     def full_rank(self) -> int:
-        """Rank of W^T as a map from the m error channels to the n kh kw input patch."""
-        return min(self.fan_out, self.patch_size)
+        """Rank of a group's W^T, a map from its m_g error channels to its n_g kh kw patch."""
+        return min(self.group_out, self.patch_size)
+
+    @property
+    def total_rank(self) -> int | None:
+        """Channels of the feedback signal: the rank per group times the groups."""
+        return None if self.rank is None else self.rank * self.groups
 
     def forward(self, x: Tensor) -> Tensor:
         return self._feedback_forward(x)
@@ -180,6 +193,7 @@ class FeedbackLayer:
     def feedback_repr(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.rule.options().items())
         rank = f", rank={self.rank}" if self.rank is not None else ""
+        rank += " per group" if rank and self.groups > 1 else ""
         return f"rule={self.rule.name}{rank}" + (f", {options}" if options else "")
 
 
@@ -196,11 +210,14 @@ class LinearShape:
 
 
 class ConvShape:
-    """A feedback layer's sizes and repr in ``nn.Conv2d`` terms (mixed into every kind)."""
+    """A feedback layer's sizes and repr in ``nn.Conv1d`` / ``nn.Conv2d`` terms (mixed into
+    every kind); the patch is one group's: n_g kh kw."""
 
     fan_in = property(lambda self: self.in_channels)
     fan_out = property(lambda self: self.out_channels)
-    patch_size = property(lambda self: self.in_channels * self.kernel_size[0] * self.kernel_size[1])
+    patch_size = property(
+        lambda self: self.in_channels // self.groups * math.prod(self.kernel_size)
+    )
     kernel = property(lambda self: tuple(self.kernel_size))
 
     def extra_repr(self) -> str:
@@ -230,21 +247,16 @@ class LDFALinear(LinearShape, FeedbackLayer, nn.Linear):
         self._setup_feedback(rule, rank, name, options)
 
 
-def conv_padding(conv: nn.Conv2d, name: str) -> tuple[int, int]:
-    """The conv's padding as two ints; string paddings resolved, asymmetric ones refused."""
+def conv_padding(conv: nn.Conv1d | nn.Conv2d, name: str) -> tuple[int, ...]:
+    """The conv's padding as ints; string paddings resolved, asymmetric ones refused."""
     where = f"layer {name!r}"
-    if conv.groups != 1:
-        raise FeedbackConfigError(
-            f"{where} is a grouped conv (groups={conv.groups}); feedback layers support "
-            "groups=1 only: exclude it from the conversion"
-        )
     if conv.padding_mode != "zeros":
         raise FeedbackConfigError(
             f"{where} pads with {conv.padding_mode!r}; feedback layers support zero padding "
             "only: exclude it from the conversion"
         )
     if conv.padding == "valid":
-        return (0, 0)
+        return (0,) * len(conv.kernel_size)
     if conv.padding == "same":
         pads = []
         for k, d in zip(conv.kernel_size, conv.dilation, strict=True):
@@ -259,10 +271,17 @@ def conv_padding(conv: nn.Conv2d, name: str) -> tuple[int, int]:
     return tuple(conv.padding)
 
 
+def conv_ops(conv: nn.Conv1d | nn.Conv2d, name: str) -> ConvOps:
+    return ConvOps(tuple(conv.stride), conv_padding(conv, name), tuple(conv.dilation),
+                   conv.groups, len(conv.kernel_size))  # fmt: skip
+
+
 class LDFAConv2d(ConvShape, FeedbackLayer, nn.Conv2d):
     """``nn.Conv2d`` trained by a feedback rule. P acts as a 1x1 conv (m -> r channels at
     every pixel), Q as a kxk transposed conv (r -> n) with the layer's stride, padding and
-    dilation, so QP has the shape of the W^T that the conv's backward would apply."""
+    dilation, so QP has the shape of the W^T that the conv's backward would apply. A grouped
+    conv gets a (P, Q) pair per group (grouped 1x1 and transposed convs), ``rank`` per group.
+    """
 
     def __init__(
         self,
@@ -297,6 +316,35 @@ class LDFAConv2d(ConvShape, FeedbackLayer, nn.Conv2d):
             device=device,
             dtype=dtype,
         )
-        padding_ints = conv_padding(self, name or type(self).__name__)
-        self.ops = ConvOps(tuple(self.stride), padding_ints, tuple(self.dilation))
+        self.ops = conv_ops(self, name or type(self).__name__)
+        self._setup_feedback(rule, rank, name, options)
+
+
+class LDFAConv1d(ConvShape, FeedbackLayer, nn.Conv1d):
+    """``nn.Conv1d`` trained by a feedback rule (audio, text, token mixing): as
+    :class:`LDFAConv2d` with one spatial dimension."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        rule: str | Rule = "ldfa",
+        rank: int | float | None = None,
+        name: str | None = None,
+        **options,
+    ):
+        nn.Conv1d.__init__(self, in_channels, out_channels, kernel_size, stride, padding,
+                           dilation, groups, bias, padding_mode, device=device,
+                           dtype=dtype)  # fmt: skip
+        self.ops = conv_ops(self, name or type(self).__name__)
         self._setup_feedback(rule, rank, name, options)

@@ -14,7 +14,8 @@ The backward sends Q z upstream with z = P g the r-dimensional teaching signal (
 
 Cost. C is never formed: P C = (g_c P^T)^T g_c = z_c^T g with z_c the centred z the input
 gradient already computed, O(T m r); the orthonormalising factor adds O(m r^2); gamma is a
-column sum of squares, O(T m). For a conv layer every output pixel is a sample (App. C.3).
+column sum of squares, O(T m). For a conv layer every output pixel is a sample (App. C.3);
+a grouped conv learns each group's P_j from its own channels' C_j and gamma_j.
 
 Signs: the paper writes updates with the error delta = -g. In ``.grad`` form (what a
 descent step applies): P.grad = -(P C/gamma)(I - P^T P) + lambda P and
@@ -29,7 +30,8 @@ from typing import ClassVar
 import torch
 
 from . import accounting
-from .base import RANDOM_INITS, LowRankRule, check, init_factors, register
+from .base import RANDOM_INITS, LowRankRule, check, register
+from .ops import grouped
 
 
 def oja_grad(ops, signal, projected, P, decay: float, normalise: str = "gamma"):
@@ -41,17 +43,18 @@ def oja_grad(ops, signal, projected, P, decay: float, normalise: str = "gamma"):
     the signal by its largest per-unit standard deviation first (the authors' code:
     C / (s_max + 1e-8)^2 with s_max^2 = gamma / (T - 1), so about (T - 1) C / gamma for T
     samples: the same direction, a T - 1 times larger step)."""
-    pc = ops.outer(ops.centre(projected), signal).float()
-    gamma = ops.centred_sumsq(signal).float().max()  # max diag(C)
+    groups = ops.groups  # a grouped conv: one C, gamma and P_j per group
+    pc = ops.grouped_outer(ops.centre(projected), signal).float()  # g x r x m_g
+    gamma = ops.centred_sumsq(signal).float().view(groups, -1).amax(1)  # max diag(C_j)
     if normalise == "std":
         samples = ops.samples(signal)
         scale = ((gamma / max(samples - 1, 1)).sqrt() + 1e-8) ** 2
     else:
         scale = gamma.clamp_min(torch.finfo(torch.float32).tiny)
-    pc = pc / scale
-    Pf = P.float()
-    oja = pc - pc.mm(Pf.t()).mm(Pf)
-    return (decay * Pf - oja).to(P.dtype)
+    pc = pc / scale[:, None, None]
+    Pf = grouped(P.float(), groups)
+    oja = pc - torch.bmm(torch.bmm(pc, Pf.transpose(1, 2)), Pf)
+    return (decay * Pf - oja).reshape(P.shape).to(P.dtype)
 
 
 @register
@@ -61,12 +64,14 @@ class Local(LowRankRule):
     eq. 15), ``learn_q`` (eq. 18), ``q_decay`` (its lambda), ``use_targets`` (output layer's
     C from the centred one-hot targets; the converter applies it to the last layer only).
 
-    ``init``: ``kaiming`` (the default: App. B's Kaiming uniform as the authors' code draws
-    it, see :func:`~ldfa_cli.feedback.base.kaiming_factors`), ``kaiming_literal`` (App. B
-    read literally in the paper's layout) or ``random`` (P ~ U(+-1/sqrt(m)), Q scaled so that
-    QP starts with a default W^T's variance). The last two give Q, and so the feedback at
-    Oja's orthonormal P, several times the gain, and on Fashion-MNIST over-confident
-    networks (test loss 5-9, 2-3 points less).
+    ``init``: ``matched`` (the default: P with random orthonormal rows, where Oja keeps it,
+    and Q at the scale of W's best rank-r approximation, see
+    :func:`~ldfa_cli.feedback.base.matched_factors`), ``kaiming`` (App. B's Kaiming uniform
+    as the authors' code draws it, the paper-faithful recipes' choice), ``kaiming_literal``
+    (App. B read literally in the paper's layout) or ``random`` (P ~ U(+-1/sqrt(m)), Q scaled
+    so that QP starts with a default W^T's variance). Oja drives P to orthonormal rows, where
+    the feedback's gain is Q's own: ``kaiming_literal`` and ``random`` give Q several times
+    that gain, and on Fashion-MNIST over-confident networks (test loss 5-9, 2-3 points less).
 
     Where the authors' code differs from the paper's text, an option gives its choice:
     ``normalise: std`` (see :func:`oja_grad`; default ``gamma``, Algorithm 2),
@@ -82,7 +87,7 @@ class Local(LowRankRule):
     learn_q: bool = False
     q_decay: float = 0.0
     use_targets: bool = False
-    init: str = "kaiming"
+    init: str = "matched"
     normalise: str = "gamma"
     clamp_input_grad: float | None = None
 
@@ -96,10 +101,6 @@ class Local(LowRankRule):
               f"{rule}: normalise must be 'gamma' or 'std', got {self.normalise!r}")  # fmt: skip
         clamp = self.clamp_input_grad
         check(clamp is None or clamp > 0, f"{rule}: clamp_input_grad must be > 0 or null: {clamp}")
-
-    def create_feedback(self, layer) -> None:
-        super().create_feedback(layer)
-        init_factors(layer, self.init)
 
     @property
     def learn_q_in_backward(self) -> bool:  # type: ignore[override]

@@ -29,12 +29,12 @@ from .base import (
     RANDOM_INITS,
     LowRankRule,
     check,
-    init_factors,
     load_factors,
     lowrank_svd_factors,
     register,
     svd_factors,
 )
+from .ops import grouped
 
 
 @register
@@ -42,8 +42,9 @@ from .base import (
 class Normative(LowRankRule):
     """Learned rank-r feedback tracking W^T (Algorithm 1).
 
-    Options: ``init`` ``kaiming`` (the default, App. B's Kaiming uniform as the authors
-    draw it; see :func:`~ldfa_cli.feedback.base.kaiming_factors`), ``kaiming_literal``,
+    Options: ``init`` ``matched`` (the default: random directions with ||QP||_F that of
+    W's best rank-r approximation, see :func:`~ldfa_cli.feedback.base.matched_factors`),
+    ``kaiming`` (App. B's Kaiming uniform as the authors draw it), ``kaiming_literal``,
     ``random`` (see ``ldfa_local``) or ``svd`` (truncated SVD of W, the authors' code for
     the normative rule); ``interval`` k,
     the factorisation update runs every k steps;
@@ -62,7 +63,7 @@ class Normative(LowRankRule):
     p_is_parameter: ClassVar[bool] = True
     q_is_parameter: ClassVar[bool] = True
 
-    init: str = "kaiming"
+    init: str = "matched"
     interval: int = 1
     reset_svd_every: int | None = None
     reset_svd_every_epochs: float | None = None
@@ -91,11 +92,9 @@ class Normative(LowRankRule):
         )
 
     def create_feedback(self, layer) -> None:
-        super().create_feedback(layer)
+        super().create_feedback(layer)  # the random inits
         if self.init == "svd":
             load_svd(layer)
-        else:
-            init_factors(layer, self.init)
 
     def reset_interval(self, steps_per_epoch: int | None) -> int | None:
         """Steps between SVD resets, or None (never; or in epochs with no epoch length)."""
@@ -117,7 +116,9 @@ def load_svd(layer, seed: int = 0) -> None:
 
 
 class FactorisationLoss(torch.autograd.Function):
-    """1/2 ||Q P - W^T||_F^2 with its eq.-9 gradients, never forming the n x m matrix QP.
+    """1/2 ||Q P - W^T||_F^2 with its eq.-9 gradients, never forming the n x m matrix QP;
+    for a grouped conv the sum of it over groups (block-diagonal W^T), so every tensor has
+    a leading group dimension g (1 for a Linear layer or an ungrouped conv).
 
     With Qm = Q as an N x r matrix (N = n kh kw), q_rows = Qm^T, w_rows = W as m x N:
     ||Qm P||^2 = <Qm^T Qm, P P^T>, <Qm P, W^T> = <Qm^T W^T, P>, and
@@ -130,9 +131,9 @@ class FactorisationLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_rows, P, w_rows, name: str, with_constant: bool = True) -> Tensor:
         ctx.name = name
-        qw = q_rows.mm(w_rows.t())  # r x m: Qm^T W^T
-        qq = q_rows.mm(q_rows.t())  # r x r
-        pp = P.mm(P.t())  # r x r
+        qw = torch.bmm(q_rows, w_rows.transpose(1, 2))  # g x r x m: Qm^T W^T
+        qq = torch.bmm(q_rows, q_rows.transpose(1, 2))  # g x r x r
+        pp = torch.bmm(P, P.transpose(1, 2))  # g x r x r
         loss = 0.5 * (qq * pp).sum() - (qw * P).sum()
         if with_constant:
             loss = (loss + 0.5 * torch.dot(w_rows.flatten(), w_rows.flatten())).clamp_min(0.0)
@@ -145,22 +146,23 @@ class FactorisationLoss(torch.autograd.Function):
         counting = accounting.ACTIVE
         if counting:
             previous = accounting.enter(ctx.name, "feedback_update")
-        grad_q_rows = pp.mm(q_rows) - P.mm(w_rows)
-        grad_p = qq.mm(P) - qw
+        grad_q_rows = torch.bmm(pp, q_rows) - torch.bmm(P, w_rows)
+        grad_p = torch.bmm(qq, P) - qw
         if counting:
             accounting.leave(previous)
         return grad * grad_q_rows, grad * grad_p, None, None, None
 
 
 def factorisation_loss(layer, with_constant: bool = True) -> Tensor:
-    """Eq. 8 for one layer; gradients flow to its Q and P only."""
-    w_rows = layer.weight.detach().reshape(layer.fan_out, -1)
-    q_rows = layer.ops.q_rows(layer.feedback_Q)
+    """Eq. 8 for one layer (summed over its groups); gradients flow to its Q and P only."""
+    g = layer.groups
+    w_rows = grouped(layer.weight.detach().reshape(layer.fan_out, -1), g)
+    q_rows = grouped(layer.ops.q_rows(layer.feedback_Q), g)
     counting = accounting.ACTIVE
     if counting:
         previous = accounting.enter(layer.layer_name, "feedback_update")
-    loss = FactorisationLoss.apply(q_rows, layer.feedback_P, w_rows, layer.layer_name,
-                                   with_constant)  # fmt: skip
+    loss = FactorisationLoss.apply(q_rows, grouped(layer.feedback_P, g), w_rows,
+                                   layer.layer_name, with_constant)  # fmt: skip
     if counting:
         accounting.leave(previous)
     return loss

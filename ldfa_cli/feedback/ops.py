@@ -1,27 +1,33 @@
-"""The products every rule is written in, once for a Linear and once for a Conv2d layer.
+"""The products every rule is written in, once for a Linear and once for a convolution.
 
 A rule's backward is written against these few operations, so one implementation serves
-both layer kinds. Shapes, with m output channels, n input channels, r the feedback rank:
+every layer kind. Shapes, with m output channels, n input channels, r the feedback rank:
 
 =====================  ==============================  ==========================================
-operation              Linear (W: m x n)               Conv2d (W: m x n x kh x kw)
+operation              Linear (W: m x n)               Conv1d/2d (W: m x n_g x k...)
 =====================  ==============================  ==========================================
 ``weight_grad(x, g)``  g^T x                           conv weight gradient (+ bias gradient)
 ``project(g, P)``      z = g P^T   (P: r x m)          1x1 conv, m -> r channels at every pixel
-``lift(z, Q)``         z Q^T       (Q: n x r)          kxk transposed conv r -> n (Q: r x n x k x k)
+``lift(z, Q)``         z Q^T       (Q: n x r)          transposed conv r -> n (Q: r x n_g x k...)
 ``through(g, Bw)``     g Bw        (Bw in W's layout)  transposed conv with kernel Bw
 ``hebbian(x, z, Q)``   x^T z       (shape of Q)        conv weight gradient of the n -> r conv Q
 ``outer(a, b)``        sum over samples of a b^T       the same, summed over batch and pixels
+``grouped_outer``      1 x A x B                       per group: g x A_g x B_g
 =====================  ==============================  ==========================================
 
-"Samples" are every row of a Linear input (batch x tokens) and every output pixel of a conv.
-Only ``mm`` and ``convolution``/``convolution_backward`` are used for the heavy products, so
+A grouped conv (``groups`` g > 1; depthwise when g = n) keeps its groups in the feedback:
+P is a grouped 1x1 conv (g r_g x m_g), Q a grouped transposed conv (g r_g x n_g x k...), r_g
+the rank per group, and every statistic a rule forms (Oja's covariance, the factorisation
+loss) is formed per group. "Samples" are every row of a Linear input (batch x tokens) and
+every output position of a conv. Only ``mm``/``bmm`` and ``convolution``/
+``convolution_backward`` are used for the heavy products, so
 ``torch.utils.flop_counter.FlopCounterMode`` sees each of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +38,16 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def grouped(t: Tensor, groups: int) -> Tensor:
+    """A factor stored as (groups x rows) x cols viewed as groups x rows x cols."""
+    return t.reshape(groups, -1, t.shape[-1])
+
+
 @dataclass(frozen=True)
 class LinearOps:
     """Products for ``nn.Linear``: inputs of any leading shape (batch, tokens, ..., features)."""
+
+    groups: ClassVar[int] = 1
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
@@ -66,6 +79,10 @@ class LinearOps:
     def outer(self, a: Tensor, b: Tensor) -> Tensor:
         return _rows(a).t().mm(_rows(b))
 
+    def grouped_outer(self, a: Tensor, b: Tensor) -> Tensor:
+        """``outer`` per group: 1 x A x B for a Linear layer."""
+        return self.outer(a, b).unsqueeze(0)
+
     def centre(self, t: Tensor) -> Tensor:
         return t - _rows(t).mean(0)
 
@@ -78,8 +95,7 @@ class LinearOps:
     def samples(self, g: Tensor) -> int:
         return g.numel() // g.shape[-1]
 
-    @staticmethod
-    def q_shape(n_in: int, rank: int, kernel: tuple[int, ...]) -> tuple[int, ...]:
+    def q_shape(self, n_in: int, rank: int, kernel: tuple[int, ...]) -> tuple[int, ...]:
         return (n_in, rank)
 
     @staticmethod
@@ -99,14 +115,27 @@ class LinearOps:
 
 @dataclass(frozen=True)
 class ConvOps:
-    """Products for ``nn.Conv2d`` with zero padding and ``groups == 1``."""
+    """Products for ``nn.Conv1d`` / ``nn.Conv2d`` (``dims`` spatial dimensions) with zero
+    padding, any ``groups``. With g groups, P (g r_g x m_g, a grouped 1x1 conv) and Q
+    (g r_g x n_g x k..., a grouped transposed conv) hold one rank-r_g factor pair per group:
+    group j's error channels reach only group j's input channels, as through W^T."""
 
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int = 1
+    dims: int = 2
+
+    @property
+    def _conv(self):
+        return F.conv1d if self.dims == 1 else F.conv2d
+
+    @property
+    def _spatial(self) -> tuple[int, ...]:
+        return tuple(range(2, 2 + self.dims))
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+        return self._conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def prepare(self, t: Tensor) -> Tensor:
         return t  # convolutions take any memory format (channels_last included)
@@ -127,8 +156,8 @@ class ConvOps:
             self.padding,
             self.dilation,
             False,
-            [0, 0],
-            1,
+            [0] * self.dims,
+            self.groups,
             mask,
         )
 
@@ -140,7 +169,7 @@ class ConvOps:
         return grad_w, (grad_b if has_bias else None)
 
     def project(self, g: Tensor, P: Tensor) -> Tensor:
-        return F.conv2d(g, P[:, :, None, None])
+        return self._conv(g, P.view(*P.shape, *[1] * self.dims), groups=self.groups)
 
     def lift(self, z: Tensor, Q: Tensor, x_shape: torch.Size) -> Tensor:
         return self._backward(z, x_shape, Q, (True, False, False))[0]
@@ -152,33 +181,41 @@ class ConvOps:
         return self._backward(z, x, q_shape, (False, True, False))[1]
 
     def outer(self, a: Tensor, b: Tensor) -> Tensor:
-        return torch.einsum("nihw,njhw->ij", a, b)
+        """sum over batch and positions of a b^T (channels x channels), ungrouped."""
+        return torch.einsum("nis,njs->ij", a.flatten(2), b.flatten(2))
+
+    def grouped_outer(self, a: Tensor, b: Tensor) -> Tensor:
+        """``outer`` within each group: g x A_g x B_g."""
+        n, g = a.shape[0], self.groups
+        a = a.reshape(n, g, a.shape[1] // g, -1)
+        b = b.reshape(n, g, b.shape[1] // g, -1)
+        return torch.einsum("ngis,ngjs->gij", a, b)
 
     def centre(self, t: Tensor) -> Tensor:
-        return t - t.mean(dim=(0, 2, 3), keepdim=True)
+        return t - t.mean(dim=(0, *self._spatial), keepdim=True)
 
     def centred_sumsq(self, t: Tensor) -> Tensor:
         centred = self.centre(t)
-        return (centred * centred).sum(dim=(0, 2, 3))
+        return (centred * centred).sum(dim=(0, *self._spatial))
 
     def samples(self, g: Tensor) -> int:
         return g.numel() // g.shape[1]
 
-    @staticmethod
-    def q_shape(n_in: int, rank: int, kernel: tuple[int, ...]) -> tuple[int, ...]:
-        return (rank, n_in, *kernel)
+    def q_shape(self, n_in: int, rank: int, kernel: tuple[int, ...]) -> tuple[int, ...]:
+        """Q as a transposed-conv kernel: (total rank) x (input channels per group) x k..."""
+        return (rank, n_in // self.groups, *kernel)
 
     @staticmethod
     def q_rows(Q: Tensor) -> Tensor:
-        """Q^T as an r x N matrix (N = n kh kw), a view of the r x n x kh x kw kernel."""
+        """Q^T as an r x N matrix (N = n_g kh kw), a view of the r x n_g x kh x kw kernel."""
         return Q.reshape(Q.shape[0], -1)
 
     @staticmethod
     def q_from_rows(q_rows: Tensor, q_shape: tuple[int, ...]) -> Tensor:
         return q_rows.reshape(q_shape).contiguous()
 
-    @staticmethod
-    def dense_from_factors(Q: Tensor, P: Tensor) -> Tensor:
-        """B^T = (QP)^T as a kernel in W's layout (m x n x kh x kw)."""
-        r = Q.shape[0]
-        return P.t().mm(Q.reshape(r, -1)).view(P.shape[1], *Q.shape[1:])
+    def dense_from_factors(self, Q: Tensor, P: Tensor) -> Tensor:
+        """B^T = (QP)^T as a kernel in W's layout (m x n_g x k...), group by group."""
+        g = self.groups
+        rows = torch.bmm(grouped(P, g).transpose(1, 2), grouped(self.q_rows(Q), g))
+        return rows.reshape(g * P.shape[1], *Q.shape[1:])  # g m_g x n_g x k...

@@ -8,6 +8,7 @@ from torch import nn
 
 from .mlp import build_mlp
 from .retina import build_retina
+from .timm_any import build_timm
 from .vgg import build_vgg
 from .vit import build_vit
 
@@ -19,7 +20,8 @@ class InputShape:
     classes: int
 
 
-MODELS = {"mlp": build_mlp, "vgg": build_vgg, "vit": build_vit, "retina": build_retina}
+MODELS = {"mlp": build_mlp, "vgg": build_vgg, "vit": build_vit, "retina": build_retina,
+          "timm": build_timm}  # fmt: skip
 
 
 def build_model(config, shape: InputShape) -> nn.Module:

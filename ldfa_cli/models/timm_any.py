@@ -1,0 +1,68 @@
+"""Any timm architecture by name: ``timm.create_model(architecture, pretrained=False)``
+with the dataset's classes and channels, and its image size where the model takes one."""
+
+from __future__ import annotations
+
+import difflib
+
+from torch import nn
+
+
+def known_architecture(name: str) -> str:
+    """``name`` if timm knows it; otherwise a one-line error with the closest names."""
+    import timm
+
+    if timm.is_model(name):
+        return name
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else (
+        "timm.list_models() lists them")  # fmt: skip
+    raise ValueError(f"timm has no architecture {name!r}; {hint}")
+
+
+def build_timm(config, shape) -> nn.Module:
+    """The model, randomly initialised (no download): ``num_classes`` and ``in_chans``
+    from the dataset unless ``kwargs`` sets them, ``img_size`` too for models that take it
+    (ViT, Swin, Mixer...; convolutional models are size-agnostic and refuse the keyword)."""
+    import timm
+
+    from ldfa_cli.errors import ConfigError
+
+    kwargs = {"num_classes": shape.classes, "in_chans": shape.channels, **config.kwargs}
+    sized = {"img_size": shape.size, **kwargs}
+    where = f"timm's {config.architecture!r} with {kwargs} at {shape.size}x{shape.size}"
+    try:
+        try:
+            model = timm.create_model(config.architecture, pretrained=False, **sized)
+        except TypeError as error:
+            if "img_size" not in str(error) or "img_size" in config.kwargs:
+                raise
+            model = timm.create_model(config.architecture, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as error:
+        raise ConfigError(f"{where} cannot be built: {_first_line(error)}; change "
+                          "model.kwargs or the image size (data.pad_to)") from None  # fmt: skip
+    _check_forward(model, shape, where)
+    return model
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+
+
+def _check_forward(model: nn.Module, shape, where: str) -> None:
+    """One forward of a blank batch, so that an image too small for the architecture's
+    downsampling is a config error now, not a crash in the first step."""
+    import torch
+
+    from ldfa_cli.errors import ConfigError
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, shape.channels, shape.size, shape.size))
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise ConfigError(f"{where} cannot run: {_first_line(error)}; pad the images "
+                          "(data.pad_to) or give the model a smaller stride") from None  # fmt: skip
+    finally:
+        model.train(was_training)
