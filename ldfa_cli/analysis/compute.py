@@ -122,6 +122,8 @@ def group_runs(runs: list[RunSummary]) -> list[dict]:
             row[name], row[f"{name}_se"] = mean, se
             if name != "final_acc":
                 row[f"{name}_reached"] = reached
+            elif se is not None:  # the spread over seeds, as results are reported
+                row["final_acc_sd"] = se * math.sqrt(reached)
         rows.append(row)
     return rows
 

@@ -305,7 +305,7 @@ def analytic_flops(layer: FeedbackLayer, samples: int, batch: int = 0) -> dict:
             counts["broadcast"] = 2 * rows * r * (d + n_in)
             counts["feedback_update"] = 2 * rows * r * d + 4 * r * r * d
         return counts
-    if name in ("bp", "fa", "kp"):
+    if name in ("bp", "fa", "kp", "usf", "brsf", "frsf"):
         counts["input_grad"] = dense
         return counts
     # the low-rank rules: per group (r = rank per group, m = m_g), times the groups

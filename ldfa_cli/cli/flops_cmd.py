@@ -92,6 +92,11 @@ def recipe_flops(spec: str, overrides: list[str], batch_size: int | None, device
         print(json.dumps(data, indent=2))
 
 
+def _accuracy_cell(row: dict) -> str:
+    sd = row.get("final_acc_sd")
+    return f"{100 * row['final_acc']:.2f}" + (f" ± {100 * sd:.2f}" if sd is not None else "")
+
+
 def _reference_cell(reference: dict | None) -> str:
     if not reference:
         return "-"
@@ -105,9 +110,12 @@ def runs_flops(paths: list[Path], target: float, json_out: bool, plot: Path | No
     runs = [summarise_run(p, target) for p in paths]
     common = add_common_target(runs, target)
     rows = group_runs(runs)
-    table = Table(title=f"compute to {target:.0%} of final accuracy ({len(runs)} runs)")
-    for col in ("recipe", "rule", "r", "seeds", "final acc", "reference", "TFLOPs to own target",
-                "s to own target", "TFLOPs to BP target", "TFLOPs to BP final"):  # fmt: skip
+    table = Table(title=f"compute to {target:.0%} of final accuracy ({len(runs)} runs)",
+                  caption="final accuracy: mean of the last 3 evaluations, ± sd over seeds; "
+                  "compute columns: mean ± standard error")  # fmt: skip
+    for col in ("recipe", "rule", "r", "seeds", "final acc ± sd", "reference",
+                "TFLOPs to own target", "s to own target", "TFLOPs to BP target",
+                "TFLOPs to BP final"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("recipe", "rule") else "right")
 
     def fmt(row, key, scale=1.0, digits=3):
@@ -123,7 +131,7 @@ def runs_flops(paths: list[Path], target: float, json_out: bool, plot: Path | No
 
     for row in rows:
         table.add_row(row["recipe"], row["rule"], str(row["rank"] or "-"), str(row["seeds"]),
-                      fmt(row, "final_acc", 100, 2), _reference_cell(row["reference"]),
+                      _accuracy_cell(row), _reference_cell(row["reference"]),
                       fmt(row, "flops_to_target", 1e-12),
                       fmt(row, "time_to_target", 1, 1),
                       fmt(row, "flops_to_common", 1e-12) if common else "-",

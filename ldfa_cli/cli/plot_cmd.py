@@ -22,27 +22,83 @@ def _label(run: Path) -> str:
     return f"{run.name}: {fb['rule']}{rank}"
 
 
+ALIGNMENT_PANELS = (("angle_deg", "angle(B, W^T) (degrees)"),
+                    ("norm_ratio", "||B|| / ||W^T||"),
+                    ("grad_cosine", "cos(input grad, backprop's)"))  # fmt: skip
+
+
+def _check_run(run: Path) -> None:
+    if not (run / "metrics.jsonl").is_file() or not (run / "config.yaml").is_file():
+        raise CheckpointError(f"{run} is not a run folder (no metrics.jsonl/config.yaml)")
+
+
+def _save(fig, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from ldfa_cli.engine.checkpoint import atomic_write_bytes
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(out, lambda handle: handle.write(buffer.getvalue()))
+    stderr_console().print(f"wrote {out}")
+
+
+def plot_alignment(runs: list[Path], out: Path) -> None:
+    """Alignment over training (``train.log_alignment_every``): a panel per measure, a line
+    per run and converted layer."""
+    import matplotlib.pyplot as plt
+
+    from ldfa_cli.engine.metrics import read_metrics
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    drawn = 0
+    for run in runs:
+        _check_run(run)
+        events = [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "alignment"]
+        layers = list(events[0]["layers"]) if events else []
+        for layer in layers:
+            steps = [e["step"] for e in events]
+            for ax, (key, _) in zip(axes, ALIGNMENT_PANELS, strict=True):
+                ax.plot(steps, [e["layers"][layer][key] for e in events], marker=".",
+                        label=f"{run.name}: {layer}" if len(runs) > 1 else layer)  # fmt: skip
+            drawn += 1
+    if not drawn:
+        raise CheckpointError("no alignment events in these runs: train them with "
+                              "train.log_alignment_every=N")  # fmt: skip
+    for ax, (_, label) in zip(axes, ALIGNMENT_PANELS, strict=True):
+        ax.set(xlabel="step", ylabel=label)
+    axes[0].legend(fontsize=7)
+    _save(fig, out)
+
+
 def plot(
     runs: list[Path] = typer.Argument(..., help="Run folders."),
     x: str = typer.Option("epoch", "--x", help="epoch, flops or time."),
+    alignment: bool = typer.Option(
+        False, "--alignment", help="Draw the alignment of B with W^T over training instead."
+    ),  # fmt: skip
     out: Path = typer.Option(Path("curves.png"), "--out", help="PNG to write."),
 ) -> None:
-    """Test accuracy and loss curves of several runs against epoch, FLOPs or time."""
+    """Test accuracy and loss curves of several runs against epoch, FLOPs or time; or, with
+    --alignment, each layer's angle, norm ratio and gradient cosine over training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ldfa_cli.engine.checkpoint import atomic_write_bytes
     from ldfa_cli.engine.metrics import read_metrics
 
+    if alignment:
+        plot_alignment(runs, out)
+        return
     if x not in X_KEYS:
         raise ConfigError(f"--x must be epoch, flops or time, got '{x}'")
     key, scale, xlabel = X_KEYS[x]
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     for run in runs:
-        if not (run / "metrics.jsonl").is_file() or not (run / "config.yaml").is_file():
-            raise CheckpointError(f"{run} is not a run folder (no metrics.jsonl/config.yaml)")
+        _check_run(run)
         evals = [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "eval"]
         if not evals:
             continue
@@ -55,9 +111,4 @@ def plot(
     acc_ax.set(xlabel=xlabel, ylabel="test accuracy (%)")
     loss_ax.set(xlabel=xlabel, ylabel="test loss")
     acc_ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(out, lambda handle: handle.write(buffer.getvalue()))
-    stderr_console().print(f"wrote {out}")
+    _save(fig, out)

@@ -114,8 +114,34 @@ class TimmConfig(Section):
         return known_architecture(architecture)
 
 
+class LeNetConfig(Section):
+    """LeNet as BioTorch benchmarks it: ``mnist`` (32x32 grayscale, conv 6-16-120 of 5x5) or
+    ``cifar`` (conv 32-64-128 of 3x3); ``init: xavier`` as BioTorch's configs."""
+
+    name: Literal["lenet"] = "lenet"
+    variant: Literal["mnist", "cifar"] = "mnist"
+    init: Literal["torch_default", "xavier"] = "torch_default"
+
+
+class ResNetCifarConfig(Section):
+    """He et al. 2016's CIFAR ResNet, depth 6n + 2 (20, 32, 44, 56, 110): stages of 16, 32,
+    64 channels, option-A shortcuts."""
+
+    name: Literal["resnet_cifar"] = "resnet_cifar"
+    depth: PositiveInt = 20
+    init: Literal["torch_default", "xavier"] = "torch_default"
+
+    @field_validator("depth")
+    @classmethod
+    def _six_n_plus_two(cls, depth: int) -> int:
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"a CIFAR ResNet's depth is 6n + 2 (20, 32, 44, 56, 110), got {depth}")
+        return depth
+
+
 ModelConfig = Annotated[
-    MLPConfig | VGGConfig | ViTConfig | RetinaConfig | TimmConfig, Field(discriminator="name")
+    MLPConfig | VGGConfig | ViTConfig | RetinaConfig | TimmConfig | LeNetConfig | ResNetCifarConfig,
+    Field(discriminator="name"),
 ]
 
 
@@ -138,13 +164,23 @@ class OptimConfig(Section):
 class ScheduleConfig(Section):
     """Learning-rate schedule, a function of the (fractional) epoch, applied every step:
     a linear warmup from ``warmup_start_factor`` over ``warmup_epochs``, then ``constant``,
-    ``cosine`` (down to ``min_lr``) or ``exponential`` (times ``gamma`` per epoch)."""
+    ``cosine`` (down to ``min_lr``), ``exponential`` (times ``gamma`` per epoch) or
+    ``multistep`` (times ``gamma`` at each of ``milestones``, in epochs)."""
 
-    name: Literal["constant", "cosine", "exponential"] = "constant"
+    name: Literal["constant", "cosine", "exponential", "multistep"] = "constant"
     warmup_epochs: NonNegative = 0.0
     warmup_start_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     min_lr: NonNegative = 0.0
     gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    milestones: list[Annotated[float, Field(gt=0.0)]] = []
+
+    @model_validator(mode="after")
+    def _milestones_for_multistep(self):
+        if self.name == "multistep" and not self.milestones:
+            raise ValueError("a multistep schedule needs milestones (epochs), e.g. [50, 75]")
+        if self.milestones != sorted(self.milestones):
+            raise ValueError(f"milestones must increase, got {self.milestones}")
+        return self
 
 
 # --------------------------------------------------------------------------- feedback
@@ -250,6 +286,7 @@ class DataConfig(Section):
     class_seed: int | None = 0  # the subset's seed; null: the first d labels (the authors')
     grayscale: bool = False
     pad_to: PositiveInt | None = None  # zero-pad images to this size (e.g. 28 -> 32)
+    resize: PositiveInt | None = None  # resize images to this size first (bilinear)
     subset: PositiveInt | None = None  # use only the first N training images (tiny runs)
 
 
@@ -266,6 +303,10 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    # every N steps: per converted layer, the angle and norm ratio of B against W^T and the
+    # cosine of the rule's input gradient with backprop's on a fixed probe batch (off: null)
+    log_alignment_every: PositiveInt | None = None
+    alignment_probe: PositiveInt = 256  # probe images: the first N of the training set
 
 
 class OutputConfig(Section):
@@ -314,5 +355,7 @@ class Recipe(Section):
     def _model_named(cls, data):
         model = data.get("model") if isinstance(data, dict) else None
         if isinstance(model, dict) and "name" not in model:
-            raise ValueError("'model.name' is missing: choose mlp, vgg, vit, retina or timm")
+            raise ValueError(
+                "'model.name' is missing: choose mlp, vgg, vit, retina, timm, lenet or resnet_cifar"
+            )
         return data

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import resize as resize_image
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from ldfa_cli.errors import DataError
@@ -46,9 +47,13 @@ def _select_classes(raw: RawDataset, count: int, seed: int | None) -> RawDataset
     return RawDataset(keep(raw.train), keep(raw.test), names)
 
 
-def _reshape_images(images: torch.Tensor, grayscale: bool, pad_to: int | None) -> torch.Tensor:
+def _reshape_images(
+    images: torch.Tensor, grayscale: bool, pad_to: int | None, resize: int | None = None
+) -> torch.Tensor:
     if grayscale and images.shape[1] == 3:
         images = rgb_to_grayscale(images)
+    if resize is not None:  # bilinear with antialiasing (BioTorch's Resize((32, 32)))
+        images = resize_image(images, [resize, resize], antialias=True)
     if pad_to is not None:
         h, w = images.shape[-2:]
         if pad_to < max(h, w):
@@ -204,7 +209,7 @@ def dataset_shape(config) -> tuple[int, int, int]:
     channels, size, classes = NATIVE_SHAPES[config.dataset]
     if config.grayscale:
         channels = 1
-    return channels, config.pad_to or size, config.classes or classes
+    return channels, config.pad_to or config.resize or size, config.classes or classes
 
 
 def _normalisation(images: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,8 +231,9 @@ def load_data(config, device: torch.device | str = "cpu") -> DeviceData:
     raw = read_dataset(config.dataset, config.root, config.download)
     if config.classes is not None:
         raw = _select_classes(raw, config.classes, config.class_seed)
-    train_images = _reshape_images(raw.train.images, config.grayscale, config.pad_to)
-    test_images = _reshape_images(raw.test.images, config.grayscale, config.pad_to)
+    shape = (config.grayscale, config.pad_to, config.resize)
+    train_images = _reshape_images(raw.train.images, *shape)
+    test_images = _reshape_images(raw.test.images, *shape)
     train_labels = raw.train.labels
     if config.subset is not None:
         train_images, train_labels = train_images[: config.subset], train_labels[: config.subset]

@@ -23,6 +23,7 @@ from ldfa_cli.analysis.flops import count_training_step, optimizer_plan
 from ldfa_cli.console import stderr_console
 from ldfa_cli.errors import CheckpointError, TrainingError
 from ldfa_cli.feedback import (
+    alignment_diagnostics,
     backward_with_rules,
     conversion_report,
     feedback_layers,
@@ -38,6 +39,8 @@ from .interrupt import GracefulStop, StopRequested
 from .metrics import MetricsLog
 from .optim import build_optimizers
 from .run_dir import describe_device, write_run_files
+
+ALIGNMENT_KEYS = ("angle_deg", "norm_ratio", "rel_error", "grad_cosine")
 
 
 @dataclass
@@ -261,6 +264,20 @@ def train(
         if metrics is not None:
             metrics.log(event)
 
+    probe = data.normalise(data.train.images[: cfg.alignment_probe]), \
+        data.train.labels[: cfg.alignment_probe]  # fmt: skip
+
+    def log_alignment() -> None:
+        """Per converted layer: angle and norm ratio of B against W^T, and the cosine of
+        the rule's input gradient with backprop's on the fixed probe batch (rank 0 only;
+        the model in eval mode for it, its .grad and RNG untouched)."""
+        if not writes:
+            return
+        rows = alignment_diagnostics(model, *probe)
+        log({"event": "alignment", "epoch": round(state.step / steps_per_epoch, 4),
+             "step": state.step, "layers": {r["name"]: {k: r[k] for k in ALIGNMENT_KEYS}
+                                            for r in rows}})  # fmt: skip
+
     def evaluate_and_log() -> dict:
         """Test-set evaluation, logged with the (fractional) epoch; best.pt when it improves."""
         result = evaluate(model, data, cfg.eval_batch_size, world, autocast)
@@ -317,6 +334,8 @@ def train(
                     window_images += len(y) * world.size
                     bar.advance(task)
                     end_of_epoch = state.batch_in_epoch == steps_per_epoch
+                    if cfg.log_alignment_every and state.step % cfg.log_alignment_every == 0:
+                        log_alignment()
                     if every_steps and state.step % every_steps == 0 and not end_of_epoch:
                         last_eval = evaluate_and_log()
                     if state.step % cfg.log_every and not end_of_epoch:

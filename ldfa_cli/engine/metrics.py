@@ -39,14 +39,25 @@ class MetricsLog:
             handle.write(json.dumps(event) + "\n")
         if self.writer is not None:
             prefix = f"{event['event']}/{event.get('split', '')}".rstrip("/")
-            for key, value in event.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, event["step"])
+            for key, value in _scalars(event):
+                self.writer.add_scalar(f"{prefix}/{key}", value, event["step"])
             self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _scalars(event: dict, prefix: str = ""):
+    """(name, number) of every numeric entry, nested ones as ``layer/measure``."""
+    for key, value in event.items():
+        if key in ("step", "epoch") and not prefix:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{name}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield name, value
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -54,6 +54,8 @@ def lr_factor(config, base_lr: float, epoch: float, total_epochs: int) -> float:
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if config.name == "exponential":
         return config.gamma ** math.floor(max(epoch - warmup, 0.0))
+    if config.name == "multistep":  # milestones are epochs of the whole run, warmup included
+        return config.gamma ** sum(epoch >= m for m in config.milestones)
     return 1.0
 
 

@@ -8,6 +8,9 @@ rule           feedback sent upstream                      how it learns        
 ``bp``         W^T g (plain autograd, the reference)       --                   backprop.py
 ``fa``         B^T g, B fixed random full rank (eq. 1)     --                   fa.py
 ``kp``         B^T g, B adaptive (eq. 2)                   transposed dW        fa.py
+``usf``        B^T g, B = s sign(W) (Liao et al. 2016)     follows W's sign     sign.py
+``brsf``       B^T g, B = |R| sign(W), R every batch       follows W's sign     sign.py
+``frsf``       B^T g, B = |M| sign(W), M fixed             follows W's sign     sign.py
 ``lowrank_fa`` Q (P g), fixed random rank r (Sec. 3)       --                   fa.py
 ``ldfa``       Q (P g), rank r (eq. 12)                    eqs. 8-9, 14         normative.py
 ``ldfa_local`` Q (P g), rank r (eq. 12)                    Oja eq. 15, eq. 18   local.py
@@ -56,7 +59,7 @@ Gradients that come from the data (Oja, Hebbian, kp) are returned by the layer's
 ``autograd.Function.backward``; the normative one comes from :func:`feedback_loss`.
 """
 
-from . import backprop, fa, normative, local, broadcast, svd  # noqa: F401  # isort: skip  (registers, in order)
+from . import backprop, fa, sign, normative, local, broadcast, svd  # noqa: F401  # isort: skip  (registers, in order)
 from .base import RULES, FeedbackConfigError, Rule, make_rule, resolve_rank
 from .convert import (
     ConversionReport,

@@ -24,14 +24,17 @@ def _cosine(a: Tensor, b: Tensor) -> float:
 
 
 def feedback_alignment(layer) -> dict:
-    """``rel_error`` ||B - W^T||/||W^T|| and ``angle_deg`` between B and W^T."""
+    """``rel_error`` ||B - W^T||/||W^T||, ``angle_deg`` between B and W^T (as vectors) and
+    ``norm_ratio`` ||B||/||W^T|| (BioTorch logs the same two)."""
     B = layer.rule.feedback_matrix(layer)
     W = layer.weight.detach()
     if B is None:
-        return {"rel_error": float("nan"), "angle_deg": float("nan")}
-    rel = float((B.double() - W.double()).norm() / W.double().norm().clamp_min(1e-300))
+        return {"rel_error": float("nan"), "angle_deg": float("nan"), "norm_ratio": float("nan")}
+    norm = W.double().norm().clamp_min(1e-300)
+    rel = float((B.double() - W.double()).norm() / norm)
     cos = max(-1.0, min(1.0, _cosine(B, W)))
-    return {"rel_error": rel, "angle_deg": math.degrees(math.acos(cos))}
+    return {"rel_error": rel, "angle_deg": math.degrees(math.acos(cos)),
+            "norm_ratio": float(B.double().norm() / norm)}  # fmt: skip
 
 
 def _input_grads(model, inputs, targets, loss_fn, names) -> dict[str, Tensor]:

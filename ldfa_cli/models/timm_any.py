@@ -39,30 +39,10 @@ def build_timm(config, shape) -> nn.Module:
                 raise
             model = timm.create_model(config.architecture, pretrained=False, **kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as error:
-        raise ConfigError(f"{where} cannot be built: {_first_line(error)}; change "
+        raise ConfigError(f"{where} cannot be built: {first_line(error)}; change "
                           "model.kwargs or the image size (data.pad_to)") from None  # fmt: skip
-    _check_forward(model, shape, where)
     return model
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     return str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-
-
-def _check_forward(model: nn.Module, shape, where: str) -> None:
-    """One forward of a blank batch, so that an image too small for the architecture's
-    downsampling is a config error now, not a crash in the first step."""
-    import torch
-
-    from ldfa_cli.errors import ConfigError
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(2, shape.channels, shape.size, shape.size))
-    except (RuntimeError, AssertionError, ValueError) as error:
-        raise ConfigError(f"{where} cannot run: {_first_line(error)}; pad the images "
-                          "(data.pad_to) or give the model a smaller stride") from None  # fmt: skip
-    finally:
-        model.train(was_training)
