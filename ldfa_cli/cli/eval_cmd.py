@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -23,10 +22,9 @@ def evaluate_checkpoint(target: Path, split: str, device_name: str, which: str, 
     path, state, recipe, model = load_trained(target, which, device)
     data = load_data(recipe.data, device)
     if split == "train":
-        data = dataclasses.replace(data, test=data.train)
+        data = data.with_train_as_test()
     result = evaluate(model, data, recipe.train.eval_batch_size)
-    x = data.normalise(data.test.images[:probe])
-    y = data.test.labels[:probe]
+    x, y = data.probe(probe, split="val")
     diagnostics = alignment_diagnostics(model, x, y)
     return {"checkpoint": str(path), "split": split, "step": state["progress"]["step"],
             "epoch": state["progress"]["epoch"], **result, "class_names": data.class_names,
@@ -69,7 +67,8 @@ def eval_(
         return
     console = stderr_console()
     console.print(f"{result['checkpoint']} (epoch {result['epoch']}, step {result['step']}): "
-                  f"{split} accuracy {result['acc']:.4f}, loss {result['loss']:.4f}, "
+                  f"{split} accuracy {result['acc']:.4f} (top-5 {result['top5']:.4f}), "
+                  f"loss {result['loss']:.4f}, "
                   f"{result['samples']} images")  # fmt: skip
     if result["reference"] is not None:
         console.print(describe_reference(result["reference"]))

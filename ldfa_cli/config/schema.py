@@ -159,6 +159,8 @@ class OptimConfig(Section):
     eps: Annotated[float, Field(gt=0.0)] = 1e-8
     grad_clip: Annotated[float, Field(gt=0.0)] | None = None  # max norm of all gradients
     grad_clip_value: Annotated[float, Field(gt=0.0)] | None = None  # clamp each element
+    # timm's groups: no weight decay on biases, norms, 1-d tensors, pos_embed and cls_token
+    no_decay_bias_norm: bool = False
 
 
 class ScheduleConfig(Section):
@@ -260,24 +262,43 @@ class FeedbackConfig(Section):
 
 # ------------------------------------------------------------------------------- data
 class AugmentConfig(Section):
-    """On-device augmentation of the training set, in this order: random crop after zero
-    padding and horizontal flip (whole batches, a draw per image), then torchvision's
-    RandomRotation(+-``rotation`` degrees) and AutoAugment with the named policy
-    (``cifar10``, ``imagenet`` or ``svhn``), each image drawing its own (the authors' CIFAR
-    pipelines; these two run image by image)."""
+    """Augmentation of the training set. On the device path, in this order: random crop
+    after zero padding and horizontal flip (whole batches, a draw per image), then
+    torchvision's RandomRotation(+-``rotation`` degrees), AutoAugment with the named policy
+    (``cifar10``, ``imagenet`` or ``svhn``), RandAugment and random erasing, each image
+    drawing its own (these run image by image). An image folder uses timm's
+    ``create_transform`` (RandomResizedCrop, flip, ``rand_augment`` as timm's string, e.g.
+    ``rand-m9-mstd0.5-inc1``, and ``random_erasing``) in its workers. ``mixup`` and
+    ``cutmix`` (alphas, 0 = off) mix whole batches with timm's Mixup, its targets smoothed
+    by ``train.label_smoothing``, on both paths."""
 
     crop_padding: Annotated[int, Field(ge=0)] = 0  # random crop after zero padding; 0 = off
     hflip: bool = False
     rotation: Annotated[float, Field(ge=0.0, le=180.0)] = 0.0  # degrees; 0 = off
     autoaugment: Literal["cifar10", "imagenet", "svhn"] | None = None
+    rand_augment: str | None = None  # timm's string: rand-m<magnitude>-n<ops>...
+    random_erasing: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # probability per image
+    mixup: NonNegative = 0.0
+    cutmix: NonNegative = 0.0
+
+    @field_validator("rand_augment")
+    @classmethod
+    def _timm_string(cls, value):
+        if value is not None and not value.startswith("rand"):
+            raise ValueError(f"rand_augment is timm's 'rand-m9-mstd0.5-inc1' form, got {value!r}")
+        return value
 
 
 class DataConfig(Section):
     """``normalise``: ``channel`` standardises each channel by its training-set mean and std;
     ``pixel`` each pixel by its own; ``symmetric`` maps [0, 1] to [-1, 1] (torchvision's
-    Normalize(0.5, 0.5), the authors' MNIST code)."""
+    Normalize(0.5, 0.5), the authors' MNIST code). ``imagefolder`` streams ``train/`` and
+    ``val/`` under ``root`` (ImageNet's layout; Tiny-ImageNet's too) from disk through
+    DataLoader workers at ``image_size`` (ImageNet's mean and std); every other dataset
+    lives on the training device as one uint8 tensor."""
 
-    dataset: Literal["cifar10", "cifar100", "fashion_mnist", "mnist", "digits"] = "digits"
+    dataset: Literal["cifar10", "cifar100", "fashion_mnist", "mnist", "digits",
+                     "imagefolder"] = "digits"  # fmt: skip
     root: str = "data"
     download: bool = True
     normalise: Literal["channel", "pixel", "symmetric"] = "channel"
@@ -288,6 +309,11 @@ class DataConfig(Section):
     pad_to: PositiveInt | None = None  # zero-pad images to this size (e.g. 28 -> 32)
     resize: PositiveInt | None = None  # resize images to this size first (bilinear)
     subset: PositiveInt | None = None  # use only the first N training images (tiny runs)
+    # image folders only
+    image_size: PositiveInt = 224  # RandomResizedCrop / resize + centre crop to this
+    crop_pct: Annotated[float, Field(gt=0.0, le=1.0)] = 0.875  # evaluation's centre crop
+    class_list: str | None = None  # a file naming the class folders to use (ImageNet-100)
+    workers: Annotated[int, Field(ge=0)] | None = None  # loader processes; null: every core
 
 
 # ------------------------------------------------------------------------ train/output
@@ -306,6 +332,7 @@ class TrainConfig(Section):
     # every N steps: per converted layer, the angle and norm ratio of B against W^T and the
     # cosine of the rule's input gradient with backprop's on a fixed probe batch (off: null)
     log_alignment_every: PositiveInt | None = None
+    ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # timm's ModelEmaV3
     alignment_probe: PositiveInt = 256  # probe images: the first N of the training set
 
 

@@ -63,9 +63,12 @@ def _reshape_images(
     return images.contiguous()
 
 
-def per_image_transforms(rotation: float = 0.0, autoaugment: str | None = None):
-    """torchvision v2 transforms drawn for each image on its own: RandomRotation(+-degrees)
-    then AutoAugment with the named policy (the authors' CIFAR pipelines); None if none."""
+def per_image_transforms(rotation: float = 0.0, autoaugment: str | None = None,
+                         rand_augment: str | None = None, random_erasing: float = 0.0):  # fmt: skip
+    """torchvision v2 transforms drawn for each image on its own: RandomRotation(+-degrees),
+    AutoAugment with the named policy (the authors' CIFAR pipelines), RandAugment (n ops of
+    magnitude m from timm's ``rand-m<m>-n<n>`` string; its other fields are timm's own) and
+    random erasing; None if none."""
     from torchvision.transforms import v2
 
     steps = []
@@ -73,6 +76,12 @@ def per_image_transforms(rotation: float = 0.0, autoaugment: str | None = None):
         steps.append(v2.RandomRotation(rotation))
     if autoaugment:
         steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(autoaugment)))
+    if rand_augment:
+        fields = dict((f[0], f[1:]) for f in rand_augment.split("-")[1:] if f[:1] in "mn")
+        steps.append(v2.RandAugment(num_ops=int(fields.get("n", 2)),
+                                    magnitude=int(float(fields.get("m", 9)))))  # fmt: skip
+    if random_erasing:
+        steps.append(v2.RandomErasing(p=random_erasing, value=0))
     return v2.Compose(steps) if steps else None
 
 
@@ -105,6 +114,10 @@ class DeviceData:
     crop_padding: int
     hflip: bool
     per_image: object = None  # torchvision transforms drawn per image (rotation, AutoAugment)
+
+    @property
+    def device(self) -> torch.device:
+        return self.train.images.device
 
     @property
     def channels(self) -> int:
@@ -144,6 +157,20 @@ class DeviceData:
     @property
     def augments(self) -> bool:
         return bool(self.crop_padding or self.hflip or self.per_image is not None)
+
+    def example(self, n: int = 2) -> torch.Tensor:
+        """A normalised batch of training images, for probing a model's conversion."""
+        return self.normalise(self.train.images[:n])
+
+    def probe(self, n: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n images of a split, normalised, not augmented, with their labels."""
+        part = self.train if split == "train" else self.test
+        return self.normalise(part.images[:n]), part.labels[:n]
+
+    def with_train_as_test(self) -> DeviceData:
+        import dataclasses
+
+        return dataclasses.replace(self, test=self.train)
 
     def steps_per_epoch(self, batch_size: int, world: int = 1) -> int:
         n = len(self.train.labels)
@@ -189,11 +216,23 @@ NATIVE_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000,
                 "mnist": 60_000, "digits": 1_438}  # fmt: skip
 
 
+def _folder_images(config) -> int:
+    from pathlib import Path
+
+    from .folder import folder_classes
+
+    train = Path(config.root).expanduser() / "train"
+    return sum(1 for c in folder_classes(config) for p in (train / c).rglob("*") if p.is_file())
+
+
 def steps_per_epoch(config, batch_size: int) -> int:
     """Training steps per epoch of a recipe's data section at ``batch_size``, without
     reading the data: ``subset`` if given, else the native size (times d / classes for a
     class subset: exact for the balanced datasets, CIFAR and Fashion-MNIST; about right for
     MNIST)."""
+    channels, size, classes = dataset_shape(config)
+    if config.dataset == "imagefolder":
+        return _folder_images(config) // batch_size
     channels, size, classes = NATIVE_SHAPES[config.dataset]
     images = NATIVE_SIZES[config.dataset]
     if config.classes:
@@ -206,6 +245,10 @@ def steps_per_epoch(config, batch_size: int) -> int:
 def dataset_shape(config) -> tuple[int, int, int]:
     """(channels, size, classes) a recipe's data section yields, without reading the data:
     for FLOP counts and benchmarks on synthetic batches of the right shape."""
+    if config.dataset == "imagefolder":
+        from .folder import folder_classes
+
+        return 3, config.image_size, len(folder_classes(config))
     channels, size, classes = NATIVE_SHAPES[config.dataset]
     if config.grayscale:
         channels = 1
@@ -227,7 +270,12 @@ def _normalisation(images: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.
 
 
 def load_data(config, device: torch.device | str = "cpu") -> DeviceData:
-    """Read the dataset of a recipe's ``data`` section and put it on ``device``."""
+    """Read the dataset of a recipe's ``data`` section and put it on ``device`` (an image
+    folder is streamed from disk instead)."""
+    if config.dataset == "imagefolder":
+        from .folder import load_folder
+
+        return load_folder(config, torch.device(device))
     raw = read_dataset(config.dataset, config.root, config.download)
     if config.classes is not None:
         raw = _select_classes(raw, config.classes, config.class_seed)
@@ -246,7 +294,12 @@ def load_data(config, device: torch.device | str = "cpu") -> DeviceData:
         std=std.to(device, torch.float32),
         crop_padding=config.augment.crop_padding,
         hflip=config.augment.hflip,
-        per_image=per_image_transforms(config.augment.rotation, config.augment.autoaugment),
+        per_image=per_image_transforms(
+            config.augment.rotation,
+            config.augment.autoaugment,
+            config.augment.rand_augment,
+            config.augment.random_erasing,
+        ),  # fmt: skip
     )
 
 

@@ -49,7 +49,7 @@ def build_network(recipe, data: DeviceData, device: torch.device) -> nn.Module:
     its layers converted to the recipe's feedback rule. ``bp`` leaves the model as it is."""
     torch.manual_seed(recipe.train.seed)
     model = build_model(recipe.model, input_shape(data)).to(device)
-    return convert_as_recipe(model, recipe.feedback, data.normalise(data.train.images[:2]))
+    return convert_as_recipe(model, recipe.feedback, data.example(2))
 
 
 def shaped_network(recipe, device: torch.device, example: torch.Tensor | None = None):

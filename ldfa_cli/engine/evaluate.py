@@ -1,4 +1,5 @@
-"""Test-set evaluation: loss, accuracy and per-class accuracy, summed over ranks."""
+"""Test-set evaluation: loss, top-1 (``acc``) and top-5 accuracy, per-class accuracy,
+summed over ranks."""
 
 from __future__ import annotations
 
@@ -14,21 +15,25 @@ def evaluate(model, data, batch_size: int, world: World | None = None, autocast=
     was_training = model.training
     model.eval()
     classes = data.classes
-    device = data.test.labels.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    device = data.device
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # loss, top-5 hits
     correct = torch.zeros(classes, dtype=torch.float64, device=device)
     count = torch.zeros(classes, dtype=torch.float64, device=device)
+    k = min(5, classes)
     for x, y in data.eval_batches(batch_size, world.rank, world.size):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
             logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        loss_sum[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        loss_sum[1] += (logits.topk(k, dim=1).indices == y[:, None]).any(1).sum()
         hit = (logits.argmax(1) == y).double()
         correct.index_add_(0, y, hit)
         count.index_add_(0, y, torch.ones_like(hit))
-    totals = sum_across(world, torch.cat([loss_sum[None], correct, count]))
+    totals = sum_across(world, torch.cat([loss_sum, correct, count]))
     model.train(was_training)
-    loss_sum, correct, count = totals[0], totals[1 : classes + 1], totals[classes + 1 :]
+    loss_sum, top5 = totals[0], totals[1]
+    correct, count = totals[2 : classes + 2], totals[classes + 2 :]
     n = count.sum().clamp_min(1)
     per_class = (correct / count.clamp_min(1)).tolist()
     return {"loss": float(loss_sum / n), "acc": float(correct.sum() / n),
-            "per_class_acc": per_class, "samples": int(n)}  # fmt: skip
+            "top5": float(top5 / n), "per_class_acc": per_class, "samples": int(n)}  # fmt: skip

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
@@ -38,6 +37,7 @@ from .evaluate import evaluate
 from .interrupt import GracefulStop, StopRequested
 from .metrics import MetricsLog
 from .optim import build_optimizers
+from .regularise import correct, make_ema, make_mixup, mix_batch, task_loss
 from .run_dir import describe_device, write_run_files
 
 ALIGNMENT_KEYS = ("angle_deg", "norm_ratio", "rel_error", "grad_cosine")
@@ -79,6 +79,25 @@ def _ignore_normative_in_ddp(model: nn.Module) -> None:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, names
         )
+
+
+def _timed(batches, waited: list):
+    """The batches, adding the seconds spent waiting for each to ``waited[0]`` (the data
+    stall: loader workers, or the on-device draw and augmentation)."""
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - start
+        yield item
+
+
+def _mix_seed(seed: int, step: int) -> int:
+    """The step's Mixup seed: fixed by (run seed, step), so a resume mixes the same."""
+    return (seed * 1_000_003 + step) % (1 << 31)
 
 
 def _optimizer_name(config) -> str:
@@ -138,27 +157,23 @@ def train(
     device = pick_device(device_name, world.local_rank)
     set_deterministic(cfg.deterministic)
     writes = world.main and not dry_run
-    # A new run describes itself at once; a resume rewrites config.yaml (with its
-    # overrides) only once it has saved a checkpoint, so a failed resume changes nothing.
-    run_files_due = writes
-    if writes and not resume:
-        write_run_files(
-            run_dir,
-            recipe,
-            describe_device(device),
-            world.size,
-            resumed=False,
-            recipe_name=recipe_name,
-        )
-        run_files_due = False
 
-    # ---- build: data on the device, model with its feedback layers, two optimizers
+    # ---- build: the data (checked before anything is written), the model with its
+    # feedback layers, two optimizers, the regularisers
     from ldfa_cli.data import load_data
 
     data = load_data(recipe.data, device)
     model = build_network(recipe, data, device)
     steps_per_epoch = data.steps_per_epoch(cfg.batch_size, world.size)
     optimizers = build_optimizers(recipe, model, steps_per_epoch)
+    mixer = make_mixup(recipe.data.augment, data.classes, cfg.label_smoothing)
+    # A new run describes itself at once; a resume rewrites config.yaml (with its
+    # overrides) only once it has saved a checkpoint, so a failed resume changes nothing.
+    run_files_due = writes
+    if writes and not resume:
+        write_run_files(run_dir, recipe, describe_device(device), world.size, resumed=False,
+                        recipe_name=recipe_name)  # fmt: skip
+        run_files_due = False
     uses_targets = any(getattr(m.rule, "use_targets", False) for _, m in feedback_layers(model))
     state = RunState()
 
@@ -188,6 +203,10 @@ def train(
                 "and optimizer, changing only values such as lr or epochs"
             ) from None
 
+    ema = make_ema(model, cfg.ema_decay)  # after the resume, so it starts from the model
+    if ema is not None and resume and ckpt.get("ema") is not None:
+        ema.module.load_state_dict(ckpt["ema"])
+
     net: nn.Module = model
     if world.distributed:
         _ignore_normative_in_ddp(model)
@@ -207,6 +226,7 @@ def train(
             run_files_due = False
         save_checkpoint(run_dir / "checkpoints" / name, {
             "model": model.state_dict(),
+            "ema": ema.module.state_dict() if ema is not None else None,
             **optimizers.state_dict(),
             "rng": _rng_state(device),
             "progress": asdict(state),
@@ -231,11 +251,12 @@ def train(
     aux_loss: list[torch.Tensor | None] = [None]  # the last step's auxiliary loss, for logs
 
     def train_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, targets = mix_batch(mixer, x, y, _mix_seed(cfg.seed, state.step))  # soft if mixed
         if uses_targets:
-            set_feedback_targets(model, y)
+            set_feedback_targets(model, targets)
         with autocast:
             logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss = task_loss(logits.float(), targets, cfg.label_smoothing)
         optimizers.zero_grad()
         # W grads; input grads through the feedback; Oja/Hebbian/KP grads; a rule's own
         # loss term (svd_dfa's orthogonality); the normative loss (eq. 8) when due
@@ -243,7 +264,9 @@ def train(
         optimizers.step()  # clip, step and schedule, forward then feedback
         state.step += 1
         reset_feedback_to_svd(model, state.step, steps_per_epoch)
-        return loss.detach(), (logits.argmax(1) == y).sum()
+        if ema is not None:
+            ema.update(model, step=state.step)
+        return loss.detach(), correct(logits, targets)
 
     if dry_run:
         console.print(conversion_report(model).table(title=f"{recipe.model.name}: layers"))
@@ -264,8 +287,7 @@ def train(
         if metrics is not None:
             metrics.log(event)
 
-    probe = data.normalise(data.train.images[: cfg.alignment_probe]), \
-        data.train.labels[: cfg.alignment_probe]  # fmt: skip
+    probe = data.probe(cfg.alignment_probe) if cfg.log_alignment_every else None
 
     def log_alignment() -> None:
         """Per converted layer: angle and norm ratio of B against W^T, and the cosine of
@@ -281,9 +303,13 @@ def train(
     def evaluate_and_log() -> dict:
         """Test-set evaluation, logged with the (fractional) epoch; best.pt when it improves."""
         result = evaluate(model, data, cfg.eval_batch_size, world, autocast)
+        if ema is not None:  # the averaged weights, evaluated beside the raw ones
+            averaged = evaluate(ema.module, data, cfg.eval_batch_size, world, autocast)
+            result.update({f"ema_{k}": averaged[k] for k in ("loss", "acc", "top5")})
         epochs_done = round(state.step / steps_per_epoch, 4)
         log({"event": "eval", "epoch": epochs_done, "step": state.step, "split": "test",
-             "loss": result["loss"], "acc": result["acc"],
+             "loss": result["loss"], "acc": result["acc"], "top5": result["top5"],
+             **{k: v for k, v in result.items() if k.startswith("ema_")},
              "per_class_acc": result["per_class_acc"], "lr": optimizers.lr,
              "images_seen": state.images_seen, "train_flops": state.train_flops,
              "time_s": time.perf_counter() - start_time})  # fmt: skip
@@ -321,9 +347,10 @@ def train(
                 # loss sum, hits, images, Ctrl-C pressed: summed over ranks at each log
                 window = torch.zeros(4, dtype=torch.float64, device=device)
                 window_start, window_images = time.perf_counter(), 0
+                waited = [0.0]  # seconds spent waiting for data in this window
                 batches = data.train_batches(epoch, cfg.batch_size, cfg.seed, world.rank,
                                              world.size, start=state.batch_in_epoch)  # fmt: skip
-                for x, y in batches:
+                for x, y in _timed(batches, waited):
                     count_flops(x, y)
                     loss, hits = train_step(x, y)
                     window[0] += loss.double() * len(y)
@@ -356,21 +383,23 @@ def train(
                             f"{epoch + 1}); stopped without saving ({kept}): lower optim.lr or "
                             "feedback.optimizer.lr"
                         )
-                    rate = window_images / max(time.perf_counter() - window_start, 1e-9)
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    rate, stall = window_images / elapsed, waited[0] / elapsed
                     acc = float(totals[1] / totals[2].clamp_min(1))
                     event = {"event": "train", "epoch": epoch + 1, "step": state.step,
                              "split": "train", "loss": mean_loss, "acc": acc,
                              "lr": optimizers.lr,
                              "images_seen": state.images_seen, "images_per_s": rate,
+                             "data_stall": stall,
                              "train_flops": state.train_flops,
                              "time_s": time.perf_counter() - start_time}  # fmt: skip
                     if aux_loss[0] is not None:  # not in "loss", which stays comparable
                         event["aux_loss"] = float(aux_loss[0])
                     log(event)
-                    bar.update(task, stats=f"loss {mean_loss:.4f} acc {acc:.3f} "
-                                           f"{rate:,.0f} img/s")  # fmt: skip
+                    bar.update(task, stats=f"loss {mean_loss:.4f} acc {acc:.3f} {rate:,.0f} "
+                                           f"img/s, data stall {stall:.0%}")  # fmt: skip
                     window.zero_()
-                    window_start, window_images = time.perf_counter(), 0
+                    window_start, window_images, waited[0] = time.perf_counter(), 0, 0.0
                     stop_here(requested_on_every_rank=bool(totals[3] > 0))
                 # Evaluate before the epoch counts as done, so that a stop before this point
                 # resumes into this evaluation and a stop after it does not repeat it.

@@ -10,9 +10,15 @@ import torch
 from torch import nn
 
 
+def _flat(params) -> list:
+    """The tensors of a parameter list or of parameter groups."""
+    return [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+
+
 def _fused_ok(params) -> bool:
     """PyTorch's fused Adam/AdamW/SGD kernels (one pass over every tensor, on CPU and GPU)
     need floating-point tensors on one device of a supported kind."""
+    params = _flat(params)
     devices = {p.device.type for p in params}
     return (
         bool(params)
@@ -74,7 +80,7 @@ def reapply_hyperparameters(config, optimizer, schedule) -> None:
     for group in optimizer.param_groups:
         group["initial_lr"] = config.lr
         for key in ("weight_decay", "betas", "eps", "amsgrad", "momentum", "alpha"):
-            if key in group:
+            if key in group and not (key == "weight_decay" and group.get("no_decay")):
                 group[key] = getattr(config, key)
     schedule.base_lrs = [config.lr for _ in optimizer.param_groups]
     for group, factor in zip(optimizer.param_groups, schedule.lr_lambdas, strict=True):
@@ -154,16 +160,21 @@ def shares_forward_optimizer(feedback_config) -> bool:
 def build_optimizers(recipe, model: nn.Module, steps_per_epoch: int) -> Optimizers:
     from ldfa_cli.feedback import feedback_parameters, forward_parameters
 
+    from .regularise import parameter_groups
+
     epochs = recipe.train.epochs
     feedback = feedback_parameters(model)
     shared = shares_forward_optimizer(recipe.feedback)
     params = forward_parameters(model) + (feedback if shared else [])
-    forward = make_optimizer(recipe.optim, params)
+    groups = parameter_groups(model, params, recipe.optim.weight_decay,
+                              recipe.optim.no_decay_bias_norm)  # fmt: skip
+    forward = make_optimizer(recipe.optim, groups)
     optimizers = Optimizers(forward, make_schedule(recipe.schedule, forward, steps_per_epoch,
                                                    epochs), recipe.optim)  # fmt: skip
     if feedback and not shared:
         config = recipe.feedback.optimizer
-        optimizers.feedback = make_optimizer(config, feedback)
+        groups = parameter_groups(model, feedback, config.weight_decay, config.no_decay_bias_norm)
+        optimizers.feedback = make_optimizer(config, groups)
         optimizers.feedback_schedule = make_schedule(
             recipe.feedback.schedule, optimizers.feedback, steps_per_epoch, epochs
         )
