@@ -36,7 +36,46 @@ def _torchrun(recipe, out):
 
 
 def _losses(run):
-    return [(e["event"], e["step"], e["loss"]) for e in read_metrics(run / "metrics.jsonl")]
+    return [(e["event"], e["step"], e["loss"]) for e in read_metrics(run / "metrics.jsonl")
+            if e["event"] in ("train", "eval")]  # fmt: skip
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("feedback", [{"rule": "ldfa", "rank": 4},
+                                      {"rule": "ldfa_local", "rank": 4,
+                                       "options": {"learn_q": True}}])  # fmt: skip
+def test_two_nodes_on_localhost_keep_every_tensor_identical(capsys, tmp_path, feedback):
+    """Two "nodes" of one process each, joined by c10d rendezvous on 127.0.0.1 (as
+    `torchrun --nnodes 2 --node-rank K --rdzv-endpoint HOST:PORT` on two machines): every
+    parameter and buffer, feedback factors included, is the same on both at the end, and
+    the normative rule trains as one process does."""
+    recipe = _recipe(tmp_path / "r.yaml", feedback)
+    port, out = _free_port(), tmp_path / "nodes"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={k}",
+         "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+         "--rdzv-id=ldfa-test", "-m", "ldfa_cli", "train", str(recipe), "--out",
+         str(out), "--device", "cpu"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for k in (0, 1)]  # fmt: skip
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    (replicas,) = [e for e in read_metrics(out / "metrics.jsonl") if e["event"] == "replicas"]
+    assert replicas["ranks"] == 2 and replicas["identical"] and replicas["differing"] == []
+    if feedback["rule"] == "ldfa":
+        assert run_cli(capsys, "train", recipe, "--out", tmp_path / "one", "--device",
+                       "cpu")[0] == 0  # fmt: skip
+        for (_, _, a), (_, _, b) in zip(_losses(tmp_path / "one"), _losses(out), strict=True):
+            assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize("feedback", [

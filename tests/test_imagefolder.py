@@ -216,3 +216,18 @@ def test_a_corrupt_image_stops_the_run_naming_the_file(capsys, tmp_path):
     assert code == 2 and f"{bad} is not a readable image" in err
     assert len(err.strip().splitlines()[-1]) < 300 and "Traceback" not in err
     assert not math.isnan(0.0)
+
+
+@pytest.mark.parametrize("name", ["imagenet1k_vit_b16_r64_authors", "imagenet100_vit_b16_r64"])
+def test_imagenet_recipes_take_a_step_on_a_fake_imagenet_tree(capsys, tmp_path, name):
+    root = make_tree(tmp_path / "imagenet", classes=("n01440764", "n01443537", "n01484850"),
+                     per_class=2, val_per_class=1)  # fmt: skip
+    (tmp_path / "list.txt").write_text("n01443537\nn01484850\n")
+    extra = [f"data.class_list={tmp_path / 'list.txt'}"] if "100" in name else []
+    code, _, err = run_cli(capsys, "train", name, f"data.root={root}", *extra,
+                           "train.batch_size=2", "train.compile=false", "train.precision=fp32",
+                           "data.workers=0", "--dry-run", "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    assert "blocks.11.attn.qkv" in err and "one training step" in err
+    flat = " ".join(err.split())
+    assert "streamed from disk" in flat and ("3 classes" if "1k" in name else "2 classes") in flat

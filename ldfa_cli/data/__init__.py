@@ -167,6 +167,15 @@ class DeviceData:
         part = self.train if split == "train" else self.test
         return self.normalise(part.images[:n]), part.labels[:n]
 
+    def describe(self) -> str:
+        """Where the data lives and what it takes, for --dry-run."""
+        n = len(self.train.labels) + len(self.test.labels)
+        shape = "x".join(map(str, self.train.images.shape[1:]))
+        size = (self.train.images.numel() + self.test.images.numel()) / 1e6
+        return (f"data: on the device ({self.device}), {n:,} images {shape} uint8 = "
+                f"{size:,.1f} MB, {self.classes} classes (the built-in datasets fit; an "
+                "imagefolder streams from disk)")  # fmt: skip
+
     def with_train_as_test(self) -> DeviceData:
         import dataclasses
 

@@ -199,6 +199,15 @@ class FolderData:
         x = torch.stack([t for t, _ in items]).to(self.device)
         return x, torch.tensor([c for _, c in items], device=self.device)
 
+    def describe(self) -> str:
+        """Where the data lives and what it would take on the device, for --dry-run."""
+        n = len(self.train_set) + len(self.val_set)
+        on_device = n * self.channels * self.size * self.size / 1e9
+        return (f"data: streamed from disk by {self.workers} worker(s), {len(self.train_set):,} "
+                f"training and {len(self.val_set):,} val images, {self.classes} classes, "
+                f"{self.size}x{self.size} (held on the device as uint8 they would take "
+                f"{on_device:,.2f} GB)")  # fmt: skip
+
     def with_train_as_test(self) -> FolderData:
         import dataclasses
 

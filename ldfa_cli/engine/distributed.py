@@ -53,3 +53,21 @@ def broadcast_flag(world: World, flag: bool, device) -> bool:
     tensor = torch.tensor([1 if flag else 0], device=device)
     dist.broadcast(tensor, 0)
     return bool(tensor.item())
+
+
+def differing_replicas(world: World, model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers (feedback factors included) that are not the
+    same on every rank: each tensor's sum and sum of squares in float64, gathered and
+    compared exactly. Empty where the replicas agree; on one process, always empty."""
+    if not world.distributed:
+        return []
+    names, stats = [], []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        t = tensor.detach().double()
+        names.append(name)
+        stats.append(torch.stack([t.sum(), t.square().sum()]))
+    mine = torch.stack(stats).to(next(model.parameters()).device)
+    gathered = [torch.empty_like(mine) for _ in range(world.size)]
+    dist.all_gather(gathered, mine)
+    same = torch.stack([(g == gathered[0]).all(1) for g in gathered]).all(0)
+    return [n for n, ok in zip(names, same.tolist(), strict=True) if not ok]

@@ -272,6 +272,7 @@ def train(
         console.print(conversion_report(model).table(title=f"{recipe.model.name}: layers"))
         counts = parameter_counts(model)
         console.print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+        console.print(data.describe())
         x, y = next(data.train_batches(0, cfg.batch_size, cfg.seed, world.rank, world.size))
         loss, _ = train_step(x, y)
         console.print(f"one training step: loss {loss.item():.4f} on a batch of {len(y)}; "
@@ -410,6 +411,10 @@ def train(
                 checkpoint("last.pt")
                 if state.epoch < last_epoch:  # a Ctrl-C after the last epoch changes nothing
                     stop_here()  # (under torchrun the epoch's last log already agreed)
+        if world.distributed:  # whether every rank holds the same model (where promised)
+            differing = distributed.differing_replicas(world, model)
+            log({"event": "replicas", "step": state.step, "ranks": world.size,
+                 "identical": not differing, "differing": differing})  # fmt: skip
     except StopRequested:
         state.elapsed_s = time.perf_counter() - start_time
         checkpoint("last.pt")
