@@ -67,23 +67,21 @@ def _timer(device: torch.device):
     return timed
 
 
-def build_variants(recipe, ranks: list[int], batch_size: int, device) -> list[Variant]:
+def variant_specs(recipe, ranks: list[int]) -> list[tuple[str, object]]:
+    """(label, recipe) for backprop and for the recipe's rule (ldfa if it is bp) at each
+    rank."""
     rule = recipe.feedback.rule if recipe.feedback.rule != "bp" else "ldfa"
-    specs = [
-        (
-            "bp",
-            recipe.model_copy(
-                update={
-                    "feedback": recipe.feedback.model_copy(update={"rule": "bp", "options": {}})
-                }
-            ),
-        )
-    ]
+    bp = recipe.feedback.model_copy(update={"rule": "bp", "options": {}})
+    specs = [("bp", recipe.model_copy(update={"feedback": bp}))]
     for r in ranks:
         fb = recipe.feedback.model_copy(update={"rule": rule, "rank": r})
         specs.append((f"{rule} r={r}", recipe.model_copy(update={"feedback": fb})))
+    return specs
+
+
+def build_variants(recipe, ranks: list[int], batch_size: int, device) -> list[Variant]:
     variants = []
-    for label, spec in specs:
+    for label, spec in variant_specs(recipe, ranks):
         model, x, y = synthetic_network(spec, batch_size, device)
         model.train()
         flops = count_training_step(model, x, y).total

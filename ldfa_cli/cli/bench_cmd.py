@@ -18,10 +18,13 @@ def bench(
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed steps first."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Default: the recipe's."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    memory: bool = typer.Option(False, "--memory", help="Memory of a step by kind, not time."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
 ) -> None:
     """Time training steps under backprop and each rank, interleaved in one process, beside
-    the FLOP ratio, with a profile of where the time goes."""
+    the FLOP ratio, with a profile of where the time goes; or, with --memory, the memory of
+    one step split into parameters, feedback tensors, optimizer state, activations saved for
+    backward, backward buffers and the peak, beside what the shapes predict."""
     from ldfa_cli.analysis.bench import run_bench
     from ldfa_cli.cli.theory_cmd import _int_list
     from ldfa_cli.config import load_recipe
@@ -31,6 +34,9 @@ def bench(
     rank_list = list(_int_list(ranks, "--ranks"))
     batch = batch_size or config.train.batch_size
     console = stderr_console()
+    if memory:
+        _memory(config, path, rank_list, batch, pick_device(device), console, json_out)
+        return
     with console.status(f"timing {len(rank_list) + 1} variants x {steps} steps"):
         result = run_bench(config, rank_list, steps, warmup, batch, pick_device(device))
     table = Table(title=f"{path.stem}: training step, batch {batch}, {result['device']}, "
@@ -44,5 +50,50 @@ def bench(
     for label, ops in result["profile"].items():
         summary = ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops)
         console.print(f"where the time goes ({label}, self time by op): {summary}")
+    if json_out:
+        print(json.dumps({"recipe": path.stem, **result}, indent=2))
+
+
+MIB = 2**20
+MEMORY_COLUMNS = [("parameters", "params"), ("feedback_tensors", "feedback"),
+                  ("gradients", "grads"), ("optimizer_state", "opt state"),
+                  ("saved_for_backward", "saved"), ("backward_transient", "bwd buffers"),
+                  ("peak", "peak")]  # fmt: skip
+
+
+def _memory(config, path, ranks, batch, device, console, json_out: bool) -> None:
+    from ldfa_cli.analysis.memory import run_memory
+
+    with console.status(f"measuring the memory of {len(ranks) + 1} variants"):
+        result = run_memory(config, ranks, batch, device)
+    table = Table(title=f"{path.stem}: memory of one training step (MiB), batch {batch}, "
+                  f"{result['device']}; in brackets what the shapes predict")  # fmt: skip
+    table.add_column("variant")
+    for _, title in MEMORY_COLUMNS:
+        table.add_column(title, justify="right")
+    cuda = result["rows"][0]["allocator_peak"] is not None
+    if cuda:
+        table.add_column("allocator peak", justify="right")
+    for row in result["rows"]:
+        expected = row["expected"]
+        cells = []
+        for key, _ in MEMORY_COLUMNS:
+            cell = f"{row[key] / MIB:.2f}"
+            guess = expected.get(key, expected.get(f"{key}_at_least"))
+            if guess is not None:
+                cell += f" [{'>=' if key == 'saved_for_backward' else ''}{guess / MIB:.2f}]"
+            cells.append(cell)
+        if cuda:
+            cells.append(f"{row['allocator_peak'] / MIB:.2f}")
+        table.add_row(row["variant"], *cells)
+    console.print(table)
+    console.print(
+        "saved: what autograd keeps for the backward (the batch and parameters left out; the "
+        "prediction counts only each Linear/Conv input); bwd buffers: the most the backward "
+        "holds at once beyond the gradients it leaves; peak: the most alive at once over the "
+        "step, everything before it included. Low-rank feedback adds its factors, their "
+        "gradients and optimizer state; its backward holds a T x r product where backprop "
+        "holds none, and neither holds more than the input gradient W^T g or (g Q) P."
+    )
     if json_out:
         print(json.dumps({"recipe": path.stem, **result}, indent=2))

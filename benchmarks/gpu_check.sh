@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The CUDA path end to end, in one script that writes one JSON file (about 3-5 minutes on a
+# recent GPU; nothing is downloaded, no dataset is read but scikit-learn's bundled digits):
+#
+#   bash benchmarks/gpu_check.sh                       # --device cuda, writes gpu_check.json
+#   bash benchmarks/gpu_check.sh --device cpu --out /tmp/check.json   # a dry check on CPU
+#
+# 1. the environment (nvidia-smi, python -m ldfa_cli.lock);
+# 2. training: a tiny ViT with normative LDFA r=8 on digits under bf16 autocast and
+#    torch.compile, with its two optimizers (AdamW for W, AdamW for P, Q), one epoch;
+# 3. ldfa flops of the tiny ViT (fmnist_vit_r16) and of ViT-S/16 at 224 (r=32);
+# 4. ldfa bench (CUDA events on a GPU) of both, ViT-S/16 at r in {16, 32, 64}, and
+#    ldfa bench --memory (the allocator's peak beside the split by kind).
+# On CPU (--device cpu) the same steps run at batch 2 and a step or two, to check that the
+# script and every command work; its timings mean nothing.
+set -euo pipefail
+
+device=cuda
+out=gpu_check.json
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --device) device="$2"; shift 2 ;;
+        --out) out="$2"; shift 2 ;;
+        *) echo "gpu_check.sh: unknown argument '$1' (use --device cuda|cpu, --out FILE)" >&2; exit 2 ;;
+    esac
+done
+if [[ "$device" == cuda ]]; then
+    vit_batch=128; vits_batch=64; steps=20; warmup=5
+else
+    vit_batch=8; vits_batch=2; steps=2; warmup=1
+fi
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+tiny_vit='model={name: vit, patch_size: 4, embed_dim: 64, depth: 4, num_heads: 4, mlp_ratio: 2.0}'
+vit_s=('model={name: timm, architecture: vit_small_patch16_224}' data.resize=224)
+started=$(date +%s)
+
+step() {  # step NAME COMMAND...: run it, keep its stdout as $work/NAME.json, say how long
+    local name=$1; shift
+    local t0=$(date +%s)
+    echo "== $name: $*" >&2
+    "$@" > "$work/$name.json"
+    echo "   $(( $(date +%s) - t0 )) s" >&2
+}
+
+(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
+    || echo "no nvidia-smi") > "$work/gpu.txt"
+python -m ldfa_cli.lock > "$work/env.json" || true  # a mismatch is recorded, not fatal
+
+step train ldfa train quickstart "$tiny_vit" feedback.rule=ldfa feedback.rank=8 \
+    'feedback.optimizer={name: adamw, lr: 0.015, weight_decay: 0.0}' \
+    train.precision=bf16 train.compile=true train.epochs=1 train.log_every=10 \
+    --device "$device" --out "$work/run" --json
+step flops_tiny_vit ldfa flops fmnist_vit_r16 --device "$device" --batch-size "$vit_batch" --json
+step flops_vit_s16 ldfa flops vit_cifar10_r24 "${vit_s[@]}" feedback.rank=32 \
+    --device "$device" --batch-size "$vits_batch" --json
+step bench_tiny_vit ldfa bench fmnist_vit_r16 --ranks 8,16,32 --device "$device" \
+    --batch-size "$vit_batch" --steps "$steps" --warmup "$warmup" --json
+step bench_vit_s16 ldfa bench vit_cifar10_r24 "${vit_s[@]}" --ranks 16,32,64 --device "$device" \
+    --batch-size "$vits_batch" --steps "$steps" --warmup "$warmup" --json
+step memory_vit_s16 ldfa bench vit_cifar10_r24 "${vit_s[@]}" --memory --ranks 16,32,64 \
+    --device "$device" --batch-size "$vits_batch" --json
+
+python - "$work" "$out" "$device" "$started" <<'EOF'
+import json, os, sys, tempfile, time
+from pathlib import Path
+
+work, out, device, started = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+result = {"device": device, "gpu": (work / "gpu.txt").read_text().strip(),
+          "env": json.loads((work / "env.json").read_text() or "{}")}
+for name in ["train", "flops_tiny_vit", "flops_vit_s16", "bench_tiny_vit", "bench_vit_s16",
+             "memory_vit_s16"]:
+    result[name] = json.loads((work / f"{name}.json").read_text())
+result["wall_s"] = round(time.time() - started, 1)
+out.parent.mkdir(parents=True, exist_ok=True)
+with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
+    json.dump(result, f, indent=2)
+os.replace(f.name, out)  # atomic: a half-written check never replaces a finished one
+for name in ["bench_tiny_vit", "bench_vit_s16"]:
+    for row in result[name]["rows"]:
+        print(f"{name:15s} {row['variant']:10s} {row['median_ms']:9.2f} ms  time/BP "
+              f"{row['time_ratio']:.2f}  FLOPs/BP {row['flop_ratio']:.2f}", file=sys.stderr)
+for row in result["memory_vit_s16"]["rows"]:
+    peak = row["allocator_peak"] if row["allocator_peak"] is not None else row["peak"]
+    print(f"memory_vit_s16  {row['variant']:10s} peak {peak / 2**20:9.1f} MiB", file=sys.stderr)
+print(f"wrote {out} ({result['wall_s']} s)", file=sys.stderr)
+EOF
