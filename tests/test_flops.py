@@ -322,3 +322,26 @@ def test_bench_on_a_tiny_model(capsys, tmp_path):
     assert [r["variant"] for r in data["rows"]] == ["bp", "ldfa r=2", "ldfa r=4"]
     assert data["rows"][0]["time_ratio"] == 1.0 and data["rows"][1]["flop_ratio"] < 1.0
     assert data["profile"]["bp"] and "where the time goes" in err
+    bp, ldfa = data["phases_ms"]["bp"], data["phases_ms"]["ldfa r=2"]
+    # backprop's layers run plain autograd: no input/weight split; LDFA's are split
+    assert "input_grad" not in bp and {"forward", "optimizer"} <= set(bp)
+    assert {"forward", "input_grad", "weight_grad", "feedback_update", "optimizer"} <= set(ldfa)
+    assert all(ms >= 0 for ms in ldfa.values()) and "by phase" in err
+
+
+def test_phase_timer_files_each_op_under_its_phase():
+    from ldfa_cli.analysis.bench import PhaseTimer
+    from ldfa_cli.feedback import accounting
+
+    timer = PhaseTimer(torch.device("cpu"))
+    a = torch.ones(64, 64)
+    with timer:
+        a @ a  # outside any layer: the forward of '(other)'
+        previous = accounting.enter("fc", "weight_grad")
+        a @ a
+        accounting.leave(previous)
+        previous = accounting.enter("(optimizer)", "optimizer")
+        a.add_(1)
+        accounting.leave(previous)
+    assert set(timer.seconds) == {"forward", "weight_grad", "optimizer"}
+    assert not accounting.ACTIVE  # the markers are off again outside the timer

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldfa_cli.engine.build import synthetic_network
 from ldfa_cli.engine.optim import build_optimizers
-from ldfa_cli.feedback import backward_with_rules
+from ldfa_cli.feedback import accounting, backward_with_rules
 
 from .flops import count_training_step
 
@@ -32,6 +34,60 @@ class Variant:
     times: list
 
 
+OPTIMIZER = "(optimizer)"
+PHASE_ORDER = (
+    "forward", "input_grad", "broadcast", "weight_grad", "feedback_update", "svd_reset",
+    "backward (other layers)", "optimizer", "python and dispatch",
+)  # fmt: skip
+
+
+class PhaseTimer(TorchDispatchMode):
+    """Seconds of every op, filed under the phase the feedback layers mark (the FLOP
+    counter's ``accounting.where()``): forward, input gradient, weight gradient, feedback
+    update, the backward of layers that are not converted, the optimizer steps. On a GPU
+    every op is synchronised, so that each is timed alone."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        accounting.set_active(True)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            accounting.set_active(False)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        if self.cuda:
+            torch.cuda.synchronize()
+        layer, phase = accounting.where()
+        if layer == OPTIMIZER:
+            phase = "optimizer"
+        elif layer == "(other)" and phase == "backward":
+            phase = "backward (other layers)"
+        self.seconds[phase] += time.perf_counter() - start
+        return out
+
+
+def phase_times(variant: Variant, device, steps: int = 3) -> dict[str, float]:
+    """Milliseconds per step by phase; 'python and dispatch' is the rest of the variant's
+    median step time (Python, autograd's bookkeeping, kernel launches)."""
+    timer = PhaseTimer(device)
+    with timer:
+        for _ in range(steps):
+            variant.step()
+    ms = {phase: seconds * 1e3 / steps for phase, seconds in timer.seconds.items()}
+    ms["python and dispatch"] = max(0.0, statistics.median(variant.times) * 1e3 - sum(ms.values()))
+    return {phase: ms[phase] for phase in PHASE_ORDER if phase in ms}
+
+
 def _stepper(recipe, model: nn.Module, x, y):
     optimizers = build_optimizers(recipe, model, steps_per_epoch=1)
     count = [0]
@@ -40,7 +96,11 @@ def _stepper(recipe, model: nn.Module, x, y):
         optimizers.zero_grad()
         backward_with_rules(model, F.cross_entropy(model(x), y), count[0])
         count[0] += 1
+        if accounting.ACTIVE:  # under PhaseTimer: file the optimizers' ops as their own
+            previous = accounting.enter(OPTIMIZER, "optimizer")
         optimizers.step()
+        if accounting.ACTIVE:
+            accounting.leave(previous)
 
     return step
 
@@ -126,5 +186,7 @@ def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int
                      "time_ratio": median / base_time, "flop_ratio": v.flops / base.flops,
                      "gflops_per_step": v.flops / 1e9})  # fmt: skip
     profiles = {v.label: profile_summary(v, device) for v in (variants[0], variants[1])}
+    phases = {v.label: phase_times(v, device) for v in variants}
     return {"batch_size": batch_size, "steps": steps, "warmup": warmup, "device": str(device),
-            "threads": torch.get_num_threads(), "rows": rows, "profile": profiles}  # fmt: skip
+            "threads": torch.get_num_threads(), "rows": rows, "profile": profiles,
+            "phases_ms": phases}  # fmt: skip

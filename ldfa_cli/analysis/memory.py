@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode  # FlopCounterMode's base too
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -40,11 +41,6 @@ from ldfa_cli.feedback import backward_with_rules
 from ldfa_cli.feedback.convert import feedback_layers
 
 from .bench import variant_specs
-
-try:  # public since torch 2.x; the dispatch mode flop counting already relies on
-    from torch.utils._python_dispatch import TorchDispatchMode
-except ImportError:  # pragma: no cover
-    TorchDispatchMode = object
 
 STATE_PER_ELEMENT = {"sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2, "amsgrad": 3}
 

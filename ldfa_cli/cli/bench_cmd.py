@@ -50,8 +50,24 @@ def bench(
     for label, ops in result["profile"].items():
         summary = ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops)
         console.print(f"where the time goes ({label}, self time by op): {summary}")
+    console.print(_phase_table(result["phases_ms"]))
     if json_out:
         print(json.dumps({"recipe": path.stem, **result}, indent=2))
+
+
+def _phase_table(phases_ms: dict) -> Table:
+    """ms per step by phase, a column per variant (each op timed under a dispatch mode;
+    'python and dispatch' is the rest of the median step)."""
+    table = Table(title="where the time goes, by phase (ms / step)")
+    table.add_column("phase")
+    for label in phases_ms:
+        table.add_column(label, justify="right")
+    from ldfa_cli.analysis.bench import PHASE_ORDER
+
+    for phase in (p for p in PHASE_ORDER if any(p in ms for ms in phases_ms.values())):
+        table.add_row(phase, *(f"{ms[phase]:.2f}" if phase in ms else "-"
+                               for ms in phases_ms.values()))  # fmt: skip
+    return table
 
 
 MIB = 2**20
