@@ -345,3 +345,13 @@ def test_phase_timer_files_each_op_under_its_phase():
         accounting.leave(previous)
     assert set(timer.seconds) == {"forward", "weight_grad", "optimizer"}
     assert not accounting.ACTIVE  # the markers are off again outside the timer
+
+
+def test_u_curve_series_group_a_family_whatever_rank_its_recipe_is_named_for():
+    from ldfa_cli.analysis.compute import series_of
+
+    assert series_of("fmnist_vit_bp") == series_of("fmnist_vit_r8") == "fmnist_vit"
+    assert series_of("fmnist_vit_r16") == "fmnist_vit"
+    assert series_of("fmnist_vit_r16_authors") == series_of("fmnist_vit_bp_authors")
+    assert series_of("fmnist_vit_r16_authors") == "fmnist_vit_authors"
+    assert series_of("mlp_cifar10_bpx") == "mlp_cifar10_bpx"  # only whole name parts

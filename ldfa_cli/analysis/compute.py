@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,8 +129,16 @@ def group_runs(runs: list[RunSummary]) -> list[dict]:
     return rows
 
 
+def series_of(recipe: str | None) -> str:
+    """The family a run's recipe belongs to, its rank and 'bp' taken out of the name, so
+    that fmnist_vit_bp, fmnist_vit_r8 and fmnist_vit_r16 draw one curve and
+    fmnist_vit_r16_authors another."""
+    return re.sub(r"_(r\d+|bp)(?=_|$)", "", recipe or "")
+
+
 def plot_compute(rows: list[dict], path: Path, target: float, common: bool) -> None:
-    """Fig. 3c bottom: accuracy bars and FLOPs-to-target line against rank, BP marked."""
+    """Fig. 3c bottom: accuracy bars and FLOPs-to-target lines against rank, backprop at
+    the left; one series (bars side by side, a line each) per recipe family."""
     import io
 
     import matplotlib
@@ -140,27 +149,39 @@ def plot_compute(rows: list[dict], path: Path, target: float, common: bool) -> N
     from ldfa_cli.engine.checkpoint import atomic_write_bytes
 
     key = "flops_to_common" if common else "flops_to_target"
-    labels = ["BP" if r["rule"] == "bp" else f"r={r['rank']}" for r in rows]
-    xs = list(range(len(rows)))
-    fig, ax = plt.subplots(figsize=(1.1 * len(rows) + 3, 3.6))
-    colours = ["black" if r["rule"] == "bp" else "tab:blue" for r in rows]
-    accs = [100 * (r["final_acc"] or 0) for r in rows]
-    errs = [100 * (r["final_acc_se"] or 0) for r in rows]
-    ax.bar(xs, accs, yerr=errs, color=colours, alpha=0.6, capsize=3)
-    low = min(accs) if accs else 0
-    ax.set_ylim(max(0.0, low - 10), 100 if max(accs, default=0) > 90 else max(accs) + 5)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_xticks(xs, labels)
+    ranks = sorted({r["rank"] for r in rows if r["rule"] != "bp"}, key=float)
+    names = list(dict.fromkeys(series_of(r["recipe"]) for r in rows))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(1.2 * (len(ranks) + 1) * max(1, len(names) / 1.5) + 3, 3.8))
     twin = ax.twinx()
-    values = [r[key] / 1e12 if r[key] is not None else float("nan") for r in rows]
-    ses = [(r[f"{key}_se"] or 0) / 1e12 for r in rows]
-    twin.errorbar(xs, values, yerr=ses, color="tab:red", marker="o", capsize=3)
-    bp = [i for i, r in enumerate(rows) if r["rule"] == "bp"]
-    for i in bp:
-        twin.axhline(values[i], color="tab:red", ls=":", lw=0.8)
+    for i, name in enumerate(names):
+        mine = [r for r in rows if series_of(r["recipe"]) == name]
+        xs = [(0 if r["rule"] == "bp" else 1 + ranks.index(r["rank"])) + (i - (len(names) - 1) / 2)
+              * width for r in mine]  # fmt: skip
+        colour = f"C{i}"
+        bars = ["black" if r["rule"] == "bp" else colour for r in mine]
+        ax.bar(xs, [100 * (r["final_acc"] or 0) for r in mine], width=width * 0.95,
+               yerr=[100 * (r["final_acc_se"] or 0) for r in mine], capsize=3, alpha=0.45,
+               color=bars)  # fmt: skip
+        values = [r[key] / 1e12 if r[key] is not None else float("nan") for r in mine]
+        twin.errorbar(xs, values, yerr=[(r[f"{key}_se"] or 0) / 1e12 for r in mine],
+                      color=colour, marker="o", capsize=3)  # fmt: skip
+        for r, value in zip(mine, values, strict=True):
+            if r["rule"] == "bp":
+                twin.axhline(value, color=colour, ls=":", lw=0.8)
+    accs = [100 * (r["final_acc"] or 0) for r in rows]
+    ax.set_ylim(max(0.0, min(accs, default=0) - 10),
+                100 if max(accs, default=0) > 90 else max(accs, default=0) + 5)  # fmt: skip
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xticks(range(len(ranks) + 1), ["BP"] + [f"r={r}" for r in ranks])
     what = "BP's" if common else "own"
     twin.set_ylabel(f"TFLOPs to {target:.0%} of {what} final acc.", color="tab:red")
-    ax.set_title("accuracy (bars) and training compute to target (line) by feedback rank")
+    if len(names) > 1:
+        from matplotlib.patches import Patch
+
+        handles = [Patch(color=f"C{i}", alpha=0.6, label=n) for i, n in enumerate(names)]
+        ax.legend(handles=handles, loc="lower right", fontsize="small")
+    ax.set_title("accuracy (bars) and training compute to target (lines) by feedback rank")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
