@@ -218,7 +218,7 @@ def test_a_corrupt_image_stops_the_run_naming_the_file(capsys, tmp_path):
     assert not math.isnan(0.0)
 
 
-@pytest.mark.parametrize("name", ["imagenet1k_vit_b16_r64_authors", "imagenet100_vit_b16_r64"])
+@pytest.mark.parametrize("name", ["imagenet1k_vit_b16_r64_svd", "imagenet100_vit_b16_r64"])
 def test_imagenet_recipes_take_a_step_on_a_fake_imagenet_tree(capsys, tmp_path, name):
     root = make_tree(tmp_path / "imagenet", classes=("n01440764", "n01443537", "n01484850"),
                      per_class=2, val_per_class=1)  # fmt: skip
