@@ -14,7 +14,7 @@ knows the bytes alive after each op:
 - gradients: the ``.grad`` of every parameter after the backward;
 - peak: the most alive at once over the step (forward, backward, optimizer step), plus
   what was alive before it. On CUDA the allocator's ``max_memory_allocated`` is reported
-  beside it (it also holds the allocator's rounding and the caching of freed blocks).
+  beside it (everything allocated on the device, block rounding included).
 
 Beside it, what the shapes predict: parameters and gradients one copy each, the optimizer's
 state per element (Adam/AdamW 2, AMSGrad 3, SGD with momentum 1), and every Linear/Conv
@@ -203,7 +203,6 @@ def measure_step(recipe, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     if cuda:
         torch.cuda.synchronize(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
-        allocated_before = torch.cuda.memory_allocated(x.device)
     live = LiveBytes(existing)
     with live:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -222,7 +221,7 @@ def measure_step(recipe, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     allocator_peak = None
     if cuda:
         torch.cuda.synchronize(x.device)
-        allocator_peak = torch.cuda.max_memory_allocated(x.device) - allocated_before + before
+        allocator_peak = torch.cuda.max_memory_allocated(x.device)  # everything on the device
     return StepMemory(
         parameters=storage_bytes(params),
         feedback_tensors=storage_bytes(feedback),
