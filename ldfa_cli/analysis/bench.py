@@ -41,7 +41,7 @@ PHASE_ORDER = (
 )  # fmt: skip
 
 
-class PhaseTimer(TorchDispatchMode):
+class PhaseTimer(accounting.Marking, TorchDispatchMode):
     """Seconds of every op, filed under the phase the feedback layers mark (the FLOP
     counter's ``accounting.where()``): forward, input gradient, weight gradient, feedback
     update, the backward of layers that are not converted, the optimizer steps. On a GPU
@@ -51,16 +51,6 @@ class PhaseTimer(TorchDispatchMode):
         super().__init__()
         self.seconds: dict[str, float] = defaultdict(float)
         self.cuda = device.type == "cuda"
-
-    def __enter__(self):
-        accounting.set_active(True)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        try:
-            return super().__exit__(*exc)
-        finally:
-            accounting.set_active(False)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         start = time.perf_counter()

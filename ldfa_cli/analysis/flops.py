@@ -86,7 +86,7 @@ ELEMENTWISE_ROW = "(elementwise)"
 RESET_PHASE = "svd_reset"
 
 
-class PhaseFlopCounter(FlopCounterMode):
+class PhaseFlopCounter(accounting.Marking, FlopCounterMode):
     """FlopCounterMode (with :func:`attention_formulas` and the QR/SVD formulas) that also
     keeps ``counts[(layer, phase)]``, charges elementwise ops by ``costs.ELEMENTWISE`` under
     ``("(elementwise)", "forward" | "backward")`` (inside an SVD reset: under the reset), and
@@ -97,16 +97,6 @@ class PhaseFlopCounter(FlopCounterMode):
         super().__init__(display=False, custom_mapping=formulas)
         self.counts: dict[tuple[str, str], float] = defaultdict(float)
         self.uncounted: set[str] = set()
-
-    def __enter__(self):
-        accounting.set_active(True)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        try:
-            return super().__exit__(*exc)
-        finally:
-            accounting.set_active(False)
 
     def _count_flops(self, func_packet, out, args, kwargs):
         where = accounting.where()

@@ -41,3 +41,18 @@ def set_active(active: bool) -> None:
     global ACTIVE
     ACTIVE = active
     _where[0] = _where[1] = None
+
+
+class Marking:
+    """Mixin for a dispatch mode that reads ``where()``: the markers are on while it is
+    entered (and off again however it exits)."""
+
+    def __enter__(self):
+        set_active(True)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            set_active(False)
