@@ -194,6 +194,48 @@ def test_normative_updates_reach_best_rank_r_approximation(make):
     assert residual <= optimum * 1.01
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LDFALinear(9, 7, rule="ldfa", rank=3),
+        lambda: LDFALinear(9, 7, rule="ldfa", rank=3, bias=False),
+        lambda: LDFAConv2d(4, 6, 3, rule="ldfa", rank=5),
+        lambda: LDFAConv2d(4, 6, 3, groups=2, rule="ldfa", rank=2),
+    ],
+)
+def test_normative_update_equals_autograd_through_the_loss(make):
+    """The training loop's eq.-9 update, written into .grad directly, is exactly the
+    gradient of eq. 8 by autograd, added to what .grad already holds."""
+    from ldfa_cli.feedback.normative import normative_update
+
+    torch.manual_seed(3)
+    layer = make().double()
+    feedback_loss(layer).backward()
+    expected = [layer.feedback_Q.grad.clone(), layer.feedback_P.grad.clone()]
+    layer.zero_grad(set_to_none=True)
+    assert normative_update(layer) == 1
+    for factor, want in zip((layer.feedback_Q, layer.feedback_P), expected, strict=True):
+        torch.testing.assert_close(factor.grad, want, rtol=1e-12, atol=1e-12)
+        assert factor.grad.shape == factor.shape and factor.grad.is_contiguous()
+    normative_update(layer)  # accumulates, like a second backward
+    torch.testing.assert_close(layer.feedback_P.grad, 2 * expected[1], rtol=1e-12, atol=1e-12)
+    assert layer.weight.grad is None
+
+
+def test_normative_update_respects_interval():
+    from ldfa_cli.feedback.normative import normative_update
+
+    model = torch.nn.Sequential(
+        LDFALinear(4, 4, rule="ldfa", rank=2, interval=3),
+        LDFALinear(4, 4, rule="ldfa", rank=2, interval=2),
+    )
+    assert normative_update(model, step=1) == 0
+    assert all(p.grad is None for n, p in model.named_parameters() if "feedback" in n)
+    assert normative_update(model, step=3) == 1
+    assert model[0].feedback_P.grad is not None and model[1].feedback_P.grad is None
+    assert normative_update(model, step=6) == 2
+
+
 def test_feedback_loss_respects_interval():
     model = torch.nn.Sequential(
         LDFALinear(4, 4, rule="ldfa", rank=2, interval=3),

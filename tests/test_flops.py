@@ -323,10 +323,20 @@ def test_bench_on_a_tiny_model(capsys, tmp_path):
     assert data["rows"][0]["time_ratio"] == 1.0 and data["rows"][1]["flop_ratio"] < 1.0
     assert data["profile"]["bp"] and "where the time goes" in err
     bp, ldfa = data["phases_ms"]["bp"], data["phases_ms"]["ldfa r=2"]
-    # backprop's layers run plain autograd: no input/weight split; LDFA's are split
-    assert "input_grad" not in bp and {"forward", "optimizer"} <= set(bp)
+    # backprop timed and counted on its split twin: input and weight gradients apart
+    assert {"forward", "input_grad", "weight_grad", "optimizer"} <= set(bp)
     assert {"forward", "input_grad", "weight_grad", "feedback_update", "optimizer"} <= set(ldfa)
-    assert all(ms >= 0 for ms in ldfa.values()) and "by phase" in err
+    for label, row in zip(("bp", "ldfa r=2"), data["rows"][:2], strict=True):
+        # the time rows add up to the median step, the FLOP rows to the step's FLOPs
+        assert sum(data["phases_ms"][label].values()) == pytest.approx(row["median_ms"])
+        assert sum(data["phases_gflops"][label].values()) == pytest.approx(row["gflops_per_step"])
+    flops_bp, flops_ldfa = data["phases_gflops"]["bp"], data["phases_gflops"]["ldfa r=2"]
+    assert flops_ldfa["input_grad"] < flops_bp["input_grad"]  # Q (P g) against W^T g
+    assert flops_ldfa["weight_grad"] == pytest.approx(flops_bp["weight_grad"])
+    gap = data["rows"][1]["gap"]
+    assert gap == pytest.approx(data["rows"][1]["time_ratio"] - data["rows"][1]["flop_ratio"])
+    assert sum(data["gap_by_phase"]["ldfa r=2"].values()) == pytest.approx(gap)
+    assert "by phase" in err and "share of the gap" in " ".join(err.split())
 
 
 def test_phase_timer_files_each_op_under_its_phase():
@@ -343,7 +353,12 @@ def test_phase_timer_files_each_op_under_its_phase():
         previous = accounting.enter("(optimizer)", "optimizer")
         a.add_(1)
         accounting.leave(previous)
-    assert set(timer.seconds) == {"forward", "weight_grad", "optimizer"}
+        a.clone()  # no FLOPs: data movement
+        previous = accounting.enter("fc", "input_grad")
+        a.mul(a)  # charged as elementwise by the counter, and so by the timer
+        accounting.leave(previous)
+    assert set(timer.seconds) == {"forward", "weight_grad", "optimizer", "data movement",
+                                  "elementwise (backward)"}  # fmt: skip
     assert not accounting.ACTIVE  # the markers are off again outside the timer
 
 

@@ -16,13 +16,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldfa_cli.engine.build import synthetic_network
 from ldfa_cli.engine.optim import build_optimizers
-from ldfa_cli.feedback import accounting, backward_with_rules
+from ldfa_cli.feedback import accounting, backward_with_rules, feedback_layers
 
-from .flops import count_training_step
+from . import costs
+from .flops import (
+    ELEMENTWISE_ROW,
+    RESET_PHASE,
+    StepFlops,
+    attention_formulas,
+    backprop_twin,
+    count_training_step,
+    optimizer_plan,
+)
 
 
 @dataclass
@@ -30,52 +40,113 @@ class Variant:
     label: str
     model: nn.Module
     step: callable
-    flops: float
+    flops: StepFlops
     times: list
+    phase_step: callable = None  # the step timed by phase (backprop: its split twin's)
+
+    @property
+    def total_flops(self) -> float:
+        return self.flops.total
 
 
 OPTIMIZER = "(optimizer)"
 PHASE_ORDER = (
     "forward", "input_grad", "broadcast", "weight_grad", "feedback_update", "svd_reset",
-    "backward (other layers)", "optimizer", "python and dispatch",
+    "backward (other layers)", "elementwise (forward)", "elementwise (backward)", "optimizer",
+    "data movement", "python and dispatch",
 )  # fmt: skip
 
 
+def _row(layer: str, phase: str) -> str:
+    """The phase row of a product op (a matmul, convolution or attention) at (layer, phase)."""
+    if layer == "(other)":
+        return "forward" if phase == "forward" else "backward (other layers)"
+    return phase
+
+
 class PhaseTimer(accounting.Marking, TorchDispatchMode):
-    """Seconds of every op, filed under the phase the feedback layers mark (the FLOP
-    counter's ``accounting.where()``): forward, input gradient, weight gradient, feedback
-    update, the backward of layers that are not converted, the optimizer steps. On a GPU
-    every op is synchronised, so that each is timed alone."""
+    """Seconds of every op, filed in the rows the FLOP counter files its FLOPs in, so that
+    each row's share of the time can stand beside its share of the FLOPs: products
+    (matmuls, convolutions, attention) under the phase the feedback layers mark (forward,
+    input gradient, weight gradient, feedback update, SVD reset) or under the forward /
+    backward of layers that are not converted; ops the counter charges as elementwise under
+    'elementwise'; the optimizer steps; ops it charges nothing (copies, views,
+    concatenation) under 'data movement'. On a GPU every op is synchronised, so that each
+    is timed alone."""
 
     def __init__(self, device: torch.device):
         super().__init__()
         self.seconds: dict[str, float] = defaultdict(float)
         self.cuda = device.type == "cuda"
+        self.products = {*flop_counter.flop_registry, *attention_formulas(),
+                         *costs.decomposition_formulas()}  # fmt: skip
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         start = time.perf_counter()
         out = func(*args, **(kwargs or {}))
         if self.cuda:
             torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
         layer, phase = accounting.where()
         if layer == OPTIMIZER:
-            phase = "optimizer"
-        elif layer == "(other)" and phase == "backward":
-            phase = "backward (other layers)"
-        self.seconds[phase] += time.perf_counter() - start
+            row = "optimizer"
+        elif phase == RESET_PHASE:
+            row = RESET_PHASE
+        elif func.overloadpacket in self.products:
+            row = _row(layer, phase)
+        elif costs.elementwise_flops(func.overloadpacket.__name__, args, out) is not None:
+            row = "elementwise (forward)" if phase == "forward" else "elementwise (backward)"
+        else:
+            row = "data movement"
+        self.seconds[row] += elapsed
         return out
 
 
-def phase_times(variant: Variant, device, steps: int = 3) -> dict[str, float]:
-    """Milliseconds per step by phase; 'python and dispatch' is the rest of the variant's
-    median step time (Python, autograd's bookkeeping, kernel launches)."""
-    timer = PhaseTimer(device)
-    with timer:
-        for _ in range(steps):
-            variant.step()
-    ms = {phase: seconds * 1e3 / steps for phase, seconds in timer.seconds.items()}
-    ms["python and dispatch"] = max(0.0, statistics.median(variant.times) * 1e3 - sum(ms.values()))
-    return {phase: ms[phase] for phase in PHASE_ORDER if phase in ms}
+def flop_rows(step: StepFlops) -> dict[str, float]:
+    """A step's FLOPs in :class:`PhaseTimer`'s rows."""
+    rows: dict[str, float] = defaultdict(float)
+    for layer, phase in step.counts:
+        if layer != ELEMENTWISE_ROW and phase != RESET_PHASE:
+            rows[_row(layer, phase)] += step.get(layer, phase)
+    rows["elementwise (forward)"] = step.elementwise["forward"]
+    rows["elementwise (backward)"] = step.elementwise["backward"]
+    rows[RESET_PHASE] = step.svd_reset
+    rows["optimizer"] = sum(step.optimizer.values())
+    return {row: value for row, value in rows.items() if value}
+
+
+def phase_times(variants: list[Variant], device, rounds: int = 5) -> dict[str, dict]:
+    """Milliseconds per step by row for each variant: the variants take turns, one step
+    each under the timer per round (as the median steps were timed), and each row is its
+    median over the rounds. 'python and dispatch' is the rest of the variant's median step
+    (Python, autograd's bookkeeping, kernel launches); it is negative where the per-op
+    timings add up to more than the median step, i.e. where the machine's noise exceeds it."""
+    seconds: dict[str, dict[str, list]] = {v.label: defaultdict(list) for v in variants}
+    for _ in range(rounds):
+        for variant in variants:
+            timer = PhaseTimer(device)
+            with timer:
+                (variant.phase_step or variant.step)()
+            for row in PHASE_ORDER:
+                seconds[variant.label][row].append(timer.seconds.get(row, 0.0))
+    result = {}
+    for variant in variants:
+        ms = {row: statistics.median(values) * 1e3
+              for row, values in seconds[variant.label].items() if any(values)}  # fmt: skip
+        ms["python and dispatch"] = statistics.median(variant.times) * 1e3 - sum(ms.values())
+        result[variant.label] = {row: ms[row] for row in PHASE_ORDER if row in ms}
+    return result
+
+
+def gap_by_row(variant_ms, variant_flops, bp_ms, bp_flops) -> dict[str, float]:
+    """How much each row adds to the variant's gap, time/BP - FLOPs/BP: the row's time as a
+    share of backprop's step less its FLOPs as a share of backprop's, relative to the same
+    for backprop's own row. The rows sum to the gap (the time rows sum to the median step)."""
+    time_total, flop_total = sum(bp_ms.values()), sum(bp_flops.values())
+    rows = [r for r in PHASE_ORDER if r in variant_ms or r in bp_ms or r in variant_flops]
+    return {r: (variant_ms.get(r, 0.0) - bp_ms.get(r, 0.0)) / time_total
+            - (variant_flops.get(r, 0.0) - bp_flops.get(r, 0.0)) / flop_total
+            for r in rows}  # fmt: skip
 
 
 def _stepper(recipe, model: nn.Module, x, y):
@@ -130,13 +201,39 @@ def variant_specs(recipe, ranks: list[int]) -> list[tuple[str, object]]:
 
 
 def build_variants(recipe, ranks: list[int], batch_size: int, device) -> list[Variant]:
+    """Backprop and the rule at each rank, each with its whole step counted (both
+    optimizers included; SVD resets, which the timed steps do not run, left out of both).
+    Backprop's counts and phase timings come from its split twin (the rule's model with
+    W^T g computed inside the feedback Function, see :func:`_split_backprop`), so that its
+    input and weight gradients get rows too; its median step is plain autograd's."""
     variants = []
-    for label, spec in variant_specs(recipe, ranks):
+    (_, bp_spec), *rule_specs = variant_specs(recipe, ranks)
+    for label, spec in [("bp", bp_spec), *rule_specs]:
         model, x, y = synthetic_network(spec, batch_size, device)
         model.train()
-        flops = count_training_step(model, x, y).total
-        variants.append(Variant(label, model, _stepper(spec, model, x, y), flops, []))
+        variants.append(Variant(label, model, _stepper(spec, model, x, y), None, []))
+        if label == "bp":
+            continue
+        rule_plan, bp_plan = optimizer_plan(spec, model)
+        variants[-1].flops = count_training_step(model, x, y, optimizers=rule_plan)
+        bp = variants[0]
+        if bp.flops is None:  # backprop's split twin, from the first rule's model
+            twin = _split_backprop(model)
+            bp.flops = count_training_step(twin, x, y, optimizers=bp_plan)
+            bp.phase_step = _stepper(bp_spec, twin, x, y)
     return variants
+
+
+def _split_backprop(model: nn.Module) -> nn.Module:
+    """Backprop on ``model``'s layout with W^T g inside the feedback Function (where the
+    counter and the timer see it apart from dW) and no feedback tensors (so its optimizer
+    steps only what backprop's does)."""
+    twin = backprop_twin(model)
+    for _, layer in feedback_layers(twin):
+        tensors = [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]
+        for name in [n for n, _ in tensors if n.startswith("feedback_")]:
+            delattr(layer, name)
+    return twin
 
 
 def profile_summary(variant: Variant, device, steps: int = 3, top: int = 8) -> list[dict]:
@@ -164,6 +261,8 @@ def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int
     for variant in variants:
         for _ in range(warmup):
             variant.step()
+            if variant.phase_step is not None:
+                variant.phase_step()
     for _ in range(steps):
         for variant in variants:
             variant.times.append(timed(variant.step))
@@ -172,11 +271,17 @@ def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int
     rows = []
     for v in variants:
         median = statistics.median(v.times)
-        rows.append({"variant": v.label, "median_ms": median * 1e3,
-                     "time_ratio": median / base_time, "flop_ratio": v.flops / base.flops,
-                     "gflops_per_step": v.flops / 1e9})  # fmt: skip
+        time_ratio, flop_ratio = median / base_time, v.total_flops / base.total_flops
+        rows.append({"variant": v.label, "median_ms": median * 1e3, "time_ratio": time_ratio,
+                     "flop_ratio": flop_ratio, "gap": time_ratio - flop_ratio,
+                     "gflops_per_step": v.total_flops / 1e9})  # fmt: skip
     profiles = {v.label: profile_summary(v, device) for v in (variants[0], variants[1])}
-    phases = {v.label: phase_times(v, device) for v in variants}
+    phases = phase_times(variants, device)
+    flops = {v.label: flop_rows(v.flops) for v in variants}
+    gaps = {v.label: gap_by_row(phases[v.label], flops[v.label], phases["bp"], flops["bp"])
+            for v in variants[1:]}  # fmt: skip
     return {"batch_size": batch_size, "steps": steps, "warmup": warmup, "device": str(device),
             "threads": torch.get_num_threads(), "rows": rows, "profile": profiles,
-            "phases_ms": phases}  # fmt: skip
+            "phases_ms": phases, "phases_gflops": {k: {r: f / 1e9 for r, f in v.items()}
+                                                   for k, v in flops.items()},
+            "gap_by_phase": gaps}  # fmt: skip

@@ -41,32 +41,48 @@ def bench(
         result = run_bench(config, rank_list, steps, warmup, batch, pick_device(device))
     table = Table(title=f"{path.stem}: training step, batch {batch}, {result['device']}, "
                   f"{result['threads']} threads (median of {steps}, interleaved)")  # fmt: skip
-    for col in ("variant", "ms / step", "time / BP", "FLOPs / BP", "GFLOPs / step"):
+    columns = ("variant", "ms / step", "time / BP", "FLOPs / BP", "gap", "GFLOPs / step")
+    for col in columns:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for row in result["rows"]:
-        table.add_row(row["variant"], f"{row['median_ms']:.2f}", f"{row['time_ratio']:.2f}",
-                      f"{row['flop_ratio']:.2f}", f"{row['gflops_per_step']:.3f}")  # fmt: skip
+        table.add_row(row["variant"], f"{row['median_ms']:.2f}", f"{row['time_ratio']:.3f}",
+                      f"{row['flop_ratio']:.3f}", f"{row['gap']:+.3f}",
+                      f"{row['gflops_per_step']:.3f}")  # fmt: skip
     console.print(table)
+    console.print("gap: time / BP - FLOPs / BP (every FLOP of the step counted, both "
+                  "optimizers included; 0 where wall-clock follows the FLOPs)")  # fmt: skip
     for label, ops in result["profile"].items():
         summary = ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops)
         console.print(f"where the time goes ({label}, self time by op): {summary}")
-    console.print(_phase_table(result["phases_ms"]))
+    console.print(_phase_table(result))
     if json_out:
         print(json.dumps({"recipe": path.stem, **result}, indent=2))
 
 
-def _phase_table(phases_ms: dict) -> Table:
-    """ms per step by phase, a column per variant (each op timed under a dispatch mode;
-    'python and dispatch' is the rest of the median step)."""
-    table = Table(title="where the time goes, by phase (ms / step)")
-    table.add_column("phase")
-    for label in phases_ms:
-        table.add_column(label, justify="right")
+def _phase_table(result: dict) -> Table:
+    """Per row (phase): each variant's ms / step and GFLOPs / step, and each rule's share of
+    the gap (see ``analysis.bench.gap_by_row``)."""
     from ldfa_cli.analysis.bench import PHASE_ORDER
 
-    for phase in (p for p in PHASE_ORDER if any(p in ms for ms in phases_ms.values())):
-        table.add_row(phase, *(f"{ms[phase]:.2f}" if phase in ms else "-"
-                               for ms in phases_ms.values()))  # fmt: skip
+    ms, gflops, gaps = result["phases_ms"], result["phases_gflops"], result["gap_by_phase"]
+    table = Table(title="where the time goes, by phase: ms / step (GFLOPs / step), and each "
+                  "row's share of the gap")  # fmt: skip
+    table.add_column("phase")
+    for label in ms:
+        table.add_column(label, justify="right")
+        if label in gaps:
+            table.add_column("gap", justify="right")
+    rows = [r for r in PHASE_ORDER if any(r in v for v in (*ms.values(), *gflops.values()))]
+    for row in rows:
+        cells = []
+        for label in ms:
+            flops = gflops[label].get(row)
+            time = ms[label].get(row)
+            cells.append(("-" if time is None else f"{time:.2f}")
+                         + ("" if flops is None else f" ({flops:.3f})"))  # fmt: skip
+            if label in gaps:
+                cells.append(f"{gaps[label].get(row, 0.0):+.3f}")
+        table.add_row(row, *cells)
     return table
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .ops import grouped
+from .ops import grouped, like
 
 if TYPE_CHECKING:
     from .layers import FeedbackLayer
@@ -194,7 +194,7 @@ class LowRankRule(Rule):
 
     def input_grad(self, ops, g: Tensor, x_shape, Q: Tensor, P: Tensor) -> Tensor:
         """Q (P g), or the dense B^T g above the break-even rank."""
-        Q, P = Q.to(g.dtype), P.to(g.dtype)
+        Q, P = like(Q, g.dtype), like(P, g.dtype)
         if dense_is_cheaper(ops, g, Q, P):
             return ops.through(g, ops.dense_from_factors(Q, P), x_shape)
         return ops.lift(ops.project(g, P), Q, x_shape)

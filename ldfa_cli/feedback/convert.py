@@ -391,13 +391,11 @@ def backward_with_rules(model: nn.Module, loss: Tensor, step: int | None = None)
     """``loss.backward()`` plus what the rules add: their auxiliary loss terms in the same
     backward, then the normative feedback loss (eq. 8) where due at ``step`` (always when
     None). Returns the auxiliary loss (detached) or None, for logging."""
-    from .normative import feedback_loss
+    from .normative import normative_update
 
     aux = auxiliary_loss(model)
     (loss if aux is None else loss + aux).backward()
-    normative = feedback_loss(model, step, with_constant=False)
-    if normative is not None:
-        normative.backward()
+    normative_update(model, step)  # eq. 9 into Q.grad, P.grad: feedback_loss's gradients
     return None if aux is None else aux.detach()
 
 

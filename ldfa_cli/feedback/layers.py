@@ -40,16 +40,18 @@ def backprop_reference():
 
 
 def _make_feedback_function(device_type: str) -> type[torch.autograd.Function]:
-    """The autograd Function for tensors on ``device_type``: custom_fwd/custom_bwd record the
-    forward's autocast state and restore it in backward, and the backward casts the saved
-    tensors to the gradient's dtype itself (``convolution_backward`` is not an autocast op)."""
+    """The autograd Function for tensors on ``device_type``. Like ``custom_fwd`` /
+    ``custom_bwd``, it records the forward's autocast state and restores it in backward,
+    but enters an autocast context only where one is on (the decorators' context costs as
+    much as the rest of a small layer's Python); the backward casts the saved tensors to
+    the gradient's dtype itself (``convolution_backward`` is not an autocast op)."""
 
     class FeedbackFunction(torch.autograd.Function):
         @staticmethod
-        @torch.amp.custom_fwd(device_type=device_type)
         def forward(ctx, x, weight, bias, targets, rule, ops, name, *feedback):
-            if torch.is_autocast_enabled(device_type):
-                low = torch.get_autocast_dtype(device_type)
+            ctx.autocast = torch.is_autocast_enabled(device_type)
+            if ctx.autocast:
+                low = ctx.autocast_dtype = torch.get_autocast_dtype(device_type)
                 x, weight = x.to(low), weight.to(low)
                 bias = bias.to(low) if bias is not None else None
             ctx.rule, ctx.ops, ctx.name = rule, ops, name
@@ -59,48 +61,42 @@ def _make_feedback_function(device_type: str) -> type[torch.autograd.Function]:
             return ops.forward(x, weight, bias)
 
         @staticmethod
-        @torch.amp.custom_bwd(device_type=device_type)
         def backward(ctx, g):
-            x, targets, *feedback = ctx.saved_tensors
-            rule, ops = ctx.rule, ctx.ops
-            need_input, need_w, need_b = ctx.needs_input_grad[:3]
-            need_feedback = tuple(ctx.needs_input_grad[7:])
-            counting = accounting.ACTIVE
-            if counting:
-                previous = accounting.enter(ctx.name, "weight_grad")
-            g = ops.prepare(g)
-            x = ops.prepare(x.to(g.dtype))
-            grad_w = grad_b = None
-            if need_w or need_b or (rule.needs_weight_grad and any(need_feedback)):
-                grad_w, grad_b = ops.weight_grad(x, g, ctx.weight_shape, ctx.has_bias and need_b)
-            if counting:
-                accounting.set_phase("input_grad")
-            grad_input, grad_feedback = rule.backward(
-                ops,
-                g,
-                x,
-                ctx.x_shape,
-                tuple(feedback),
-                targets,
-                need_input,
-                need_feedback,
-                grad_w,
-            )
-            if counting:
-                accounting.leave(previous)
-            return (
-                grad_input,
-                grad_w if need_w else None,
-                grad_b,
-                None,
-                None,
-                None,
-                None,
-                *grad_feedback,
-            )
+            if ctx.autocast:
+                with torch.autocast(device_type, dtype=ctx.autocast_dtype):
+                    return _feedback_backward(ctx, g)
+            if torch.is_autocast_enabled(device_type):  # a backward called inside autocast
+                with torch.autocast(device_type, enabled=False):
+                    return _feedback_backward(ctx, g)
+            return _feedback_backward(ctx, g)
 
     FeedbackFunction.__name__ = f"FeedbackFunction_{device_type}"
     return FeedbackFunction
+
+
+def _feedback_backward(ctx, g: Tensor) -> tuple:
+    """The weight and bias gradients as autograd's, the input gradient through the rule's
+    feedback, and the feedback tensors' ``.grad`` where the rule learns them here."""
+    x, targets, *feedback = ctx.saved_tensors
+    rule, ops = ctx.rule, ctx.ops
+    need_input, need_w, need_b = ctx.needs_input_grad[:3]
+    need_feedback = tuple(ctx.needs_input_grad[7:])
+    counting = accounting.ACTIVE
+    if counting:
+        previous = accounting.enter(ctx.name, "weight_grad")
+    g = ops.prepare(g)
+    x = ops.prepare(x if x.dtype == g.dtype else x.to(g.dtype))
+    grad_w = grad_b = None
+    if need_w or need_b or (rule.needs_weight_grad and any(need_feedback)):
+        grad_w, grad_b = ops.weight_grad(x, g, ctx.weight_shape, ctx.has_bias and need_b)
+    if counting:
+        accounting.set_phase("input_grad")
+    grad_input, grad_feedback = rule.backward(
+        ops, g, x, ctx.x_shape, tuple(feedback), targets, need_input, need_feedback, grad_w
+    )
+    if counting:
+        accounting.leave(previous)
+    return grad_input, grad_w if need_w else None, grad_b, None, None, None, None, *grad_feedback
 
 
 def per_device(make):

@@ -31,7 +31,7 @@ import torch
 
 from . import accounting
 from .base import RANDOM_INITS, LowRankRule, check, register
-from .ops import grouped
+from .ops import grouped, like
 
 
 def oja_grad(ops, signal, projected, P, decay: float, normalise: str = "gamma"):
@@ -108,8 +108,8 @@ class Local(LowRankRule):
 
     def backward(self, ops, g, x, x_shape, feedback, targets, need_input, need_feedback, gw):
         Q, P = feedback
-        z = ops.project(g, P.to(g.dtype))  # the r-dimensional teaching signal P g
-        grad_input = ops.lift(z, Q.to(g.dtype), x_shape) if need_input else None
+        z = ops.project(g, like(P, g.dtype))  # the r-dimensional teaching signal P g
+        grad_input = ops.lift(z, like(Q, g.dtype), x_shape) if need_input else None
         if grad_input is not None and self.clamp_input_grad:  # the authors' +-1 clamp
             grad_input = grad_input.clamp(-self.clamp_input_grad, self.clamp_input_grad)
         if accounting.ACTIVE:
@@ -133,5 +133,5 @@ class Local(LowRankRule):
 
     def hebbian_grad(self, ops, x, z, Q):
         """Q.grad = h^T (g P^T) + lambda Q (eq. 18 with delta = -g), summed over samples."""
-        grad = ops.hebbian(x, z, Q.shape).to(Q.dtype)
+        grad = like(ops.hebbian(x, z, Q.shape), Q.dtype)
         return grad + self.q_decay * Q if self.q_decay else grad

@@ -35,7 +35,17 @@ from torch import Tensor
 
 
 def _rows(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1])
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _unrows(t: Tensor, shape: torch.Size) -> Tensor:
+    return t if len(shape) == 2 else t.view(shape)
+
+
+def like(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` (no call at all when it is already: the backward runs per layer
+    and step, and even a no-op ``.to`` costs a dispatch)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def grouped(t: Tensor, groups: int) -> Tensor:
@@ -65,13 +75,14 @@ class LinearOps:
         return grad_w, (g2.sum(0) if has_bias else None)
 
     def project(self, g: Tensor, P: Tensor) -> Tensor:
-        return _rows(g).mm(P.t()).view(*g.shape[:-1], P.shape[0])
+        z = _rows(g).mm(P.t())
+        return z if g.dim() == 2 else z.view(*g.shape[:-1], P.shape[0])
 
     def lift(self, z: Tensor, Q: Tensor, x_shape: torch.Size) -> Tensor:
-        return _rows(z).mm(Q.t()).view(x_shape)
+        return _unrows(_rows(z).mm(Q.t()), x_shape)
 
     def through(self, g: Tensor, w_layout: Tensor, x_shape: torch.Size) -> Tensor:
-        return _rows(g).mm(w_layout).view(x_shape)
+        return _unrows(_rows(g).mm(w_layout), x_shape)
 
     def hebbian(self, x: Tensor, z: Tensor, q_shape: torch.Size) -> Tensor:
         return _rows(x).t().mm(_rows(z))
@@ -88,9 +99,10 @@ class LinearOps:
 
     def centred_sumsq(self, t: Tensor) -> Tensor:
         """Per channel, the sum over samples of (t - mean)^2: diag of the centred covariance.
-        (Centre, square, sum: 16x faster on CPU than torch.var over the batch dimension.)"""
+        (Centre, square in place, sum: 16x faster on CPU than torch.var over the batch
+        dimension, and one T x m temporary, not two.)"""
         centred = self.centre(t)
-        return _rows(centred * centred).sum(0)
+        return _rows(centred.square_()).sum(0)
 
     def samples(self, g: Tensor) -> int:
         return g.numel() // g.shape[-1]
@@ -195,8 +207,7 @@ class ConvOps:
         return t - t.mean(dim=(0, *self._spatial), keepdim=True)
 
     def centred_sumsq(self, t: Tensor) -> Tensor:
-        centred = self.centre(t)
-        return (centred * centred).sum(dim=(0, *self._spatial))
+        return self.centre(t).square_().sum(dim=(0, *self._spatial))
 
     def samples(self, g: Tensor) -> int:
         return g.numel() // g.shape[1]
