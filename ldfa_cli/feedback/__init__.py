@@ -49,14 +49,15 @@ and DDP's all-reduce treat feedback tensors like any parameter:
 
 * W.grad = g^T h (g = dL/d output), the standard gradient;
 * kp:         B.grad = W.grad + lambda B;
-* ldfa:       Q.grad, P.grad = gradients of 1/2 ||QP - W^T||^2 (via :func:`feedback_loss`);
+* ldfa:       Q.grad, P.grad = gradients of 1/2 ||QP - W^T||^2 (:func:`normative_update`,
+              equal to ``feedback_loss(model).backward()``);
 * ldfa_local: P.grad = -(P C/gamma)(I - P^T P) + lambda P  (Oja, eq. 15),
               Q.grad = h^T (g P^T) + lambda Q            (Hebbian, eq. 18);
 * svd_dfa:    U.grad, s.grad, V.grad = gradients of W = U diag(s) V^T for the projected
               error, + lambda_align d L_align/dU; the orthogonality term by autograd.
 
 Gradients that come from the data (Oja, Hebbian, kp) are returned by the layer's
-``autograd.Function.backward``; the normative one comes from :func:`feedback_loss`.
+``autograd.Function.backward``; the normative one from :func:`normative_update`.
 """
 
 from . import backprop, fa, sign, normative, local, broadcast, svd  # noqa: F401  # isort: skip  (registers, in order)
@@ -74,7 +75,7 @@ from .convert import (
 )
 from .diagnostics import alignment_diagnostics, feedback_alignment
 from .layers import FeedbackLayer, LDFAConv2d, LDFALinear, backprop_reference
-from .normative import feedback_loss, reset_feedback_to_svd
+from .normative import feedback_loss, normative_update, reset_feedback_to_svd
 
 __all__ = [
     "RULES",
@@ -93,6 +94,7 @@ __all__ = [
     "feedback_alignment",
     "feedback_layers",
     "feedback_loss",
+    "normative_update",
     "feedback_parameters",
     "forward_parameters",
     "make_rule",
