@@ -1,0 +1,40 @@
+"""scripts/summarise-runs: the results tables' rows from run folders."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "summarise-runs"
+
+
+def _run(folder: Path, seed: int, accs: list[float], epochs: int = 2, rank: int = 8) -> None:
+    folder.mkdir(parents=True)
+    config = {"feedback": {"rule": "ldfa", "rank": rank}, "train": {"epochs": epochs, "seed": seed}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    events = []
+    for epoch, acc in enumerate(accs, start=1):
+        events.append({"event": "train", "epoch": epoch, "step": 10 * epoch,
+                       "train_flops": 1e12 * epoch, "time_s": 5.0 * epoch})  # fmt: skip
+        events.append({"event": "eval", "epoch": float(epoch), "step": 10 * epoch, "acc": acc,
+                       "time_s": 5.0 * epoch + 1})  # fmt: skip
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def test_rows_group_seeds_and_skip_unfinished_runs(tmp_path):
+    _run(tmp_path / "s" / "seed=0", 0, [0.5, 0.80])
+    _run(tmp_path / "s" / "seed=1", 1, [0.5, 0.84])
+    _run(tmp_path / "s" / "seed=2", 2, [0.5])  # stopped after one of two epochs
+    _run(tmp_path / "s" / "rank=4_seed=0", 0, [0.5, 0.70], rank=4)
+    done = subprocess.run([sys.executable, SCRIPT, *sorted((tmp_path / "s").iterdir()),
+                           "--archive", tmp_path / "archive"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| `")]
+    assert len(rows) == 2 and "seed=2: not finished" in done.stderr
+    two_seeds = next(r for r in rows if "| 2 |" in r)
+    assert "82.00 ± 2.83" in two_seeds and "80.00, 84.00" in two_seeds
+    assert "| 11 | 2.00 |" in two_seeds  # wall time of the last event, TFLOPs after the last step
+    archived = tmp_path / "archive" / "s" / "seed=1"
+    assert sorted(p.name for p in archived.iterdir()) == ["config.yaml", "metrics.jsonl"]
