@@ -80,7 +80,8 @@ os.replace(f.name, out)  # atomic: a half-written check never replaces a finishe
 for name in ["bench_tiny_vit", "bench_vit_s16"]:
     for row in result[name]["rows"]:
         print(f"{name:15s} {row['variant']:10s} {row['median_ms']:9.2f} ms  time/BP "
-              f"{row['time_ratio']:.2f}  FLOPs/BP {row['flop_ratio']:.2f}", file=sys.stderr)
+              f"{row['time_ratio']:.2f}  FLOPs/BP {row['flop_ratio']:.2f}  gap {row['gap']:+.2f}",
+              file=sys.stderr)
 for row in result["memory_vit_s16"]["rows"]:
     peak = row["allocator_peak"] if row["allocator_peak"] is not None else row["peak"]
     print(f"memory_vit_s16  {row['variant']:10s} peak {peak / 2**20:9.1f} MiB", file=sys.stderr)
