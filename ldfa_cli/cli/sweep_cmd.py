@@ -128,7 +128,9 @@ def _run_parallel(path: Path, points, names, out: Path, device: str, jobs: int, 
 
     from ldfa_cli.config import load_recipe
 
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    # the cores this process may run on (taskset, a cluster's cgroup), not the machine's
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = str(max(1, (cores or 1) // jobs))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     out.mkdir(parents=True, exist_ok=True)
     todo = []
