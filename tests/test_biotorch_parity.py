@@ -95,6 +95,10 @@ def test_log_alignment_every_writes_angles_and_norm_ratios_per_layer(capsys, tmp
     code, _, err = run_cli(capsys, "plot", "--alignment", tmp_path / "run", "--out",
                            tmp_path / "a.png")  # fmt: skip
     assert code == 0 and (tmp_path / "a.png").stat().st_size > 1000
+    # several runs: a colour per run, its layers' mean labelled
+    code, _, err = run_cli(capsys, "plot", "--alignment", tmp_path / "run", tmp_path / "run",
+                           "--out", tmp_path / "b.png")  # fmt: skip
+    assert code == 0 and (tmp_path / "b.png").stat().st_size > 1000
 
 
 def test_alignment_logging_leaves_training_unchanged(capsys, tmp_path):

@@ -46,30 +46,41 @@ def _save(fig, out: Path) -> None:
 
 
 def plot_alignment(runs: list[Path], out: Path) -> None:
-    """Alignment over training (``train.log_alignment_every``): a panel per measure, a line
-    per run and converted layer."""
+    """Alignment over training (``train.log_alignment_every``): a panel per measure. One
+    run: a line per converted layer. Several runs: a colour per run, its layers drawn thin
+    and their mean thick (the one labelled), so that two runs of a 17-layer ViT stay
+    readable."""
     import matplotlib.pyplot as plt
 
     from ldfa_cli.engine.metrics import read_metrics
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     drawn = 0
-    for run in runs:
+    for index, run in enumerate(runs):
         _check_run(run)
         events = [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "alignment"]
         layers = list(events[0]["layers"]) if events else []
-        for layer in layers:
-            steps = [e["step"] for e in events]
-            for ax, (key, _) in zip(axes, ALIGNMENT_PANELS, strict=True):
-                ax.plot(steps, [e["layers"][layer][key] for e in events], marker=".",
-                        label=f"{run.name}: {layer}" if len(runs) > 1 else layer)  # fmt: skip
-            drawn += 1
+        steps = [e["step"] for e in events]
+        colour = colours[index % len(colours)]
+        for ax, (key, _) in zip(axes, ALIGNMENT_PANELS, strict=True):
+            curves = [[e["layers"][layer][key] for e in events] for layer in layers]
+            for layer, curve in zip(layers, curves, strict=True):
+                if len(runs) == 1:
+                    ax.plot(steps, curve, marker=".", label=layer)
+                else:
+                    ax.plot(steps, curve, color=colour, linewidth=0.6, alpha=0.35)
+            if len(runs) > 1 and curves:
+                mean = [sum(values) / len(values) for values in zip(*curves, strict=True)]
+                ax.plot(steps, mean, color=colour, linewidth=2.2, marker=".",
+                        label=f"{_label(run)} (mean of {len(layers)} layers)")  # fmt: skip
+        drawn += len(layers)
     if not drawn:
         raise CheckpointError("no alignment events in these runs: train them with "
                               "train.log_alignment_every=N")  # fmt: skip
     for ax, (_, label) in zip(axes, ALIGNMENT_PANELS, strict=True):
         ax.set(xlabel="step", ylabel=label)
-    axes[0].legend(fontsize=7)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     _save(fig, out)
 
 
