@@ -370,3 +370,11 @@ def test_u_curve_series_group_a_family_whatever_rank_its_recipe_is_named_for():
     assert series_of("fmnist_vit_r16_authors") == series_of("fmnist_vit_bp_authors")
     assert series_of("fmnist_vit_r16_authors") == "fmnist_vit_authors"
     assert series_of("mlp_cifar10_bpx") == "mlp_cifar10_bpx"  # only whole name parts
+
+
+def test_sweep_point_names_keep_dotted_values_whole():
+    from ldfa_cli.cli.sweep_cmd import grid, point_name
+
+    names = [point_name(p) for p in grid(["optimizer.lr=0.1,1.1", "schedule.milestones=[5,7.5]"])]
+    assert names == ["lr=0.1_milestones=-5-7.5-", "lr=1.1_milestones=-5-7.5-"]
+    assert point_name([]) == "base"

@@ -40,8 +40,15 @@ def grid(axes: list[str]) -> list[list[str]]:
 
 
 def point_name(point: list[str]) -> str:
-    name = "_".join(item.split(".")[-1] for item in point) or "base"
+    """``["feedback.rank=8", "optimizer.lr=0.1"]`` -> ``rank=8_lr=0.1``: the key's last
+    part and the whole value (a dotted value such as 0.1 or 7.5 keeps its dots)."""
+    name = "_".join(_short(item) for item in point) or "base"
     return "".join(c if c.isalnum() or c in "=_-." else "-" for c in name)
+
+
+def _short(item: str) -> str:
+    key, _, value = item.partition("=")
+    return f"{key.split('.')[-1]}={value}"
 
 
 def _finished(run_dir: Path, epochs: int) -> bool:
