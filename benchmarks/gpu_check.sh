@@ -9,8 +9,11 @@
 # 2. training: a tiny ViT with normative LDFA r=8 on digits under bf16 autocast and
 #    torch.compile, with its two optimizers (AdamW for W, AdamW for P, Q), one epoch;
 # 3. ldfa flops of the tiny ViT (fmnist_vit_r16) and of ViT-S/16 at 224 (r=32);
-# 4. ldfa bench (CUDA events on a GPU) of both, ViT-S/16 at r in {16, 32, 64}, and
-#    ldfa bench --memory (the allocator's peak beside the split by kind).
+# 4. ldfa bench (CUDA events on a GPU) of both, ViT-S/16 at r in {16, 32, 64} in fp32 and
+#    under bf16 autocast, and ldfa bench --memory (the allocator's peak beside the split by
+#    kind);
+# 5. ldfa bench of docs/performance.md's models at r = 8 and 32: the MLP 3x512 at batch 256
+#    and the tiny ViT at batch 128, under ldfa and ldfa_local.
 # On CPU (--device cpu) the same steps run at batch 2 and a step or two, to check that the
 # script and every command work; its timings mean nothing.
 set -euo pipefail
@@ -25,9 +28,9 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 if [[ "$device" == cuda ]]; then
-    vit_batch=128; vits_batch=64; steps=20; warmup=5
+    vit_batch=128; vits_batch=64; mlp_batch=256; steps=20; warmup=5
 else
-    vit_batch=8; vits_batch=2; steps=2; warmup=1
+    vit_batch=8; vits_batch=2; mlp_batch=8; steps=2; warmup=1
 fi
 
 work=$(mktemp -d)
@@ -59,6 +62,16 @@ step bench_tiny_vit ldfa bench fmnist_vit_r16 --ranks 8,16,32 --device "$device"
     --batch-size "$vit_batch" --steps "$steps" --warmup "$warmup" --json
 step bench_vit_s16 ldfa bench vit_cifar10_r24 "${vit_s[@]}" --ranks 16,32,64 --device "$device" \
     --batch-size "$vits_batch" --steps "$steps" --warmup "$warmup" --json
+step bench_vit_s16_bf16 ldfa bench vit_cifar10_r24 "${vit_s[@]}" train.precision=bf16 \
+    --ranks 16,32,64 --device "$device" --batch-size "$vits_batch" --steps "$steps" \
+    --warmup "$warmup" --json
+step bench_mlp_ldfa ldfa bench fmnist_mlp_ldfa_r10 --ranks 8,32 --device "$device" \
+    --batch-size "$mlp_batch" --steps "$steps" --warmup "$warmup" --json
+step bench_mlp_local ldfa bench fmnist_mlp_local_r10 --ranks 8,32 --device "$device" \
+    --batch-size "$mlp_batch" --steps "$steps" --warmup "$warmup" --json
+step bench_tiny_vit_local ldfa bench fmnist_vit_r16 feedback.rule=ldfa_local 'feedback.options={}' \
+    --ranks 8,32 --device "$device" --batch-size "$vit_batch" --steps "$steps" \
+    --warmup "$warmup" --json
 step memory_vit_s16 ldfa bench vit_cifar10_r24 "${vit_s[@]}" --memory --ranks 16,32,64 \
     --device "$device" --batch-size "$vits_batch" --json
 
@@ -69,21 +82,22 @@ from pathlib import Path
 work, out, device, started = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 result = {"device": device, "gpu": (work / "gpu.txt").read_text().strip(),
           "env": json.loads((work / "env.json").read_text() or "{}")}
-for name in ["train", "flops_tiny_vit", "flops_vit_s16", "bench_tiny_vit", "bench_vit_s16",
-             "memory_vit_s16"]:
+BENCHES = ["bench_tiny_vit", "bench_vit_s16", "bench_vit_s16_bf16", "bench_mlp_ldfa",
+           "bench_mlp_local", "bench_tiny_vit_local"]
+for name in ["train", "flops_tiny_vit", "flops_vit_s16", *BENCHES, "memory_vit_s16"]:
     result[name] = json.loads((work / f"{name}.json").read_text())
 result["wall_s"] = round(time.time() - started, 1)
 out.parent.mkdir(parents=True, exist_ok=True)
 with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
     json.dump(result, f, indent=2)
 os.replace(f.name, out)  # atomic: a half-written check never replaces a finished one
-for name in ["bench_tiny_vit", "bench_vit_s16"]:
+for name in BENCHES:
     for row in result[name]["rows"]:
-        print(f"{name:15s} {row['variant']:10s} {row['median_ms']:9.2f} ms  time/BP "
+        print(f"{name:20s} {row['variant']:15s} {row['median_ms']:9.2f} ms  time/BP "
               f"{row['time_ratio']:.2f}  FLOPs/BP {row['flop_ratio']:.2f}  gap {row['gap']:+.2f}",
               file=sys.stderr)
 for row in result["memory_vit_s16"]["rows"]:
     peak = row["allocator_peak"] if row["allocator_peak"] is not None else row["peak"]
-    print(f"memory_vit_s16  {row['variant']:10s} peak {peak / 2**20:9.1f} MiB", file=sys.stderr)
+    print(f"{'memory_vit_s16':20s} {row['variant']:15s} peak {peak / 2**20:9.1f} MiB", file=sys.stderr)
 print(f"wrote {out} ({result['wall_s']} s)", file=sys.stderr)
 EOF

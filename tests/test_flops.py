@@ -339,6 +339,24 @@ def test_bench_on_a_tiny_model(capsys, tmp_path):
     assert "by phase" in err and "share of the gap" in " ".join(err.split())
 
 
+def test_bench_steps_in_the_recipes_precision(tmp_path):
+    # a GPU user's step runs under bf16 autocast: bench must time that step, not fp32's
+    from ldfa_cli.analysis.bench import _stepper
+    from ldfa_cli.config import load_recipe
+    from ldfa_cli.engine.build import synthetic_network
+
+    for precision, expected in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        recipe, _ = load_recipe(str(_tiny_recipe(tmp_path / "r.yaml")),
+                                [f"train.precision={precision}"])  # fmt: skip
+        model, x, y = synthetic_network(recipe, 8, torch.device("cpu"))
+        seen: list[torch.dtype] = []
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
+        _stepper(recipe, model, x, y)()
+        assert seen and set(seen) == {expected}
+
+
 def test_phase_timer_files_each_op_under_its_phase():
     from ldfa_cli.analysis.bench import PhaseTimer
     from ldfa_cli.feedback import accounting

@@ -40,7 +40,8 @@ def bench(
     with console.status(f"timing {len(rank_list) + 1} variants x {steps} steps"):
         result = run_bench(config, rank_list, steps, warmup, batch, pick_device(device))
     table = Table(title=f"{path.stem}: training step, batch {batch}, {result['device']}, "
-                  f"{result['threads']} threads (median of {steps}, interleaved)")  # fmt: skip
+                  f"{result['precision']}, {result['threads']} threads "
+                  f"(median of {steps}, interleaved)")  # fmt: skip
     columns = ("variant", "ms / step", "time / BP", "FLOPs / BP", "gap", "GFLOPs / step")
     for col in columns:
         table.add_column(col, justify="left" if col == "variant" else "right")
