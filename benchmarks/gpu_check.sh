@@ -13,7 +13,9 @@
 #    under bf16 autocast, and ldfa bench --memory (the allocator's peak beside the split by
 #    kind);
 # 5. ldfa bench of docs/performance.md's models at r = 8 and 32: the MLP 3x512 at batch 256
-#    and the tiny ViT at batch 128, under ldfa and ldfa_local.
+#    and the tiny ViT at batch 128, under ldfa and ldfa_local;
+# 6. benchmarks/normative_update.py: eq. 9's update layer by layer against batched over
+#    layers of one shape, for ViT-S/16 (r = 16) and the tiny ViT.
 # On CPU (--device cpu) the same steps run at batch 2 and a step or two, to check that the
 # script and every command work; its timings mean nothing.
 set -euo pipefail
@@ -72,6 +74,9 @@ step bench_mlp_local ldfa bench fmnist_mlp_local_r10 --ranks 8,32 --device "$dev
 step bench_tiny_vit_local ldfa bench fmnist_vit_r16 feedback.rule=ldfa_local 'feedback.options={}' \
     --ranks 8,32 --device "$device" --batch-size "$vit_batch" --steps "$steps" \
     --warmup "$warmup" --json
+step update_vit_s16 python benchmarks/normative_update.py vit_cifar10_r24 "${vit_s[@]}" \
+    feedback.rank=16 --device "$device" --json
+step update_tiny_vit python benchmarks/normative_update.py fmnist_vit_r16 --device "$device" --json
 step memory_vit_s16 ldfa bench vit_cifar10_r24 "${vit_s[@]}" --memory --ranks 16,32,64 \
     --device "$device" --batch-size "$vits_batch" --json
 
@@ -84,7 +89,8 @@ result = {"device": device, "gpu": (work / "gpu.txt").read_text().strip(),
           "env": json.loads((work / "env.json").read_text() or "{}")}
 BENCHES = ["bench_tiny_vit", "bench_vit_s16", "bench_vit_s16_bf16", "bench_mlp_ldfa",
            "bench_mlp_local", "bench_tiny_vit_local"]
-for name in ["train", "flops_tiny_vit", "flops_vit_s16", *BENCHES, "memory_vit_s16"]:
+UPDATES = ["update_vit_s16", "update_tiny_vit"]
+for name in ["train", "flops_tiny_vit", "flops_vit_s16", *BENCHES, *UPDATES, "memory_vit_s16"]:
     result[name] = json.loads((work / f"{name}.json").read_text())
 result["wall_s"] = round(time.time() - started, 1)
 out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +102,10 @@ for name in BENCHES:
         print(f"{name:20s} {row['variant']:15s} {row['median_ms']:9.2f} ms  time/BP "
               f"{row['time_ratio']:.2f}  FLOPs/BP {row['flop_ratio']:.2f}  gap {row['gap']:+.2f}",
               file=sys.stderr)
+for name in UPDATES:
+    u = result[name]
+    print(f"{name:20s} eq. 9 per layer {u['per_layer_ms']:.3f} ms, batched {u['batched_ms']:.3f} ms "
+          f"({u['speedup']:.2f}x, runs {u['runs_of_one_shape']})", file=sys.stderr)
 for row in result["memory_vit_s16"]["rows"]:
     peak = row["allocator_peak"] if row["allocator_peak"] is not None else row["peak"]
     print(f"{'memory_vit_s16':20s} {row['variant']:15s} peak {peak / 2**20:9.1f} MiB", file=sys.stderr)

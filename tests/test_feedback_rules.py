@@ -236,6 +236,74 @@ def test_normative_update_respects_interval():
     assert normative_update(model, step=6) == 2
 
 
+def _alike_model():
+    """Layers that batch (three 6->6 Linears, two 3x3 convs) beside ones that cannot (a
+    Linear of its own shape, a grouped conv)."""
+    return torch.nn.ModuleDict({
+        "a": LDFALinear(6, 6, rule="ldfa", rank=2), "b": LDFALinear(6, 6, rule="ldfa", rank=2),
+        "c": LDFALinear(6, 6, rule="ldfa", rank=2), "d": LDFALinear(6, 5, rule="ldfa", rank=2),
+        "e": LDFAConv2d(4, 6, 3, rule="ldfa", rank=3),
+        "f": LDFAConv2d(4, 6, 3, rule="ldfa", rank=3),
+        "g": LDFAConv2d(4, 6, 3, groups=2, rule="ldfa", rank=2),
+    })  # fmt: skip
+
+
+def test_batched_normative_update_equals_the_layer_by_layer_one():
+    """The GPU path (layers of one shape stacked into batched products) gives each layer
+    exactly the gradient of its own eq. 8, and accumulates like the per-layer path."""
+    from ldfa_cli.feedback.normative import _alike_layers, normative_layers, normative_update
+
+    torch.manual_seed(5)
+    model = _alike_model().double()
+    runs = _alike_layers(list(normative_layers(model)))
+    assert sorted(len(run) for run in runs) == [1, 1, 2, 3]  # a-c, e-f; d and g alone
+    feedback_loss(model).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if "feedback" in n}
+    model.zero_grad(set_to_none=True)
+    assert normative_update(model, batched=True) == 7
+    for name, param in model.named_parameters():
+        if "feedback" in name:
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-12, atol=1e-12)
+            assert param.grad.shape == param.shape and param.grad.is_contiguous()
+        else:
+            assert param.grad is None
+    normative_update(model, batched=True)
+    torch.testing.assert_close(model["b"].feedback_Q.grad, 2 * expected["b.feedback_Q"])
+
+
+def test_normative_update_batches_where_asked_or_where_it_pays(monkeypatch):
+    from ldfa_cli.feedback import normative
+
+    calls = []
+    monkeypatch.setattr(normative, "_update_alike", lambda layers: calls.append(len(layers)))
+    model = _alike_model()
+    assert normative.normative_update(model, batched=False) == 7 and calls == []
+    assert normative.normative_update(model) == 7 and sorted(calls) == [2, 3]  # small: batch
+    calls.clear()
+    monkeypatch.setattr(normative, "CPU_BATCH_MAX_NUMEL", 100)  # the convs' 216 > 100 >= 36
+    assert normative.normative_update(model) == 7 and calls == [3]
+    calls.clear()
+    assert normative.normative_update(model, step=0, batched=True) == 7
+    assert sorted(calls) == [2, 3]
+    model["b"] = LDFALinear(6, 6, rule="ldfa", rank=2, interval=2)
+    calls.clear()
+    assert normative.normative_update(model, step=1, batched=True) == 6
+    assert sorted(calls) == [2, 2]  # b not due: a and c still batch
+
+
+def test_batched_normative_update_counts_the_same_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldfa_cli.feedback.normative import normative_update
+
+    totals = []
+    for batched in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            normative_update(_alike_model(), batched=batched)
+        totals.append(counter.get_total_flops())
+    assert totals[0] > 0 and totals[0] == totals[1]
+
+
 def test_feedback_loss_respects_interval():
     model = torch.nn.Sequential(
         LDFALinear(4, 4, rule="ldfa", rank=2, interval=3),

@@ -102,7 +102,13 @@ class PhaseFlopCounter(accounting.Marking, FlopCounterMode):
         where = accounting.where()
         if func_packet in self.flop_registry:
             flops = self.flop_registry[func_packet](*args, **kwargs, out_val=out)
-            self.counts[where] += flops
+            layer, phase = where
+            if isinstance(layer, tuple):  # layers of one shape, batched: equal shares
+                share, rest = divmod(flops, len(layer))
+                for index, name in enumerate(layer):
+                    self.counts[(name, phase)] += share + (rest if index == 0 else 0)
+            else:
+                self.counts[where] += flops
             for parent in set(self.mod_tracker.parents):
                 self.flop_counts[parent][func_packet] += flops
             return out

@@ -13,7 +13,9 @@ ACTIVE = False
 _where: list = [None, None]  # layer name, phase
 
 
-def enter(layer: str, phase: str) -> tuple:
+def enter(layer: str | tuple[str, ...], phase: str) -> tuple:
+    """Mark the ops that follow as ``layer``'s, in ``phase``. A tuple of names stands for
+    layers of one shape whose ops run batched: each op's FLOPs are theirs in equal shares."""
     previous = tuple(_where)
     _where[0], _where[1] = layer, phase
     return previous

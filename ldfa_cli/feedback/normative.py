@@ -213,31 +213,88 @@ def feedback_loss(
 
 
 @torch.no_grad()
-def normative_update(model: nn.Module, step: int | None = None) -> int:
+def normative_update(model: nn.Module, step: int | None = None,
+                     batched: bool | None = None) -> int:  # fmt: skip
     """Eq. 9 added straight into Q.grad and P.grad of the model's ``ldfa`` layers whose
     update is due at ``step`` (every layer when None): the gradients that
     ``feedback_loss(model, step).backward()`` gives, without building the loss or running
     autograd over it (the training loop's path; on a 3x512 MLP at batch 256 the autograd
-    route cost 8% of the step, this one about 4%). Returns how many layers were updated."""
-    updated = 0
-    for layer in normative_layers(model):
-        if step is not None and step % layer.rule.interval:
-            continue
-        counting = accounting.ACTIVE
-        if counting:
-            previous = accounting.enter(layer.layer_name, "feedback_update")
-        g, Q, P = layer.groups, layer.feedback_Q, layer.feedback_P
-        w_rows, q_rows = layer.weight.detach().reshape(layer.fan_out, -1), layer.ops.q_rows(Q)
-        if g > 1:  # one (P_j, Q_j) pair per group: a leading group dimension
-            w_rows, q_rows, P = grouped(w_rows, g), grouped(q_rows, g), grouped(P, g)
-        grad_q_rows, grad_p = factorisation_grads(q_rows, P.detach(), w_rows)
-        grad_q_rows = grad_q_rows.reshape(layer.total_rank, -1)
-        _accumulate(Q, layer.ops.q_from_rows(grad_q_rows, tuple(Q.shape)))
-        _accumulate(layer.feedback_P, grad_p.reshape(layer.feedback_P.shape))
-        if counting:
-            accounting.leave(previous)
-        updated += 1
-    return updated
+    route cost 8% of the step, this one about 4%). Returns how many layers were updated.
+
+    ``batched`` runs layers of one shape together, as batched products over stacked copies
+    of their W, Q and P: a ViT's 12 qkv layers cost one call per product instead of twelve.
+    By default (None) it does so where the calls saved outweigh the copies: on a GPU always
+    (a step of a small or mid-sized model there is bound by kernel launches, not FLOPs, and
+    this update is most of what LDFA adds to them), on a CPU for weights of at most
+    ``CPU_BATCH_MAX_NUMEL`` elements, where copying W costs less than the calls it saves
+    (``benchmarks/normative_update.py``, 2 cores: the tiny ViT's update at r = 16 0.99 ->
+    0.65 ms batched, the 3x512 MLP's at r = 8 0.43 -> 0.37 ms, but ViT-S/16's at r = 16,
+    its qkv and MLP weights of 442k and 590k elements, 23.8 -> 26.7 ms)."""
+    due = [layer for layer in normative_layers(model)
+           if step is None or step % layer.rule.interval == 0]  # fmt: skip
+    for alike in _alike_layers(due):
+        if len(alike) > 1 and (batched or (batched is None and _worth_batching(alike[0]))):
+            _update_alike(alike)
+        else:
+            for layer in alike:
+                _update_layer(layer)
+    return len(due)
+
+
+CPU_BATCH_MAX_NUMEL = 1 << 18
+
+
+def _worth_batching(layer) -> bool:
+    return layer.weight.is_cuda or layer.weight.numel() <= CPU_BATCH_MAX_NUMEL
+
+
+def _alike_layers(layers: list) -> list[list]:
+    """The layers in runs of one batchable kind: ungrouped, same layer type, shapes, dtype
+    and device (a grouped conv, whose factors carry a group dimension, runs alone)."""
+    runs: dict[tuple, list] = {}
+    for layer in layers:
+        w, Q, P = layer.weight, layer.feedback_Q, layer.feedback_P
+        key = (type(layer.ops), tuple(w.shape), tuple(Q.shape), tuple(P.shape), w.dtype,
+               P.dtype, w.device)  # fmt: skip
+        runs.setdefault(key if layer.groups == 1 else ("alone", id(layer)), []).append(layer)
+    return list(runs.values())
+
+
+def _update_layer(layer) -> None:
+    counting = accounting.ACTIVE
+    if counting:
+        previous = accounting.enter(layer.layer_name, "feedback_update")
+    g, Q, P = layer.groups, layer.feedback_Q, layer.feedback_P
+    w_rows, q_rows = layer.weight.detach().reshape(layer.fan_out, -1), layer.ops.q_rows(Q)
+    if g > 1:  # one (P_j, Q_j) pair per group: a leading group dimension
+        w_rows, q_rows, P = grouped(w_rows, g), grouped(q_rows, g), grouped(P, g)
+    grad_q_rows, grad_p = factorisation_grads(q_rows, P.detach(), w_rows)
+    grad_q_rows = grad_q_rows.reshape(layer.total_rank, -1)
+    _accumulate(Q, layer.ops.q_from_rows(grad_q_rows, tuple(Q.shape)))
+    _accumulate(layer.feedback_P, grad_p.reshape(layer.feedback_P.shape))
+    if counting:
+        accounting.leave(previous)
+
+
+def _update_alike(layers: list) -> None:
+    """Eq. 9 for layers of one shape, as one batched product each (the layer dimension in
+    place of the group dimension of :func:`factorisation_grads`); every layer's grads are
+    views of the batch's results. The FLOP counter gives each layer its equal share."""
+    counting = accounting.ACTIVE
+    if counting:
+        names = tuple(layer.layer_name for layer in layers)
+        previous = accounting.enter(names, "feedback_update")
+    ops, Q0 = layers[0].ops, layers[0].feedback_Q
+    w_rows = torch.stack([layer.weight.detach().reshape(layer.fan_out, -1) for layer in layers])
+    q_rows = torch.stack([ops.q_rows(layer.feedback_Q) for layer in layers])
+    P = torch.stack([layer.feedback_P for layer in layers])
+    grad_q_rows, grad_p = factorisation_grads(q_rows, P, w_rows)
+    grad_q = ops.q_from_rows_batched(grad_q_rows, tuple(Q0.shape))
+    for layer, gq, gp in zip(layers, grad_q, grad_p, strict=True):
+        _accumulate(layer.feedback_Q, gq)
+        _accumulate(layer.feedback_P, gp)
+    if counting:
+        accounting.leave(previous)
 
 
 def reset_feedback_to_svd(model: nn.Module, step: int, steps_per_epoch: int | None = None) -> int:

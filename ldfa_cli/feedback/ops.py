@@ -120,6 +120,11 @@ class LinearOps:
         return q_rows.t().contiguous()
 
     @staticmethod
+    def q_from_rows_batched(q_rows: Tensor, q_shape: tuple[int, ...]) -> Tensor:
+        """``q_from_rows`` for a stack of layers (L x r x N -> L x N x r), in one copy."""
+        return q_rows.transpose(1, 2).contiguous()
+
+    @staticmethod
     def dense_from_factors(Q: Tensor, P: Tensor) -> Tensor:
         """B^T = (QP)^T in W's layout (m x n)."""
         return P.t().mm(Q.t())
@@ -224,6 +229,11 @@ class ConvOps:
     @staticmethod
     def q_from_rows(q_rows: Tensor, q_shape: tuple[int, ...]) -> Tensor:
         return q_rows.reshape(q_shape).contiguous()
+
+    @staticmethod
+    def q_from_rows_batched(q_rows: Tensor, q_shape: tuple[int, ...]) -> Tensor:
+        """``q_from_rows`` for a stack of ungrouped layers: a view, L x r x n x k..."""
+        return q_rows.reshape(q_rows.shape[0], *q_shape)
 
     def dense_from_factors(self, Q: Tensor, P: Tensor) -> Tensor:
         """B^T = (QP)^T as a kernel in W's layout (m x n_g x k...), group by group."""
