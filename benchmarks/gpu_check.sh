@@ -100,7 +100,8 @@ os.replace(f.name, out)  # atomic: a half-written check never replaces a finishe
 for name in BENCHES:
     for row in result[name]["rows"]:
         print(f"{name:20s} {row['variant']:15s} {row['median_ms']:9.2f} ms  time/BP "
-              f"{row['time_ratio']:.2f}  FLOPs/BP {row['flop_ratio']:.2f}  gap {row['gap']:+.2f}",
+              f"{row['time_ratio']:.2f}  FLOPs/BP {row['flop_ratio']:.2f}  gap {row['gap']:+.2f}"
+              + (f"  kernel/BP {row['kernel_ratio']:.2f}" if "kernel_ratio" in row else ""),
               file=sys.stderr)
 for name in UPDATES:
     u = result[name]

@@ -337,6 +337,27 @@ def test_bench_on_a_tiny_model(capsys, tmp_path):
     assert gap == pytest.approx(data["rows"][1]["time_ratio"] - data["rows"][1]["flop_ratio"])
     assert sum(data["gap_by_phase"]["ldfa r=2"].values()) == pytest.approx(gap)
     assert "by phase" in err and "share of the gap" in " ".join(err.split())
+    assert "kernel_ms" not in data["rows"][0] and "kernel ms" not in err  # a GPU's column
+
+
+def test_device_busy_time_counts_device_events_once():
+    """The launching CPU op carries its kernel's device time too: only device events count."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    from torch.profiler import profile
+
+    from ldfa_cli.analysis.bench import device_busy_ms
+
+    def event(device, ms):
+        return SimpleNamespace(device_type=device, self_device_time_total=ms * 1e3)
+
+    events = [event(DeviceType.CPU, 3.0), event(DeviceType.CUDA, 2.0),
+              event(DeviceType.CUDA, 1.0), event(DeviceType.CPU, 0.0)]  # fmt: skip
+    assert device_busy_ms(events, steps=2) == pytest.approx(1.5)
+    with profile() as prof:  # a CPU-only profile: nothing ran on a device
+        torch.ones(8, 8) @ torch.ones(8, 8)
+    assert device_busy_ms(prof.key_averages(), steps=1) == 0.0
 
 
 def test_bench_steps_in_the_recipes_precision(tmp_path):

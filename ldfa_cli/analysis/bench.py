@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import DeviceType
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -260,6 +261,26 @@ def profile_summary(variant: Variant, device, steps: int = 3, top: int = 8) -> l
              "share": getattr(e, key) / total} for e in events[:top]]  # fmt: skip
 
 
+def kernel_ms(variant: Variant, device, steps: int = 3) -> float:
+    """Milliseconds a step keeps the GPU busy: the sum of its kernels' (and copies') device
+    time, by the profiler. Beside the step's wall-clock it says whether the step waits on
+    the GPU (kernel time near the step time) or on the host's launches and Python."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            variant.step()
+        torch.cuda.synchronize(device)
+    return device_busy_ms(prof.key_averages(), steps)
+
+
+def device_busy_ms(events, steps: int) -> float:
+    """The device time of the events that run on the device (kernels, memcpy, memset), per
+    step; the CPU-side ops that launch them carry the same time again and are left out."""
+    busy = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU)
+    return busy / 1e3 / steps
+
+
 def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int,
               device: torch.device) -> dict:  # fmt: skip
     variants = build_variants(recipe, ranks, batch_size, device)
@@ -281,6 +302,11 @@ def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int
         rows.append({"variant": v.label, "median_ms": median * 1e3, "time_ratio": time_ratio,
                      "flop_ratio": flop_ratio, "gap": time_ratio - flop_ratio,
                      "gflops_per_step": v.total_flops / 1e9})  # fmt: skip
+    if device.type == "cuda":
+        busy = {v.label: kernel_ms(v, device) for v in variants}
+        for row in rows:
+            row["kernel_ms"] = busy[row["variant"]]
+            row["kernel_ratio"] = row["kernel_ms"] / busy[base.label]
     profiles = {v.label: profile_summary(v, device) for v in (variants[0], variants[1])}
     phases = phase_times(variants, device)
     flops = {v.label: flop_rows(v.flops) for v in variants}

@@ -42,16 +42,23 @@ def bench(
     table = Table(title=f"{path.stem}: training step, batch {batch}, {result['device']}, "
                   f"{result['precision']}, {result['threads']} threads "
                   f"(median of {steps}, interleaved)")  # fmt: skip
-    columns = ("variant", "ms / step", "time / BP", "FLOPs / BP", "gap", "GFLOPs / step")
+    kernels = "kernel_ms" in result["rows"][0]  # on a GPU
+    columns = ("variant", "ms / step", "time / BP", "FLOPs / BP", "gap", "GFLOPs / step",
+               *(("kernel ms", "kernel / BP") if kernels else ()))  # fmt: skip
     for col in columns:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for row in result["rows"]:
+        kernel = (f"{row['kernel_ms']:.2f}", f"{row['kernel_ratio']:.3f}") if kernels else ()
         table.add_row(row["variant"], f"{row['median_ms']:.2f}", f"{row['time_ratio']:.3f}",
                       f"{row['flop_ratio']:.3f}", f"{row['gap']:+.3f}",
-                      f"{row['gflops_per_step']:.3f}")  # fmt: skip
+                      f"{row['gflops_per_step']:.3f}", *kernel)  # fmt: skip
     console.print(table)
     console.print("gap: time / BP - FLOPs / BP (every FLOP of the step counted, both "
                   "optimizers included; 0 where wall-clock follows the FLOPs)")  # fmt: skip
+    if kernels:
+        console.print("kernel ms: the GPU's busy time in a step (the profiler's kernel and "
+                      "copy time); far below ms / step, the step waits on the host's "
+                      "launches and Python, not on the GPU")  # fmt: skip
     for label, ops in result["profile"].items():
         summary = ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops)
         console.print(f"where the time goes ({label}, self time by op): {summary}")
