@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA path end to end, in one script that writes one JSON file (about 3-5 minutes on a
-# recent GPU; nothing is downloaded, no dataset is read but scikit-learn's bundled digits):
+# The CUDA path end to end, in one script that writes one JSON file (about 4 minutes on an
+# H200; nothing is downloaded, no dataset is read but scikit-learn's bundled digits):
 #
 #   bash benchmarks/gpu_check.sh                       # --device cuda, writes gpu_check.json
 #   bash benchmarks/gpu_check.sh --device cpu --out /tmp/check.json   # a dry check on CPU
@@ -9,9 +9,9 @@
 # 2. training: a tiny ViT with normative LDFA r=8 on digits under bf16 autocast and
 #    torch.compile, with its two optimizers (AdamW for W, AdamW for P, Q), one epoch;
 # 3. ldfa flops of the tiny ViT (fmnist_vit_r16) and of ViT-S/16 at 224 (r=32);
-# 4. ldfa bench (CUDA events on a GPU) of both, ViT-S/16 at r in {16, 32, 64} in fp32 and
-#    under bf16 autocast, and ldfa bench --memory (the allocator's peak beside the split by
-#    kind);
+# 4. ldfa bench (CUDA events and each variant's kernel time on a GPU) of both, ViT-S/16 at
+#    r in {16, 32, 64} in fp32 and under bf16 autocast, and ldfa bench --memory (the
+#    allocator's peak beside the split by kind);
 # 5. ldfa bench of docs/performance.md's models at r = 8 and 32: the MLP 3x512 at batch 256
 #    and the tiny ViT at batch 128, under ldfa and ldfa_local;
 # 6. benchmarks/normative_update.py: eq. 9's update layer by layer against batched over
