@@ -3,9 +3,11 @@ over layers of one shape, on a recipe's model: median time of each, and how far 
 their gradients are.
 
 A benchmark, not a test. The two paths take turns for ``--rounds`` rounds after warm-up;
-CUDA events on a GPU, perf_counter elsewhere. ``normative_update``'s default picks the
-batched path on a GPU and, on a CPU, for weights of at most ``CPU_BATCH_MAX_NUMEL``
-elements: this script is how that choice was measured.
+CUDA events on a GPU, perf_counter elsewhere. Here W stays in the CPU's cache from one call
+to the next, as it does not inside a training step: on a CPU this favours the batched path
+(its copies of W), so ``normative_update``'s default there, layer by layer, was chosen from
+``ldfa bench``'s phase table instead. On a GPU, where the default is batched, the update's
+time here is what the step saves.
 
     python benchmarks/normative_update.py [RECIPE [OVERRIDES...]] [--device cuda] [--json]
     python benchmarks/normative_update.py vit_cifar10_r24 \\

@@ -278,10 +278,9 @@ def test_normative_update_batches_where_asked_or_where_it_pays(monkeypatch):
     monkeypatch.setattr(normative, "_update_alike", lambda layers: calls.append(len(layers)))
     model = _alike_model()
     assert normative.normative_update(model, batched=False) == 7 and calls == []
-    assert normative.normative_update(model) == 7 and sorted(calls) == [2, 3]  # small: batch
-    calls.clear()
-    monkeypatch.setattr(normative, "CPU_BATCH_MAX_NUMEL", 100)  # the convs' 216 > 100 >= 36
-    assert normative.normative_update(model) == 7 and calls == [3]
+    assert normative.normative_update(model) == 7 and calls == []  # the CPU's default
+    monkeypatch.setattr(normative, "_worth_batching", lambda layer: layer.ops.groups == 1)
+    assert normative.normative_update(model) == 7 and sorted(calls) == [2, 3]
     calls.clear()
     assert normative.normative_update(model, step=0, batched=True) == 7
     assert sorted(calls) == [2, 3]
@@ -289,6 +288,15 @@ def test_normative_update_batches_where_asked_or_where_it_pays(monkeypatch):
     calls.clear()
     assert normative.normative_update(model, step=1, batched=True) == 6
     assert sorted(calls) == [2, 2]  # b not due: a and c still batch
+
+
+def test_normative_update_batches_by_default_off_the_cpu_only():
+    from types import SimpleNamespace
+
+    from ldfa_cli.feedback.normative import _worth_batching
+
+    on = lambda device: SimpleNamespace(weight=torch.empty(2, 2, device=device))  # noqa: E731
+    assert _worth_batching(on("meta")) and not _worth_batching(on("cpu"))
 
 
 def test_batched_normative_update_counts_the_same_flops():
