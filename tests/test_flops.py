@@ -340,6 +340,24 @@ def test_bench_on_a_tiny_model(capsys, tmp_path):
     assert "kernel_ms" not in data["rows"][0] and "kernel ms" not in err  # a GPU's column
 
 
+def test_bench_times_compiled_steps_when_the_recipe_compiles(capsys, tmp_path, monkeypatch):
+    # what the loop runs under train.compile=true; the phase table is left out, since the
+    # phase timer cannot see inside a compiled graph (torch.compile itself is stood in for:
+    # the Function's compilation has its own test)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    recipe = _tiny_recipe(tmp_path / "r.yaml")
+    command = ["bench", recipe, "train.compile=true", "--ranks", "2", "--steps", "2",
+               "--warmup", "0", "--device", "cpu", "--json"]  # fmt: skip
+    code, out, err = run_cli(capsys, *command)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["compiled"] is True and len(compiled) == 2  # backprop and r=2, not the twin
+    assert data["phases_ms"] is None and data["gap_by_phase"] is None
+    assert [r["variant"] for r in data["rows"]] == ["bp", "ldfa r=2"]
+    assert "not measured for compiled steps" in " ".join(err.split())
+
+
 def test_device_busy_time_counts_device_events_once():
     """The launching CPU op carries its kernel's device time too: only device events count."""
     from types import SimpleNamespace

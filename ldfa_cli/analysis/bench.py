@@ -154,14 +154,15 @@ def _stepper(recipe, model: nn.Module, x, y):
     optimizers = build_optimizers(recipe, model, steps_per_epoch=1)
     count = [0]
 
-    # the recipe's precision, as the training loop runs it: on a GPU, bf16 is the setting
-    # whose times a user meets
+    # the recipe's precision and compile setting, as the training loop runs them: on a GPU,
+    # bf16 and a compiled model are the settings whose times a user meets
     low = recipe.train.precision == "bf16"
+    net = torch.compile(model) if recipe.train.compile else model
 
     def step() -> None:  # the training loop's step, on a fixed batch
         optimizers.zero_grad()
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=low):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(net(x).float(), y)
         backward_with_rules(model, loss, count[0])
         count[0] += 1
         if accounting.ACTIVE:  # under PhaseTimer: file the optimizers' ops as their own
@@ -227,7 +228,8 @@ def build_variants(recipe, ranks: list[int], batch_size: int, device) -> list[Va
         if bp.flops is None:  # backprop's split twin, from the first rule's model
             twin = _split_backprop(model)
             bp.flops = count_training_step(twin, x, y, optimizers=bp_plan)
-            bp.phase_step = _stepper(bp_spec, twin, x, y)
+            if not recipe.train.compile:  # compiled steps are not timed by phase
+                bp.phase_step = _stepper(bp_spec, twin, x, y)
     return variants
 
 
@@ -308,12 +310,15 @@ def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int
             row["kernel_ms"] = busy[row["variant"]]
             row["kernel_ratio"] = row["kernel_ms"] / busy[base.label]
     profiles = {v.label: profile_summary(v, device) for v in (variants[0], variants[1])}
-    phases = phase_times(variants, device)
     flops = {v.label: flop_rows(v.flops) for v in variants}
-    gaps = {v.label: gap_by_row(phases[v.label], flops[v.label], phases["bp"], flops["bp"])
-            for v in variants[1:]}  # fmt: skip
+    phases = gaps = None
+    if not recipe.train.compile:  # a dispatch mode sees no op inside a compiled graph
+        phases = phase_times(variants, device)
+        gaps = {v.label: gap_by_row(phases[v.label], flops[v.label], phases["bp"],
+                                    flops["bp"]) for v in variants[1:]}  # fmt: skip
     return {"batch_size": batch_size, "steps": steps, "warmup": warmup, "device": str(device),
-            "precision": recipe.train.precision, "threads": torch.get_num_threads(),
+            "precision": recipe.train.precision, "compiled": recipe.train.compile,
+            "threads": torch.get_num_threads(),
             "rows": rows, "profile": profiles,
             "phases_ms": phases, "phases_gflops": {k: {r: f / 1e9 for r, f in v.items()}
                                                    for k, v in flops.items()},

@@ -40,7 +40,8 @@ def bench(
     with console.status(f"timing {len(rank_list) + 1} variants x {steps} steps"):
         result = run_bench(config, rank_list, steps, warmup, batch, pick_device(device))
     table = Table(title=f"{path.stem}: training step, batch {batch}, {result['device']}, "
-                  f"{result['precision']}, {result['threads']} threads "
+                  f"{result['precision']}{', compiled' if result['compiled'] else ''}, "
+                  f"{result['threads']} threads "
                   f"(median of {steps}, interleaved)")  # fmt: skip
     kernels = "kernel_ms" in result["rows"][0]  # on a GPU
     columns = ("variant", "ms / step", "time / BP", "FLOPs / BP", "gap", "GFLOPs / step",
@@ -62,7 +63,12 @@ def bench(
     for label, ops in result["profile"].items():
         summary = ", ".join(f"{o['op']} {o['share']:.0%}" for o in ops)
         console.print(f"where the time goes ({label}, self time by op): {summary}")
-    console.print(_phase_table(result))
+    if result["phases_ms"] is None:
+        console.print("by phase: not measured for compiled steps (the phase timer cannot "
+                      "see inside a compiled graph); run without train.compile=true for "
+                      "the table")  # fmt: skip
+    else:
+        console.print(_phase_table(result))
     if json_out:
         print(json.dumps({"recipe": path.stem, **result}, indent=2))
 
