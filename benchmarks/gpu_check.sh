@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_check.sh                       # --device cuda, writes gpu_check.json
 #   bash benchmarks/gpu_check.sh --device cpu --out /tmp/check.json   # a dry check on CPU
+#   bash benchmarks/gpu_check.sh --compile   # also 7: compiled steps (2-3 minutes more)
 #
 # 1. the environment (nvidia-smi, python -m ldfa_cli.lock);
 # 2. training: a tiny ViT with normative LDFA r=8 on digits under bf16 autocast and
@@ -15,18 +16,23 @@
 # 5. ldfa bench of docs/performance.md's models at r = 8 and 32: the MLP 3x512 at batch 256
 #    and the tiny ViT at batch 128, under ldfa and ldfa_local;
 # 6. benchmarks/normative_update.py: eq. 9's update layer by layer against batched over
-#    layers of one shape, for ViT-S/16 (r = 16) and the tiny ViT.
+#    layers of one shape, for ViT-S/16 (r = 16) and the tiny ViT;
+# 7. with --compile: ldfa bench train.compile=true of the tiny ViT (r = 8) and of ViT-S/16
+#    under bf16 (r = 16), where a launch-bound eager step should gain most.
 # On CPU (--device cpu) the same steps run at batch 2 and a step or two, to check that the
 # script and every command work; its timings mean nothing.
 set -euo pipefail
 
 device=cuda
 out=gpu_check.json
+compiled=false
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --device) device="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
-        *) echo "gpu_check.sh: unknown argument '$1' (use --device cuda|cpu, --out FILE)" >&2; exit 2 ;;
+        --compile) compiled=true; shift ;;
+        *) echo "gpu_check.sh: unknown argument '$1' (use --device cuda|cpu, --out FILE," \
+               "--compile)" >&2; exit 2 ;;
     esac
 done
 if [[ "$device" == cuda ]]; then
@@ -77,18 +83,27 @@ step bench_tiny_vit_local ldfa bench fmnist_vit_r16 feedback.rule=ldfa_local 'fe
 step update_vit_s16 python benchmarks/normative_update.py vit_cifar10_r24 "${vit_s[@]}" \
     feedback.rank=16 --device "$device" --json
 step update_tiny_vit python benchmarks/normative_update.py fmnist_vit_r16 --device "$device" --json
+if [[ "$compiled" == true ]]; then
+    step compiled_tiny_vit ldfa bench fmnist_vit_r16 train.compile=true --ranks 8 \
+        --device "$device" --batch-size "$vit_batch" --steps "$steps" --warmup "$warmup" --json
+    step compiled_vit_s16_bf16 ldfa bench vit_cifar10_r24 "${vit_s[@]}" train.precision=bf16 \
+        train.compile=true --ranks 16 --device "$device" --batch-size "$vits_batch" \
+        --steps "$steps" --warmup "$warmup" --json
+fi
 step memory_vit_s16 ldfa bench vit_cifar10_r24 "${vit_s[@]}" --memory --ranks 16,32,64 \
     --device "$device" --batch-size "$vits_batch" --json
 
-python - "$work" "$out" "$device" "$started" <<'EOF'
+python - "$work" "$out" "$device" "$started" "$compiled" <<'EOF'
 import json, os, sys, tempfile, time
 from pathlib import Path
 
 work, out, device, started = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+compiled = sys.argv[5] == "true"
 result = {"device": device, "gpu": (work / "gpu.txt").read_text().strip(),
           "env": json.loads((work / "env.json").read_text() or "{}")}
 BENCHES = ["bench_tiny_vit", "bench_vit_s16", "bench_vit_s16_bf16", "bench_mlp_ldfa",
-           "bench_mlp_local", "bench_tiny_vit_local"]
+           "bench_mlp_local", "bench_tiny_vit_local",
+           *(["compiled_tiny_vit", "compiled_vit_s16_bf16"] if compiled else [])]
 UPDATES = ["update_vit_s16", "update_tiny_vit"]
 for name in ["train", "flops_tiny_vit", "flops_vit_s16", *BENCHES, *UPDATES, "memory_vit_s16"]:
     result[name] = json.loads((work / f"{name}.json").read_text())
