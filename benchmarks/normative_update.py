@@ -20,34 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
+from ldfa_cli.analysis.bench import _timer as timer  # CUDA events on a GPU
 from ldfa_cli.config import load_recipe
 from ldfa_cli.engine.build import pick_device, synthetic_network
 from ldfa_cli.feedback.normative import _alike_layers, normative_layers, normative_update
-
-
-def timer(device: torch.device):
-    if device.type == "cuda":
-
-        def timed(fn) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            return start.elapsed_time(end) / 1e3
-
-        return timed
-
-    def timed(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    return timed
 
 
 def grads(model, batched: bool) -> list[torch.Tensor]:
