@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_check.sh                       # --device cuda, writes gpu_check.json
 #   bash benchmarks/gpu_check.sh --device cpu --out /tmp/check.json   # a dry check on CPU
-#   bash benchmarks/gpu_check.sh --compile   # also 7: compiled steps (2-3 minutes more)
+#   bash benchmarks/gpu_check.sh --compile   # also 7: compiled steps (3-4 minutes more)
 #
 # 1. the environment (nvidia-smi, python -m ldfa_cli.lock);
 # 2. training: a tiny ViT with normative LDFA r=8 on digits under bf16 autocast and
@@ -18,7 +18,8 @@
 # 6. benchmarks/normative_update.py: eq. 9's update layer by layer against batched over
 #    layers of one shape, for ViT-S/16 (r = 16) and the tiny ViT;
 # 7. with --compile: ldfa bench train.compile=true of the tiny ViT (r = 8) and of ViT-S/16
-#    under bf16 (r = 16), where a launch-bound eager step should gain most.
+#    under bf16 (r = 16), where a launch-bound eager step should gain most, and of ViT-S/16
+#    with train.compile=reduce-overhead (CUDA graphs).
 # On CPU (--device cpu) the same steps run at batch 2 and a step or two, to check that the
 # script and every command work; its timings mean nothing.
 set -euo pipefail
@@ -89,6 +90,9 @@ if [[ "$compiled" == true ]]; then
     step compiled_vit_s16_bf16 ldfa bench vit_cifar10_r24 "${vit_s[@]}" train.precision=bf16 \
         train.compile=true --ranks 16 --device "$device" --batch-size "$vits_batch" \
         --steps "$steps" --warmup "$warmup" --json
+    step graphs_vit_s16_bf16 ldfa bench vit_cifar10_r24 "${vit_s[@]}" train.precision=bf16 \
+        train.compile=reduce-overhead --ranks 16 --device "$device" --batch-size "$vits_batch" \
+        --steps "$steps" --warmup "$warmup" --json
 fi
 step memory_vit_s16 ldfa bench vit_cifar10_r24 "${vit_s[@]}" --memory --ranks 16,32,64 \
     --device "$device" --batch-size "$vits_batch" --json
@@ -103,7 +107,8 @@ result = {"device": device, "gpu": (work / "gpu.txt").read_text().strip(),
           "env": json.loads((work / "env.json").read_text() or "{}")}
 BENCHES = ["bench_tiny_vit", "bench_vit_s16", "bench_vit_s16_bf16", "bench_mlp_ldfa",
            "bench_mlp_local", "bench_tiny_vit_local",
-           *(["compiled_tiny_vit", "compiled_vit_s16_bf16"] if compiled else [])]
+           *(["compiled_tiny_vit", "compiled_vit_s16_bf16", "graphs_vit_s16_bf16"]
+             if compiled else [])]
 UPDATES = ["update_vit_s16", "update_tiny_vit"]
 for name in ["train", "flops_tiny_vit", "flops_vit_s16", *BENCHES, *UPDATES, "memory_vit_s16"]:
     result[name] = json.loads((work / f"{name}.json").read_text())

@@ -344,15 +344,17 @@ def test_bench_times_compiled_steps_when_the_recipe_compiles(capsys, tmp_path, m
     # what the loop runs under train.compile=true; the phase table is left out, since the
     # phase timer cannot see inside a compiled graph (torch.compile itself is stood in for:
     # the Function's compilation has its own test)
-    compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode: modes.append(mode) or model)
     recipe = _tiny_recipe(tmp_path / "r.yaml")
-    command = ["bench", recipe, "train.compile=true", "--ranks", "2", "--steps", "2",
+    command = ["bench", recipe, "train.compile=reduce-overhead", "--ranks", "2", "--steps", "2",
                "--warmup", "0", "--device", "cpu", "--json"]  # fmt: skip
     code, out, err = run_cli(capsys, *command)
     assert code == 0, err
     data = json.loads(out)
-    assert data["compiled"] is True and len(compiled) == 2  # backprop and r=2, not the twin
+    assert data["compiled"] == "reduce-overhead"
+    assert modes == ["reduce-overhead"] * 2  # backprop and r=2, not the twin
+    assert "compiled (reduce-overhead)" in " ".join(err.split())
     assert data["phases_ms"] is None and data["gap_by_phase"] is None
     assert [r["variant"] for r in data["rows"]] == ["bp", "ldfa r=2"]
     assert "not measured for compiled steps" in " ".join(err.split())

@@ -218,6 +218,26 @@ def test_bf16_and_compile_recipe_options_train(capsys, tmp_path):
     assert 0.0 <= final["acc"] <= 1.0 and final["loss"] == final["loss"]  # finite, not NaN
 
 
+@pytest.mark.parametrize("setting, mode", [(False, None), (True, "default"),
+                                           ("reduce-overhead", "reduce-overhead")])  # fmt: skip
+def test_train_compile_takes_a_mode(capsys, tmp_path, monkeypatch, setting, mode):
+    # CUDA graphs ("reduce-overhead") need a GPU to run: here only the wiring is checked
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode: modes.append(mode) or model)
+    recipe = write_recipe(tmp_path / "r.yaml", *FAMILIES["mlp"], train={"compile": setting})
+    code, _, err = run_cli(capsys, "train", recipe, "train.epochs=1", "--out", tmp_path / "run",
+                           "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    assert modes == ([] if mode is None else [mode])
+
+
+def test_train_compile_refuses_an_unknown_mode(capsys, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", *FAMILIES["mlp"], train={"compile": "fast"})
+    code, _, err = run_cli(capsys, "validate", recipe)
+    assert code == 2 and "train.compile" in err and "reduce-overhead" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("where, call, stopped_at", [
     ("backward_with_rules", 3, (0, 3, 3)),  # mid-epoch: the step finishes, then the stop
     ("evaluate", 1, (1, 0, 4)),  # at the epoch's end: the evaluation and the epoch count

@@ -20,6 +20,7 @@ from torch.autograd import DeviceType
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ldfa_cli.config.schema import compile_mode
 from ldfa_cli.engine.build import synthetic_network
 from ldfa_cli.engine.optim import build_optimizers
 from ldfa_cli.feedback import accounting, backward_with_rules, feedback_layers
@@ -157,7 +158,8 @@ def _stepper(recipe, model: nn.Module, x, y):
     # the recipe's precision and compile setting, as the training loop runs them: on a GPU,
     # bf16 and a compiled model are the settings whose times a user meets
     low = recipe.train.precision == "bf16"
-    net = torch.compile(model) if recipe.train.compile else model
+    mode = compile_mode(recipe.train)
+    net = model if mode is None else torch.compile(model, mode=mode)
 
     def step() -> None:  # the training loop's step, on a fixed batch
         optimizers.zero_grad()
@@ -317,7 +319,7 @@ def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int
         gaps = {v.label: gap_by_row(phases[v.label], flops[v.label], phases["bp"],
                                     flops["bp"]) for v in variants[1:]}  # fmt: skip
     return {"batch_size": batch_size, "steps": steps, "warmup": warmup, "device": str(device),
-            "precision": recipe.train.precision, "compiled": recipe.train.compile,
+            "precision": recipe.train.precision, "compiled": compile_mode(recipe.train),
             "threads": torch.get_num_threads(),
             "rows": rows, "profile": profiles,
             "phases_ms": phases, "phases_gflops": {k: {r: f / 1e9 for r, f in v.items()}

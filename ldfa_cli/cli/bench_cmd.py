@@ -40,7 +40,8 @@ def bench(
     with console.status(f"timing {len(rank_list) + 1} variants x {steps} steps"):
         result = run_bench(config, rank_list, steps, warmup, batch, pick_device(device))
     table = Table(title=f"{path.stem}: training step, batch {batch}, {result['device']}, "
-                  f"{result['precision']}{', compiled' if result['compiled'] else ''}, "
+                  f"{result['precision']}"
+                  f"{', compiled (' + result['compiled'] + ')' if result['compiled'] else ''}, "
                   f"{result['threads']} threads "
                   f"(median of {steps}, interleaved)")  # fmt: skip
     kernels = "kernel_ms" in result["rows"][0]  # on a GPU

@@ -317,6 +317,9 @@ class DataConfig(Section):
 
 
 # ------------------------------------------------------------------------ train/output
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
 class TrainConfig(Section):
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 128  # global batch, split over torchrun ranks
@@ -327,13 +330,30 @@ class TrainConfig(Section):
     seed: int = 0
     deterministic: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"
-    compile: bool = False
+    # torch.compile of the model: true (its default mode) or a mode by name; on a GPU,
+    # "reduce-overhead" also replays the compiled forward and backward as CUDA graphs
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     # every N steps: per converted layer, the angle and norm ratio of B against W^T and the
     # cosine of the rule's input gradient with backprop's on a fixed probe batch (off: null)
     log_alignment_every: PositiveInt | None = None
     ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # timm's ModelEmaV3
     alignment_probe: PositiveInt = 256  # probe images: the first N of the training set
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _known_compile_mode(cls, value):
+        if isinstance(value, bool) or value in COMPILE_MODES:
+            return value
+        raise ValueError(f"must be true, false or a torch.compile mode: "
+                         f"{', '.join(COMPILE_MODES)}")  # fmt: skip
+
+
+def compile_mode(train: TrainConfig) -> str | None:
+    """``torch.compile``'s mode for ``train.compile``, or None when it is off."""
+    if train.compile is False:
+        return None
+    return "default" if train.compile is True else train.compile
 
 
 class OutputConfig(Section):

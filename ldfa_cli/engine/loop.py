@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from ldfa_cli.analysis.flops import count_training_step, optimizer_plan
+from ldfa_cli.config.schema import compile_mode
 from ldfa_cli.console import stderr_console
 from ldfa_cli.errors import CheckpointError, TrainingError
 from ldfa_cli.feedback import (
@@ -213,8 +214,8 @@ def train(
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if cfg.compile:
-        net = torch.compile(net)
+    if (mode := compile_mode(cfg)) is not None:
+        net = torch.compile(net, mode=mode)
     autocast = _autocast(device, cfg.precision)
 
     def checkpoint(name: str) -> None:
