@@ -7,7 +7,7 @@ the command line address them by dotted path (``optim.lr=1e-3``).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -317,7 +317,8 @@ class DataConfig(Section):
 
 
 # ------------------------------------------------------------------------ train/output
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+COMPILE_MODES = get_args(CompileMode)
 
 
 class TrainConfig(Section):
@@ -332,7 +333,7 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     # torch.compile of the model: true (its default mode) or a mode by name; on a GPU,
     # "reduce-overhead" also replays the compiled forward and backward as CUDA graphs
-    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
+    compile: bool | CompileMode = False
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     # every N steps: per converted layer, the angle and norm ratio of B against W^T and the
     # cosine of the rule's input gradient with backprop's on a fixed probe batch (off: null)
