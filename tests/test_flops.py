@@ -338,6 +338,22 @@ def test_bench_on_a_tiny_model(capsys, tmp_path):
     assert sum(data["gap_by_phase"]["ldfa r=2"].values()) == pytest.approx(gap)
     assert "by phase" in err and "share of the gap" in " ".join(err.split())
     assert "kernel_ms" not in data["rows"][0] and "kernel ms" not in err  # a GPU's column
+    assert "gap_floor" not in data["rows"][0] and "floor: the gap if" in " ".join(err.split())
+    assert data["rows"][1]["gap_floor"] == pytest.approx(
+        1 - bp["input_grad"] / data["rows"][0]["median_ms"] - data["rows"][1]["flop_ratio"]
+    )
+
+
+def test_gap_floor_is_backprop_without_its_input_gradient_against_the_flops():
+    from ldfa_cli.analysis.bench import gap_floor
+
+    # backprop's input gradient: 20% of its time; a rule at 0.7x its FLOPs can at best take
+    # 0.8x its time, so no work on the rule's own ops brings the gap below +0.1
+    bp_ms = {"forward": 6.0, "input_grad": 2.0, "weight_grad": 2.0}
+    assert gap_floor(bp_ms, flop_ratio=0.7) == pytest.approx(0.1)
+    # W^T g at the step's average rate (20% of the time for 20% of the FLOPs removed, and
+    # nothing added): the floor is 0
+    assert gap_floor(bp_ms, flop_ratio=0.8) == pytest.approx(0.0)
 
 
 def test_bench_times_compiled_steps_when_the_recipe_compiles(capsys, tmp_path, monkeypatch):

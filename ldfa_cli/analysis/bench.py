@@ -151,6 +151,16 @@ def gap_by_row(variant_ms, variant_flops, bp_ms, bp_flops) -> dict[str, float]:
             for r in rows}  # fmt: skip
 
 
+def gap_floor(bp_ms: dict[str, float], flop_ratio: float) -> float:
+    """The least gap that work on the rule's own ops can reach: its gap if the products it
+    puts in place of W^T g, its feedback update and its extra optimizer work took no time
+    and every row it shares with backprop kept backprop's time, i.e. backprop's step less
+    its input-gradient products. Above 0 where those products, which the rule removes, run
+    faster than backprop's step on average (a larger share of its FLOPs than of its time)."""
+    step = sum(bp_ms.values())
+    return 1.0 - bp_ms.get("input_grad", 0.0) / step - flop_ratio
+
+
 def _stepper(recipe, model: nn.Module, x, y):
     optimizers = build_optimizers(recipe, model, steps_per_epoch=1)
     count = [0]
@@ -318,6 +328,8 @@ def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int
         phases = phase_times(variants, device)
         gaps = {v.label: gap_by_row(phases[v.label], flops[v.label], phases["bp"],
                                     flops["bp"]) for v in variants[1:]}  # fmt: skip
+        for row in rows[1:]:
+            row["gap_floor"] = gap_floor(phases["bp"], row["flop_ratio"])
     return {"batch_size": batch_size, "steps": steps, "warmup": warmup, "device": str(device),
             "precision": recipe.train.precision, "compiled": compile_mode(recipe.train),
             "threads": torch.get_num_threads(),

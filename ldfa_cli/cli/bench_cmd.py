@@ -45,18 +45,32 @@ def bench(
                   f"{result['threads']} threads "
                   f"(median of {steps}, interleaved)")  # fmt: skip
     kernels = "kernel_ms" in result["rows"][0]  # on a GPU
-    columns = ("variant", "ms / step", "time / BP", "FLOPs / BP", "gap", "GFLOPs / step",
+    floors = result["phases_ms"] is not None
+    columns = ("variant", "ms / step", "time / BP", "FLOPs / BP", "gap",
+               *(("floor",) if floors else ()), "GFLOPs / step",
                *(("kernel ms", "kernel / BP") if kernels else ()))  # fmt: skip
     for col in columns:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for row in result["rows"]:
         kernel = (f"{row['kernel_ms']:.2f}", f"{row['kernel_ratio']:.3f}") if kernels else ()
+        floor = (f"{row['gap_floor']:+.3f}" if "gap_floor" in row else "",) if floors else ()
         table.add_row(row["variant"], f"{row['median_ms']:.2f}", f"{row['time_ratio']:.3f}",
-                      f"{row['flop_ratio']:.3f}", f"{row['gap']:+.3f}",
+                      f"{row['flop_ratio']:.3f}", f"{row['gap']:+.3f}", *floor,
                       f"{row['gflops_per_step']:.3f}", *kernel)  # fmt: skip
     console.print(table)
     console.print("gap: time / BP - FLOPs / BP (every FLOP of the step counted, both "
                   "optimizers included; 0 where wall-clock follows the FLOPs)")  # fmt: skip
+    if floors:
+        bp = result["phases_ms"]["bp"]
+        share = bp.get("input_grad", 0.0) / sum(bp.values())
+        flop_share = (
+            result["phases_gflops"]["bp"].get("input_grad", 0.0)
+            / result["rows"][0]["gflops_per_step"]
+        )
+        console.print(f"floor: the gap if every op the rule adds took no time (backprop's "
+                      f"step less its input-gradient products, which are {share:.0%} of its "
+                      f"time and {flop_share:.0%} of its FLOPs); no implementation of the "
+                      f"rule's own ops gets the gap below it")  # fmt: skip
     if kernels:
         console.print("kernel ms: the GPU's busy time in a step (the profiler's kernel and "
                       "copy time); far below ms / step, the step waits on the host's "
