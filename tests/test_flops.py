@@ -98,6 +98,37 @@ def test_low_rank_saves_input_gradient_flops_and_interval_amortises():
     assert report.rule.total < report.reference.total
 
 
+def test_the_feedback_optimizer_is_counted_in_the_steps_in_which_the_factors_learn():
+    # eq. 9 every 3 steps: Q and P have a gradient, so AdamW moves them, one step in 3
+    from ldfa_cli.analysis.flops import optimizer_plan
+    from ldfa_cli.engine.optim import build_optimizers
+    from ldfa_cli.feedback import backward_with_rules, feedback_parameters
+
+    recipe = validate(
+        {
+            "model": {"name": "mlp", "widths": [48, 40]},
+            "feedback": {"rule": "ldfa", "rank": 4, "options": {"interval": 3}},
+        }
+    )
+    model = build_model(recipe.model, SHAPE)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    convert(model, "ldfa", rank=4, interval=3, example_input=x)
+    optimizers = build_optimizers(recipe, model, steps_per_epoch=10)
+    factors = feedback_parameters(model)
+    moved = []
+    for step in range(6):
+        optimizers.zero_grad()
+        before = [p.detach().clone() for p in factors]
+        backward_with_rules(model, F.cross_entropy(model(x), y), step)
+        optimizers.step()
+        moved.append(any(not torch.equal(b, p) for b, p in zip(before, factors, strict=True)))
+    assert moved == [True, False, False, True, False, False]
+    rule_plan, _ = optimizer_plan(recipe, model)
+    assert dict((label, n) for label, _, n in rule_plan)["feedback"] == pytest.approx(
+        sum(p.numel() for p in factors) / 3
+    )
+
+
 def test_counting_does_not_change_the_model_or_the_rng():
     model = convert(_model("vgg"), "ldfa_local", rank=2, learn_q=True)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
@@ -311,6 +342,32 @@ def test_ctrl_c_in_a_sweep_exits_130_and_the_same_command_resumes(capsys, tmp_pa
     assert not (tmp_path / "s" / "rank=4").exists()
     code, _, err = run_cli(capsys, *command)
     assert code == 0 and "rank=2: resuming" in err and "rank=4: training" in err
+
+
+def test_bench_times_whole_periods_of_an_update_that_runs_every_k_steps():
+    # eq. 9 every 4 steps: the median of single steps would be a step without it, while
+    # the FLOPs count a quarter of it in every step
+    import dataclasses
+
+    from ldfa_cli.analysis.bench import Variant, time_periods, update_period
+
+    x = torch.randn(2, 3, 16, 16)
+    model = convert(_model("mlp"), "ldfa", rank=4, interval=4, example_input=x)
+    assert update_period(model) == 4
+    assert update_period(convert(_model("mlp"), "lowrank_fa", rank=4, example_input=x)) == 1
+    calls = []
+
+    def timed(fn):  # a clock on which the steps with eq. 9 (every 4th) take 4 s, others 0
+        start = len(calls)
+        fn()
+        return sum(4.0 for i in range(start, len(calls)) if i % 4 == 0)
+
+    variant = Variant("ldfa", model, lambda: calls.append(1), None, [], period=4)
+    time_periods([variant], 5, timed)
+    assert variant.times == [1.0] * 5
+    first = next(layer for _, layer in feedback_layers(model))
+    first.rule = dataclasses.replace(first.rule, interval=3)
+    assert update_period(model) == 12
 
 
 def test_bench_on_a_tiny_model(capsys, tmp_path):

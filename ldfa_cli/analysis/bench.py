@@ -8,6 +8,7 @@ shows where the time that the FLOPs do not explain goes.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import defaultdict
@@ -24,6 +25,7 @@ from ldfa_cli.config.schema import compile_mode
 from ldfa_cli.engine.build import synthetic_network
 from ldfa_cli.engine.optim import build_optimizers
 from ldfa_cli.feedback import accounting, backward_with_rules, feedback_layers
+from ldfa_cli.feedback.normative import normative_layers
 
 from . import costs
 from .flops import (
@@ -45,6 +47,11 @@ class Variant:
     flops: StepFlops
     times: list
     phase_step: callable = None  # the step timed by phase (backprop: its split twin's)
+    period: int = 1  # steps in which each periodic update runs once (see update_period)
+
+    def run_period(self, step: callable = None) -> None:
+        for _ in range(self.period):
+            (step or self.step)()
 
     @property
     def total_flops(self) -> float:
@@ -57,6 +64,22 @@ PHASE_ORDER = (
     "backward (other layers)", "elementwise (forward)", "elementwise (backward)", "optimizer",
     "data movement", "python and dispatch",
 )  # fmt: skip
+
+
+def update_period(model: nn.Module) -> int:
+    """Steps in which every periodic update runs a whole number of times: the least common
+    multiple of the ``ldfa`` layers' eq.-9 intervals (1 when there are none). Each timed
+    sample is one such period divided by its length: with eq. 9 every 4 steps, the median of
+    single steps would be a step without it, while the FLOPs count its amortised share."""
+    return math.lcm(1, *(layer.rule.interval for layer in normative_layers(model)))
+
+
+def time_periods(variants: list[Variant], samples: int, timed) -> None:
+    """``samples`` times per variant, taking turns, one period each (its time per step), so
+    that the machine's drifts hit every variant alike."""
+    for _ in range(samples):
+        for variant in variants:
+            variant.times.append(timed(variant.run_period) / variant.period)
 
 
 def _row(layer: str, phase: str) -> str:
@@ -118,7 +141,7 @@ def flop_rows(step: StepFlops) -> dict[str, float]:
 
 
 def phase_times(variants: list[Variant], device, rounds: int = 5) -> dict[str, dict]:
-    """Milliseconds per step by row for each variant: the variants take turns, one step
+    """Milliseconds per step by row for each variant: the variants take turns, one period
     each under the timer per round (as the median steps were timed), and each row is its
     median over the rounds. 'python and dispatch' is the rest of the variant's median step
     (Python, autograd's bookkeeping, kernel launches); it is negative where the per-op
@@ -128,9 +151,9 @@ def phase_times(variants: list[Variant], device, rounds: int = 5) -> dict[str, d
         for variant in variants:
             timer = PhaseTimer(device)
             with timer:
-                (variant.phase_step or variant.step)()
+                variant.run_period(variant.phase_step)
             for row in PHASE_ORDER:
-                seconds[variant.label][row].append(timer.seconds.get(row, 0.0))
+                seconds[variant.label][row].append(timer.seconds.get(row, 0.0) / variant.period)
     result = {}
     for variant in variants:
         ms = {row: statistics.median(values) * 1e3
@@ -231,7 +254,8 @@ def build_variants(recipe, ranks: list[int], batch_size: int, device) -> list[Va
     for label, spec in [("bp", bp_spec), *rule_specs]:
         model, x, y = synthetic_network(spec, batch_size, device)
         model.train()
-        variants.append(Variant(label, model, _stepper(spec, model, x, y), None, []))
+        variants.append(Variant(label, model, _stepper(spec, model, x, y), None, [],
+                                period=update_period(model)))  # fmt: skip
         if label == "bp":
             continue
         rule_plan, bp_plan = optimizer_plan(spec, model)
@@ -258,19 +282,20 @@ def _split_backprop(model: nn.Module) -> nn.Module:
 
 
 def profile_summary(variant: Variant, device, steps: int = 3, top: int = 8) -> list[dict]:
-    """The ops that take the most self time over a few steps."""
+    """The ops that take the most self time over a few periods, per step."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])  # fmt: skip
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            variant.step()
+            variant.run_period()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1
+    steps *= variant.period
     return [{"op": e.key, "ms_per_step": getattr(e, key) / 1e3 / steps,
              "share": getattr(e, key) / total} for e in events[:top]]  # fmt: skip
 
@@ -283,9 +308,9 @@ def kernel_ms(variant: Variant, device, steps: int = 3) -> float:
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            variant.step()
+            variant.run_period()
         torch.cuda.synchronize(device)
-    return device_busy_ms(prof.key_averages(), steps)
+    return device_busy_ms(prof.key_averages(), steps * variant.period)
 
 
 def device_busy_ms(events, steps: int) -> float:
@@ -304,9 +329,7 @@ def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int
             variant.step()
             if variant.phase_step is not None:
                 variant.phase_step()
-    for _ in range(steps):
-        for variant in variants:
-            variant.times.append(timed(variant.step))
+    time_periods(variants, steps, timed)
     base = variants[0]
     base_time = statistics.median(base.times)
     rows = []
@@ -315,7 +338,8 @@ def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int
         time_ratio, flop_ratio = median / base_time, v.total_flops / base.total_flops
         rows.append({"variant": v.label, "median_ms": median * 1e3, "time_ratio": time_ratio,
                      "flop_ratio": flop_ratio, "gap": time_ratio - flop_ratio,
-                     "gflops_per_step": v.total_flops / 1e9})  # fmt: skip
+                     "gflops_per_step": v.total_flops / 1e9,
+                 "steps_per_sample": v.period})  # fmt: skip
     if device.type == "cuda":
         busy = {v.label: kernel_ms(v, device) for v in variants}
         for row in rows:

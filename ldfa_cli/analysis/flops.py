@@ -32,7 +32,6 @@ from ldfa_cli.feedback import (
     accounting,
     backward_with_rules,
     feedback_layers,
-    feedback_parameters,
     forward_parameters,
     set_feedback_targets,
 )
@@ -270,7 +269,7 @@ def optimizer_plan(recipe, model: nn.Module) -> tuple[list, list]:
     feedback tensors with ``feedback.optimizer: forward``), the feedback one over the rest;
     backprop has the forward one over the forward parameters only."""
     forward = sum(p.numel() for p in forward_parameters(model))
-    feedback = sum(p.numel() for p in feedback_parameters(model))
+    feedback = feedback_elements_per_step(model)
     if recipe.feedback.optimizer == "forward":
         rule = [("forward", recipe.optim, forward + feedback)]
     else:
@@ -278,6 +277,19 @@ def optimizer_plan(recipe, model: nn.Module) -> tuple[list, list]:
         if feedback:
             rule.append(("feedback", recipe.feedback.optimizer, feedback))
     return rule, [("forward", recipe.optim, forward)]
+
+
+def feedback_elements_per_step(model: nn.Module) -> float:
+    """The learned feedback tensors' elements an optimizer steps in an average step. The
+    factors of an ``ldfa`` layer whose eq. 9 runs every k steps have a gradient one step in
+    k (``zero_grad`` sets it to None in between, and PyTorch's optimizers skip a parameter
+    without one), so they count 1/k of their elements."""
+    return sum(
+        p.numel() / getattr(layer.rule, "interval", 1)
+        for _, layer in feedback_layers(model)
+        for name, p in layer.named_parameters(recurse=False)
+        if name.startswith("feedback_") and p.requires_grad
+    )
 
 
 # ------------------------------------------------------------------------- analytic

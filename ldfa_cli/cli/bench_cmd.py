@@ -14,7 +14,13 @@ def bench(
     recipe: str = typer.Argument(..., help="A recipe file or a shipped recipe's name."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides."),
     ranks: str = typer.Option("8,16,32", "--ranks", help="Feedback ranks, comma-separated."),
-    steps: int = typer.Option(20, "--steps", min=1, help="Timed steps per variant."),
+    steps: int = typer.Option(
+        20,
+        "--steps",
+        min=1,
+        help="Timed samples per variant: one step each, or one period "
+        "of k steps where eq. 9 runs every k.",
+    ),  # fmt: skip
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed steps first."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Default: the recipe's."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
@@ -60,6 +66,12 @@ def bench(
     console.print(table)
     console.print("gap: time / BP - FLOPs / BP (every FLOP of the step counted, both "
                   "optimizers included; 0 where wall-clock follows the FLOPs)")  # fmt: skip
+    for row in result["rows"]:
+        if row["steps_per_sample"] > 1:
+            console.print(f"{row['variant']}: eq. 9 runs every {row['steps_per_sample']} "
+                          f"steps, so each timed sample is {row['steps_per_sample']} steps "
+                          "and ms / step their mean, as the FLOPs count its amortised "
+                          "share")  # fmt: skip
     if floors:
         bp = result["phases_ms"]["bp"]
         share = bp.get("input_grad", 0.0) / sum(bp.values())
