@@ -16,8 +16,8 @@ WIDTHS = [32, 16]
 BATCH = 8
 
 
-def _recipe(rule: str, rank: int = 4):
-    feedback = {"rule": rule} if rule == "bp" else {"rule": rule, "rank": rank}
+def _recipe(rule: str, rank: int = 4, **options):
+    feedback = {"rule": rule} if rule == "bp" else {"rule": rule, "rank": rank, "options": options}
     return validate({"model": {"name": "mlp", "widths": WIDTHS}, "feedback": feedback,
                      "data": {"dataset": "digits"}, "optim": {"name": "adam", "lr": 1e-3},
                      "train": {"batch_size": BATCH, "epochs": 1}})  # fmt: skip
@@ -75,6 +75,16 @@ def test_step_memory_matches_the_shapes(rule):
     static = memory.parameters + memory.feedback_tensors + memory.optimizer_state
     assert memory.peak >= static + memory.saved_for_backward
     assert memory.expected["optimizer_state"] == memory.optimizer_state
+
+
+def test_the_measured_step_runs_an_update_that_is_due_every_k_steps():
+    # eq. 9 every 3 steps: after 2 warm-up steps the next is not due, but its buffers and
+    # the factors' gradients belong to the period's peak
+    recipe = _recipe("ldfa", interval=3)
+    model, x, y = synthetic_network(recipe, BATCH, torch.device("cpu"))
+    model.train()
+    memory = measure_step(recipe, model, x, y, warmup=2)
+    assert memory.gradients == memory.parameters + memory.feedback_tensors
 
 
 def test_bench_memory_command(capsys):

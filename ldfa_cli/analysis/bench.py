@@ -339,7 +339,7 @@ def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int
         rows.append({"variant": v.label, "median_ms": median * 1e3, "time_ratio": time_ratio,
                      "flop_ratio": flop_ratio, "gap": time_ratio - flop_ratio,
                      "gflops_per_step": v.total_flops / 1e9,
-                 "steps_per_sample": v.period})  # fmt: skip
+                     "steps_per_sample": v.period})  # fmt: skip
     if device.type == "cuda":
         busy = {v.label: kernel_ms(v, device) for v in variants}
         for row in rows:

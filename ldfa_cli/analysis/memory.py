@@ -172,7 +172,8 @@ def expected_memory(model: nn.Module, optimizers, x: torch.Tensor, feedback: lis
 
 def measure_step(recipe, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  warmup: int = 2) -> StepMemory:  # fmt: skip
-    """Run ``warmup`` steps (so the optimizer state exists), then measure one."""
+    """Run ``warmup`` steps (so the optimizer state exists), then measure one in which
+    every periodic update (eq. 9 every k steps) runs, the step of the period's peak."""
     optimizers = build_optimizers(recipe, model, steps_per_epoch=1)
     for step in range(warmup):
         optimizers.zero_grad()
@@ -211,7 +212,7 @@ def measure_step(recipe, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         saved.clear()
         forward_peak, backward_start = live.peak, len(live.log)
         live.reset_peak()
-        backward_with_rules(model, loss, warmup)
+        backward_with_rules(model, loss, None)  # every periodic update due: its peak step
         del loss
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         grad_serials = {live.serial_of(g) for g in grads}

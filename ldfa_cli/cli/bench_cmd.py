@@ -20,7 +20,7 @@ def bench(
         min=1,
         help="Timed samples per variant: one step each, or one period "
         "of k steps where eq. 9 runs every k.",
-    ),  # fmt: skip
+    ),
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed steps first."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Default: the recipe's."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
