@@ -166,7 +166,7 @@ def _memory(config, path, ranks, batch, device, console, json_out: bool) -> None
         "holds at once beyond the gradients it leaves; peak: the most alive at once over the "
         "step, everything before it included. Low-rank feedback adds its factors, their "
         "gradients and optimizer state; its backward holds a T x r product where backprop "
-        "holds none, and neither holds more than the input gradient W^T g or (g Q) P."
+        "holds none, and neither holds more than the input gradient W^T g or Q (P g)."
     )
     if json_out:
         print(json.dumps({"recipe": path.stem, **result}, indent=2))
