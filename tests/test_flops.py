@@ -2,6 +2,7 @@
 phase; compute-to-target on hand-written metrics; bench, sweep and plot end to end."""
 
 import json
+import os
 
 import pytest
 import timm
@@ -368,6 +369,22 @@ def test_bench_times_whole_periods_of_an_update_that_runs_every_k_steps():
     first = next(layer for _, layer in feedback_layers(model))
     first.rule = dataclasses.replace(first.rule, interval=3)
     assert update_period(model) == 12
+
+
+def test_bench_output_on_a_cpu_is_free_of_the_profilers_own_log(tmp_path):
+    # Kineto writes to the process's stderr from C++ (its start and stop, and on a CUDA
+    # build without a GPU an "ERROR"): a fresh process, where the bench is its first use
+    import subprocess
+    import sys
+
+    recipe = _tiny_recipe(tmp_path / "r.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-m", "ldfa_cli", "bench", recipe, "--ranks", "2",
+                           "--steps", "2", "--warmup", "0", "--device", "cpu"],
+                          capture_output=True, text=True, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "where the time goes" in done.stderr
+    assert "profiler_start" not in done.stderr and "ERROR:" not in done.stderr
 
 
 def test_bench_on_a_tiny_model(capsys, tmp_path):

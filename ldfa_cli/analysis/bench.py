@@ -9,6 +9,7 @@ shows where the time that the FLOPs do not explain goes.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -285,6 +286,11 @@ def profile_summary(variant: Variant, device, steps: int = 3, top: int = 8) -> l
     """The ops that take the most self time over a few periods, per step."""
     from torch.profiler import ProfilerActivity, profile
 
+    if device.type != "cuda":
+        # Kineto, the profiler's C++ side, logs its start and stop and, in a CUDA build on
+        # a machine without a GPU, "ERROR ... gpuGetDeviceCount failed" to stderr: noise
+        # in the bench's output. It reads this once, at its first use; a user's own wins.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])  # fmt: skip
     with profile(activities=activities) as prof:
