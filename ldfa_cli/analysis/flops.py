@@ -36,6 +36,7 @@ from ldfa_cli.feedback import (
     set_feedback_targets,
 )
 from ldfa_cli.feedback.base import Rule, dense_cheaper
+from ldfa_cli.feedback.convert import learned_feedback
 from ldfa_cli.feedback.layers import FeedbackLayer
 from ldfa_cli.feedback.normative import load_svd, normative_layers
 from ldfa_cli.feedback.svd import SVDLayer
@@ -287,8 +288,7 @@ def feedback_elements_per_step(model: nn.Module) -> float:
     return sum(
         p.numel() / getattr(layer.rule, "interval", 1)
         for _, layer in feedback_layers(model)
-        for name, p in layer.named_parameters(recurse=False)
-        if name.startswith("feedback_") and p.requires_grad
+        for p in learned_feedback(layer)
     )
 
 

@@ -360,14 +360,15 @@ def feedback_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, FeedbackLayer)]
 
 
+def learned_feedback(layer: nn.Module) -> list[nn.Parameter]:
+    """One layer's learned feedback tensors (its P, Q or B that an optimizer steps)."""
+    return [p for name, p in layer.named_parameters(recurse=False)
+            if name.startswith("feedback_") and p.requires_grad]  # fmt: skip
+
+
 def feedback_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The learned feedback tensors (P, Q, B), for the second optimizer."""
-    params = []
-    for _, layer in feedback_layers(model):
-        for pname, p in layer.named_parameters(recurse=False):
-            if pname.startswith("feedback_") and p.requires_grad:
-                params.append(p)
-    return params
+    return [p for _, layer in feedback_layers(model) for p in learned_feedback(layer)]
 
 
 def forward_parameters(model: nn.Module) -> list[nn.Parameter]:
