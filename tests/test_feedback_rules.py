@@ -1,5 +1,7 @@
 """Each rule's own update does what its equation says."""
 
+import copy
+
 import pytest
 import torch
 
@@ -220,6 +222,30 @@ def test_normative_update_equals_autograd_through_the_loss(make):
     normative_update(layer)  # accumulates, like a second backward
     torch.testing.assert_close(layer.feedback_P.grad, 2 * expected[1], rtol=1e-12, atol=1e-12)
     assert layer.weight.grad is None
+
+
+def test_normative_update_gives_each_factor_a_grad_in_its_own_layout():
+    """A channels_last model's Q is channels_last: its eq.-9 grad must be too, or the fused
+    AdamW the optimizers use (which steps param and grad memory in lockstep) moves the
+    wrong elements. The fused step must equal the plain for-loop AdamW's."""
+    from ldfa_cli.feedback.normative import normative_update
+
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(LDFAConv2d(3, 8, 3, rule="ldfa", rank=2),
+                                LDFAConv2d(8, 6, 3, rule="ldfa", rank=3))  # fmt: skip
+    model = model.to(memory_format=torch.channels_last)
+    factors = {}
+    for fused in (True, False):
+        twin = copy.deepcopy(model)
+        params = [p for n, p in twin.named_parameters() if "feedback" in n]
+        assert not params[0].is_contiguous()  # Q is channels_last
+        optimizer = torch.optim.AdamW(params, lr=0.1, fused=fused, foreach=False)
+        normative_update(twin)
+        assert all(p.grad.stride() == p.stride() for p in params)
+        optimizer.step()
+        factors[fused] = params
+    for a, b in zip(factors[True], factors[False], strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_normative_update_respects_interval():
