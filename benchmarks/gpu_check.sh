@@ -16,7 +16,8 @@
 # 5. ldfa bench of docs/performance.md's models at r = 8 and 32: the MLP 3x512 at batch 256
 #    and the tiny ViT at batch 128, under ldfa and ldfa_local;
 # 6. benchmarks/normative_update.py: eq. 9's update layer by layer against batched over
-#    layers of one shape, for ViT-S/16 (r = 16) and the tiny ViT;
+#    layers of one shape, for ViT-S/16 (r = 16) and the tiny ViT; benchmarks/minimal_step.py:
+#    the MLP's ldfa step beside the same step in the fewest eager ops (r = 8);
 # 7. with --compile: ldfa bench train.compile=true of the tiny ViT (r = 8) and of ViT-S/16
 #    under bf16 (r = 16), where a launch-bound eager step should gain most, and of ViT-S/16
 #    with train.compile=reduce-overhead (CUDA graphs).
@@ -84,6 +85,8 @@ step bench_tiny_vit_local ldfa bench fmnist_vit_r16 feedback.rule=ldfa_local 'fe
 step update_vit_s16 python benchmarks/normative_update.py vit_cifar10_r24 "${vit_s[@]}" \
     feedback.rank=16 --device "$device" --json
 step update_tiny_vit python benchmarks/normative_update.py fmnist_vit_r16 --device "$device" --json
+step minimal_mlp python benchmarks/minimal_step.py --device "$device" --batch-size "$mlp_batch" \
+    --rounds $(( steps * 3 )) --ablate --json
 if [[ "$compiled" == true ]]; then
     step compiled_tiny_vit ldfa bench fmnist_vit_r16 train.compile=true --ranks 8 \
         --device "$device" --batch-size "$vit_batch" --steps "$steps" --warmup "$warmup" --json
@@ -110,7 +113,8 @@ BENCHES = ["bench_tiny_vit", "bench_vit_s16", "bench_vit_s16_bf16", "bench_mlp_l
            *(["compiled_tiny_vit", "compiled_vit_s16_bf16", "graphs_vit_s16_bf16"]
              if compiled else [])]
 UPDATES = ["update_vit_s16", "update_tiny_vit"]
-for name in ["train", "flops_tiny_vit", "flops_vit_s16", *BENCHES, *UPDATES, "memory_vit_s16"]:
+for name in ["train", "flops_tiny_vit", "flops_vit_s16", *BENCHES, *UPDATES, "minimal_mlp",
+             "memory_vit_s16"]:
     result[name] = json.loads((work / f"{name}.json").read_text())
 result["wall_s"] = round(time.time() - started, 1)
 out.parent.mkdir(parents=True, exist_ok=True)
@@ -127,6 +131,8 @@ for name in UPDATES:
     u = result[name]
     print(f"{name:20s} eq. 9 per layer {u['per_layer_ms']:.3f} ms, batched {u['batched_ms']:.3f} ms "
           f"({u['speedup']:.2f}x, runs {u['runs_of_one_shape']})", file=sys.stderr)
+for label, ratio in result["minimal_mlp"]["time_ratio"].items():
+    print(f"{'minimal_mlp':20s} {label:42s} time/BP {ratio:.2f}", file=sys.stderr)
 for row in result["memory_vit_s16"]["rows"]:
     peak = row["allocator_peak"] if row["allocator_peak"] is not None else row["peak"]
     print(f"{'memory_vit_s16':20s} {row['variant']:15s} peak {peak / 2**20:9.1f} MiB", file=sys.stderr)

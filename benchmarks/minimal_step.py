@@ -16,7 +16,11 @@ feedback optimizer, and without both eq. 9 and that optimizer: what each costs i
 backprop's time, beside its share of the FLOPs.
 
     python benchmarks/minimal_step.py [RECIPE [OVERRIDES...]] [--rank 8]
-        [--batch-size 256] [--rounds 60] [--threads N] [--ablate] [--json]
+        [--batch-size 256] [--rounds 60] [--threads N] [--ablate] [--device cuda] [--json]
+
+On a GPU (``--device cuda``) the steps are timed with CUDA events, as ``ldfa bench``
+times them, in full fp32 as the tool leaves it; there the comparison says how much of a
+launch-bound step is the tool's Python.
 """
 
 from __future__ import annotations
@@ -25,14 +29,15 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldfa_cli.analysis.bench import _timer as timer  # CUDA events on a GPU
 from ldfa_cli.analysis.bench import build_variants, flop_rows
 from ldfa_cli.config import load_recipe
+from ldfa_cli.engine.build import pick_device, synthetic_network
 from ldfa_cli.errors import LDFAError
 
 
@@ -165,6 +170,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu (the default), cuda or auto")
     parser.add_argument("--ablate", action="store_true")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args()
@@ -175,9 +181,9 @@ def main() -> None:
     except LDFAError as error:
         fail(str(error))
     check_recipe(recipe)
-    device = torch.device("cpu")
+    device = pick_device(args.device)
     tool_bp, tool_ldfa = build_variants(recipe, [args.rank], args.batch_size, device)
-    x, y = _batch(recipe, args.batch_size)
+    x, y = _batch(recipe, args.batch_size, device)
     difference = agree(tool_ldfa, recipe, x, y)
     if difference > 1e-4:
         sys.exit(f"minimal_step: the minimal step differs from the tool's by {difference:.1e} "
@@ -193,22 +199,20 @@ def main() -> None:
         steps["minimal, no eq. 9 nor feedback optimizer"] = minimal_step(
             recipe, MinimalMLP(tool_ldfa.model), x, y, True, eq9=False
         )
-    times = {label: [] for label in steps}
+    times, timed = {label: [] for label in steps}, timer(device)
     for _ in range(5):
         for step in steps.values():
             step()
     for _ in range(args.rounds):
         for label, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[label].append(time.perf_counter() - start)
+            times[label].append(timed(step))
     ms = {label: statistics.median(t) * 1e3 for label, t in times.items()}
     bp_flops = tool_bp.total_flops
     rows = flop_rows(tool_ldfa.flops)
     eq9_share = rows["feedback_update"] / bp_flops
     flop_ratio = tool_ldfa.total_flops / bp_flops
     result = {"recipe": path.stem, "rank": args.rank, "batch_size": args.batch_size,
-              "threads": torch.get_num_threads(), "rounds": args.rounds,
+              "device": str(device), "threads": torch.get_num_threads(), "rounds": args.rounds,
               "max_relative_difference": difference, "ms": ms, "flop_ratio": flop_ratio,
               "eq9_flop_share": eq9_share, "time_ratio": {}}  # fmt: skip
     for label in ms:
@@ -217,7 +221,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{path.stem}, batch {args.batch_size}, {torch.get_num_threads()} threads, median of "
+    print(f"{path.stem}, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, "
+          f"median of "
           f"{args.rounds} (one step of each agrees to {difference:.0e})")  # fmt: skip
     print(f"  FLOPs/BP {flop_ratio:.3f} (the tool's count; eq. 9's share {eq9_share:.3f})")
     for label, ratio in result["time_ratio"].items():
@@ -225,10 +230,8 @@ def main() -> None:
         print(f"  {label:42s} {ms[label]:7.2f} ms  time/BP {ratio:.3f}{gap}")
 
 
-def _batch(recipe, batch_size):
-    from ldfa_cli.engine.build import synthetic_network
-
-    _, x, y = synthetic_network(recipe, batch_size, torch.device("cpu"))
+def _batch(recipe, batch_size, device):
+    _, x, y = synthetic_network(recipe, batch_size, device)
     return x, y
 
 
