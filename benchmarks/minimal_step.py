@@ -9,9 +9,9 @@ weights and one for the factors, with the recipe's hyperparameters. Before anyth
 timed, one step of each from the same weights and batch must give the same weights and
 factors: the minimal step is the same algorithm, not a cheaper one.
 
-The four steps (backprop and LDFA, the tool's and the minimal) take turns, one step each
-per round, so that the machine's drifts hit them alike; each time/BP is against the
-backprop step written the same way. ``--ablate`` adds the minimal step without its
+The four steps (backprop and LDFA, the tool's and the minimal; six with ``--ablate``) take
+turns, one step each per round, so that the machine's drifts hit them alike; each time/BP
+is against the backprop step written the same way. ``--ablate`` adds the minimal step without its
 feedback optimizer, and without both eq. 9 and that optimizer: what each costs in
 backprop's time, beside its share of the FLOPs.
 
@@ -137,6 +137,7 @@ def check_recipe(recipe) -> None:
         f.options.get("interval", 1) != 1 and "eq. 9 must run every step (interval 1)",
         recipe.optim.name != "adamw" and "optim.name must be adamw",
         getattr(f.optimizer, "name", None) != "adamw" and "feedback.optimizer must be an adamw",
+        (recipe.optim.amsgrad or getattr(f.optimizer, "amsgrad", False)) and "no amsgrad",
         (recipe.optim.grad_clip or recipe.optim.grad_clip_value) and "no gradient clipping",
         recipe.optim.no_decay_bias_norm and "optim.no_decay_bias_norm must be false",
         recipe.train.precision != "fp32" and "train.precision must be fp32",
@@ -144,8 +145,7 @@ def check_recipe(recipe) -> None:
     ]
     problems = [p for p in problems if p]
     if problems:
-        fail("the minimal step writes one setting only: "
-                         + "; ".join(problems))  # fmt: skip
+        fail("the minimal step writes one setting only: " + "; ".join(problems))
 
 
 def agree(tool_variant, recipe, x, y) -> float:
