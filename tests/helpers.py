@@ -27,14 +27,19 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def press_ctrl_c_during(monkeypatch, name: str, call: int, presses: int = 1):
-    """Send this process ``presses`` real SIGINTs while the training loop's ``name`` (a
-    function it imports, e.g. ``evaluate``) runs for the call-th time. Returns an undo."""
-    import ldfa_cli.engine.loop as loop
+    """Send this process ``presses`` real SIGINTs while ``name``, a function the training
+    loop or step imports (``evaluate``, ``backward_with_rules``), runs for the call-th time
+    in training. Returns an undo."""
+    import ldfa_cli.engine.loop
+    import ldfa_cli.engine.step
 
+    loop = next(m for m in (ldfa_cli.engine.loop, ldfa_cli.engine.step) if hasattr(m, name))
     real, calls = getattr(loop, name), {"n": 0}
 
+    from ldfa_cli.feedback import accounting
+
     def pressed(*args, **kwargs):
-        calls["n"] += 1
+        calls["n"] += not accounting.ACTIVE  # the FLOP meter's step on a copy is not counted
         if calls["n"] == call:
             for _ in range(presses):
                 os.kill(os.getpid(), signal.SIGINT)
@@ -42,6 +47,11 @@ def press_ctrl_c_during(monkeypatch, name: str, call: int, presses: int = 1):
 
     monkeypatch.setattr(loop, name, pressed)
     return lambda: monkeypatch.setattr(loop, name, real)
+
+
+def analytic(layer, samples: int, batch: int = 0) -> dict:
+    """The layer's analytic FLOPs by phase, as its rule states them."""
+    return layer.rule.analytic_flops(layer, samples, batch)
 
 
 def recipe_layers(recipe_spec, overrides=()) -> dict[str, str]:

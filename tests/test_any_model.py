@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from ldfa_cli.analysis.flops import PHASES, analytic_flops, flops_report
+from ldfa_cli.analysis.flops import flops_report
 from ldfa_cli.feedback import conversion_report, convert, feedback_layers, feedback_loss
 from ldfa_cli.feedback.layers import LDFAConv1d, LDFAConv2d
+from ldfa_cli.measure.flops import PHASES
+from tests.helpers import analytic
 from tests.test_feedback_exactness import _assert_same_grads
 from tests.test_feedback_rules import _oja_reference
 
@@ -107,7 +109,7 @@ def test_grouped_and_1d_flops_measured_equal_analytic(rule):
         checked = 0
         for row in report.layers:
             if row["layer"] in layers:
-                expected = analytic_flops(layers[row["layer"]], row["samples"])
+                expected = analytic(layers[row["layer"]], row["samples"])
                 for phase in PHASES:
                     assert row[phase] == expected[phase], (dims, row["layer"], phase)
                 checked += 1
@@ -156,7 +158,7 @@ def test_conv1d_layer_sends_its_factorised_feedback():
 def test_a_convs_backward_costs_twice_its_forward_whatever_its_groups(groups):
     """Input and weight gradient each repeat the forward's multiply-adds (PyTorch's own
     formula charges a grouped weight gradient g times over)."""
-    from ldfa_cli.analysis.flops import PhaseFlopCounter
+    from ldfa_cli.measure.flops import PhaseFlopCounter
 
     conv = nn.Conv2d(8, 16, 3, padding=1, groups=groups, bias=False)
     x = torch.randn(2, 8, 5, 5, requires_grad=True)

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ldfa_cli.analysis.flops import analytic_flops, flops_report
+from ldfa_cli.analysis.flops import flops_report
 from ldfa_cli.feedback import FeedbackConfigError, conversion_report, convert, feedback_layers
+from tests.helpers import analytic
 from tests.test_feedback_rules import _oja_reference
 
 
@@ -147,7 +148,7 @@ def test_broadcast_flops_measured_equal_analytic_and_input_grad_zero(rule, make)
     for row in report.layers:
         if row["layer"] in layers:
             assert row["input_grad"] == 0 and row["broadcast"] > 0
-            expected = analytic_flops(layers[row["layer"]], row["samples"],
+            expected = analytic(layers[row["layer"]], row["samples"],
                                       report.rule.batches[row["layer"]])  # fmt: skip
             assert row["broadcast"] == expected["broadcast"]
             assert row["feedback_update"] == expected["feedback_update"]

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldfa_cli.analysis import costs
-from ldfa_cli.analysis.flops import PhaseFlopCounter, flops_report
+from ldfa_cli.analysis.flops import flops_report
 from ldfa_cli.config import validate
 from ldfa_cli.feedback import convert
+from ldfa_cli.measure import costs
+from ldfa_cli.measure.flops import PhaseFlopCounter
 from tests.helpers import run_cli
 
 
@@ -71,11 +72,11 @@ def test_svd_reset_is_counted_and_amortised_over_its_interval():
     convert(model, "ldfa", rank=3, reset_svd_every=5, example_input=x)
     report = flops_report(model, x, y)
     svds = (costs.svd_flops(20, 16) + costs.svd_flops(16, 4)) / 5  # W^T of each layer
-    assert svds <= report.rule.svd_reset <= 1.2 * svds
-    assert report.reference.svd_reset == 0
+    assert svds <= report.rule.reset <= 1.2 * svds
+    assert report.reference.reset == 0
     plain = flops_report(convert(nn.Sequential(nn.Linear(6, 20), nn.ReLU(), nn.Linear(20, 4)),
                                  "ldfa", rank=3, example_input=x), x, y)  # fmt: skip
-    assert plain.rule.svd_reset == 0
+    assert plain.rule.reset == 0
 
 
 def test_flops_report_rows_and_what_is_omitted(capsys):
@@ -84,7 +85,7 @@ def test_flops_report_rows_and_what_is_omitted(capsys):
     assert code == 0, err
     data = json.loads(out)
     rows = {r["row"]: r for r in data["extra"]}
-    assert rows["(svd reset)"]["rule"] > 0 and rows["(svd reset)"]["bp"] == 0
+    assert rows["(feedback reset)"]["rule"] > 0 and rows["(feedback reset)"]["bp"] == 0
     assert rows["(optimizer: feedback)"]["rule"] > 0 and rows["(optimizer: feedback)"]["bp"] == 0
     assert rows["(optimizer: forward)"]["rule"] == rows["(optimizer: forward)"]["bp"] > 0
     assert rows["(elementwise fwd)"]["rule"] > 0 and rows["(elementwise bwd)"]["bp"] > 0

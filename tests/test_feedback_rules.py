@@ -351,12 +351,12 @@ def test_feedback_loss_respects_interval():
 
 
 def test_svd_reset_only_when_asked():
-    from ldfa_cli.feedback import reset_feedback_to_svd
+    from ldfa_cli.feedback import reset_due
 
     layer = LDFALinear(6, 5, rule="ldfa", rank=5, reset_svd_every=4)
-    assert reset_feedback_to_svd(layer, step=3) == 0
-    assert reset_feedback_to_svd(layer, step=4) == 1
+    assert reset_due(layer, step=3) == 0
+    assert reset_due(layer, step=4) == 1
     torch.testing.assert_close(
         layer.feedback_Q @ layer.feedback_P, layer.weight.t(), atol=1e-5, rtol=1e-5
     )
-    assert reset_feedback_to_svd(LDFALinear(6, 5, rule="ldfa", rank=2), step=4) == 0
+    assert reset_due(LDFALinear(6, 5, rule="ldfa", rank=2), step=4) == 0

@@ -9,8 +9,7 @@ import yaml
 from torch import nn
 
 from ldfa_cli.config import ConfigError, load_recipe, validate
-from ldfa_cli.feedback import LDFAConv2d, LDFALinear, convert, feedback_parameters
-from ldfa_cli.feedback.normative import reset_feedback_to_svd
+from ldfa_cli.feedback import LDFAConv2d, LDFALinear, convert, feedback_parameters, reset_due
 from tests.helpers import run_cli
 
 
@@ -71,7 +70,7 @@ def test_kaiming_factor_inits_reach_their_bounds_and_never_exceed_them(make, bou
 def test_matched_init_scales_feedback_to_the_layers_own_weight(rule):
     """||QP||_F = ||W_r||_F (W's best rank-r approximation) whatever W's own scale; the
     Oja rule starts P with orthonormal rows, so the match holds at its fixed point."""
-    from ldfa_cli.feedback.base import best_rank_norm
+    from ldfa_cli.feedback.factors import best_rank_norm
 
     for scale in (0.02, 1.0):
         torch.manual_seed(0)
@@ -109,14 +108,14 @@ def test_lowrank_svd_at_full_rank_reproduces_w_transpose_and_keeps_the_rng():
     torch.manual_seed(3)
     expected = torch.rand(3)
     torch.manual_seed(3)
-    assert reset_feedback_to_svd(layer, step=1) == 1
+    assert reset_due(layer, step=1) == 1
     assert torch.equal(torch.rand(3), expected)  # its random start was drawn aside
 
 
 def test_reset_every_half_epoch_is_floored_steps_as_the_authors_loader():
     layer = LDFALinear(6, 5, rule="ldfa", rank=2, reset_svd_every_epochs=0.5)
-    assert layer.rule.reset_interval(235) == 117 and layer.rule.reset_interval(None) is None
-    resets = [s for s in range(1, 400) if reset_feedback_to_svd(layer, s, steps_per_epoch=235)]
+    assert layer.rule.reset_every(235) == 117 and layer.rule.reset_every(None) is None
+    resets = [s for s in range(1, 400) if reset_due(layer, s, steps_per_epoch=235)]
     assert resets == [117, 234, 351]
 
 

@@ -15,20 +15,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldfa_cli.analysis.flops import (
-    FVCORE_HANDLES,
-    PHASES,
-    PhaseFlopCounter,
-    analytic_flops,
-    attention_formulas,
-    count_training_step,
-    flops_report,
-    fvcore_forward,
-)
+from ldfa_cli.analysis.flops import FVCORE_HANDLES, flops_report, fvcore_forward
 from ldfa_cli.config import validate
+from ldfa_cli.engine.metering import count_step
+from ldfa_cli.engine.step import TrainStep
 from ldfa_cli.feedback import convert, feedback_layers
+from ldfa_cli.measure.flops import PHASES, PhaseFlopCounter, attention_formulas
 from ldfa_cli.models import InputShape, build_model
-from tests.helpers import press_ctrl_c_during, recipe_layers, run_cli
+from tests.helpers import analytic, press_ctrl_c_during, recipe_layers, run_cli
 
 SHAPE = InputShape(channels=3, size=16, classes=10)
 
@@ -60,7 +54,7 @@ def test_measured_equals_analytic_per_layer_and_phase(family, rule):
     for row in report.layers:
         if row["layer"] == "(other)":
             continue
-        expected = analytic_flops(layers[row["layer"]], row["samples"])
+        expected = analytic(layers[row["layer"]], row["samples"])
         for phase in PHASES:
             assert row[phase] == expected[phase], (row["layer"], phase)
         assert row["bp_input_grad"] == row["bp_forward"] == row["bp_weight_grad"]
@@ -101,7 +95,6 @@ def test_low_rank_saves_input_gradient_flops_and_interval_amortises():
 
 def test_the_feedback_optimizer_is_counted_in_the_steps_in_which_the_factors_learn():
     # eq. 9 every 3 steps: Q and P have a gradient, so AdamW moves them, one step in 3
-    from ldfa_cli.analysis.flops import optimizer_plan
     from ldfa_cli.engine.optim import build_optimizers
     from ldfa_cli.feedback import backward_with_rules, feedback_parameters
 
@@ -124,7 +117,7 @@ def test_the_feedback_optimizer_is_counted_in_the_steps_in_which_the_factors_lea
         optimizers.step()
         moved.append(any(not torch.equal(b, p) for b, p in zip(before, factors, strict=True)))
     assert moved == [True, False, False, True, False, False]
-    rule_plan, _ = optimizer_plan(recipe, model)
+    rule_plan = optimizers.flop_plan(model)
     assert dict((label, n) for label, _, n in rule_plan)["feedback"] == pytest.approx(
         sum(p.numel() for p in factors) / 3
     )
@@ -135,7 +128,7 @@ def test_counting_does_not_change_the_model_or_the_rng():
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(5)
-    count_training_step(model, x, y)
+    count_step(TrainStep(model), x, y)
     after_rng = torch.rand(1)
     torch.manual_seed(5)
     assert torch.equal(torch.rand(1), after_rng)
@@ -350,7 +343,8 @@ def test_bench_times_whole_periods_of_an_update_that_runs_every_k_steps():
     # the FLOPs count a quarter of it in every step
     import dataclasses
 
-    from ldfa_cli.analysis.bench import Variant, time_periods, update_period
+    from ldfa_cli.analysis.bench import Variant, time_periods
+    from ldfa_cli.feedback.model import update_period
 
     x = torch.randn(2, 3, 16, 16)
     model = convert(_model("mlp"), "ldfa", rank=4, interval=4, example_input=x)
@@ -472,9 +466,10 @@ def test_device_busy_time_counts_device_events_once():
 
 def test_bench_steps_in_the_recipes_precision(tmp_path):
     # a GPU user's step runs under bf16 autocast: bench must time that step, not fp32's
-    from ldfa_cli.analysis.bench import _stepper
+    from ldfa_cli.analysis.bench import RepeatedStep, recipe_step
     from ldfa_cli.config import load_recipe
     from ldfa_cli.engine.build import synthetic_network
+    from ldfa_cli.engine.optim import build_optimizers
 
     for precision, expected in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         recipe, _ = load_recipe(str(_tiny_recipe(tmp_path / "r.yaml")),
@@ -484,7 +479,7 @@ def test_bench_steps_in_the_recipes_precision(tmp_path):
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
                 module.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
-        _stepper(recipe, model, x, y)()
+        RepeatedStep(recipe_step(recipe, model, build_optimizers(recipe, model, 1)), x, y)()
         assert seen and set(seen) == {expected}
 
 

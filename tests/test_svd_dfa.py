@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldfa_cli.analysis.flops import analytic_flops, flops_report
+from ldfa_cli.analysis.flops import flops_report
 from ldfa_cli.engine.metrics import read_metrics
 from ldfa_cli.feedback import (
     auxiliary_loss,
@@ -21,7 +21,7 @@ from ldfa_cli.feedback import (
     forward_parameters,
 )
 from ldfa_cli.feedback.svd import SVDConv2d, SVDLinear, factor_measures, svd_parameter_count
-from tests.helpers import run_cli
+from tests.helpers import analytic, run_cli
 from tests.test_broadcast import _WeightWatch
 from tests.test_train import write_recipe
 
@@ -236,7 +236,7 @@ def test_svd_flops_measured_equal_analytic():
             for row in report.layers:
                 if row["layer"] not in layers:
                     continue
-                expected = analytic_flops(layers[row["layer"]], row["samples"],
+                expected = analytic(layers[row["layer"]], row["samples"],
                                           report.rule.batches[row["layer"]])  # fmt: skip
                 for phase in ("forward", "input_grad", "broadcast", "weight_grad",
                               "feedback_update"):  # fmt: skip

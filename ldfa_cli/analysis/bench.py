@@ -1,14 +1,15 @@
 """Wall-clock of training steps under backprop and under feedback ranks, in one process.
 
-Every variant is the recipe's model on a synthetic batch of its dataset's shape. After
-warm-up the variants take turns, one step each per round, so that drifts of the machine hit
-them alike; the median step time is reported beside the FLOP ratio, and a profile by op
-shows where the time that the FLOPs do not explain goes.
+Every variant is the recipe's model on a synthetic batch of its dataset's shape, trained by
+the training step itself (``engine/step.py``: the recipe's precision, compile mode, Mixup,
+targets and both optimizers; resets given in epochs are left out, as the batch is not an
+epoch's). After warm-up the variants take turns, one step each per round, so that drifts
+of the machine hit them alike; the median step time is reported beside the FLOP ratio,
+and a profile by op shows where the time that the FLOPs do not explain goes.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import time
@@ -16,28 +17,23 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd import DeviceType
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ldfa_cli.config.schema import compile_mode
+from ldfa_cli.data import dataset_shape
 from ldfa_cli.engine.build import synthetic_network
+from ldfa_cli.engine.metering import count_step
 from ldfa_cli.engine.optim import build_optimizers
-from ldfa_cli.feedback import accounting, backward_with_rules, feedback_layers
-from ldfa_cli.feedback.normative import normative_layers
+from ldfa_cli.engine.step import TrainStep
+from ldfa_cli.feedback import accounting, feedback_layers
+from ldfa_cli.feedback.model import update_period
+from ldfa_cli.measure import costs
+from ldfa_cli.measure.flops import ELEMENTWISE_ROW, StepFlops, attention_formulas
 
-from . import costs
-from .flops import (
-    ELEMENTWISE_ROW,
-    RESET_PHASE,
-    StepFlops,
-    attention_formulas,
-    backprop_twin,
-    count_training_step,
-    optimizer_plan,
-)
+from .flops import backprop_twin
 
 
 @dataclass
@@ -59,25 +55,20 @@ class Variant:
         return self.flops.total
 
 
-OPTIMIZER = "(optimizer)"
+RESET_PHASE = accounting.RESET
 PHASE_ORDER = (
-    "forward", "input_grad", "broadcast", "weight_grad", "feedback_update", "svd_reset",
+    "forward", "input_grad", "broadcast", "weight_grad", "feedback_update", RESET_PHASE,
     "backward (other layers)", "elementwise (forward)", "elementwise (backward)", "optimizer",
     "data movement", "python and dispatch",
 )  # fmt: skip
 
 
-def update_period(model: nn.Module) -> int:
-    """Steps in which every periodic update runs a whole number of times: the least common
-    multiple of the ``ldfa`` layers' eq.-9 intervals (1 when there are none). Each timed
-    sample is one such period divided by its length: with eq. 9 every 4 steps, the median of
-    single steps would be a step without it, while the FLOPs count its amortised share."""
-    return math.lcm(1, *(layer.rule.interval for layer in normative_layers(model)))
-
-
 def time_periods(variants: list[Variant], samples: int, timed) -> None:
     """``samples`` times per variant, taking turns, one period each (its time per step), so
-    that the machine's drifts hit every variant alike."""
+    that the machine's drifts hit every variant alike. A period
+    (:func:`~ldfa_cli.feedback.model.update_period`) is the steps in which every periodic
+    update runs a whole number of times: with eq. 9 every 4 steps, the median of single
+    steps would be a step without it, while the FLOPs count its amortised share."""
     for _ in range(samples):
         for variant in variants:
             variant.times.append(timed(variant.run_period) / variant.period)
@@ -114,7 +105,7 @@ class PhaseTimer(accounting.Marking, TorchDispatchMode):
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         layer, phase = accounting.where()
-        if layer == OPTIMIZER:
+        if layer == accounting.OPTIMIZER:
             row = "optimizer"
         elif phase == RESET_PHASE:
             row = RESET_PHASE
@@ -136,7 +127,7 @@ def flop_rows(step: StepFlops) -> dict[str, float]:
             rows[_row(layer, phase)] += step.get(layer, phase)
     rows["elementwise (forward)"] = step.elementwise["forward"]
     rows["elementwise (backward)"] = step.elementwise["backward"]
-    rows[RESET_PHASE] = step.svd_reset
+    rows[RESET_PHASE] = step.reset
     rows["optimizer"] = sum(step.optimizer.values())
     return {row: value for row, value in rows.items() if value}
 
@@ -185,29 +176,25 @@ def gap_floor(bp_ms: dict[str, float], flop_ratio: float) -> float:
     return 1.0 - bp_ms.get("input_grad", 0.0) / step - flop_ratio
 
 
-def _stepper(recipe, model: nn.Module, x, y):
-    optimizers = build_optimizers(recipe, model, steps_per_epoch=1)
-    count = [0]
+class RepeatedStep:
+    """The training step again and again on one batch, counting the steps it takes."""
 
-    # the recipe's precision and compile setting, as the training loop runs them: on a GPU,
-    # bf16 and a compiled model are the settings whose times a user meets
-    low = recipe.train.precision == "bf16"
-    mode = compile_mode(recipe.train)
+    def __init__(self, step: TrainStep, x, y):
+        self.step, self.x, self.y, self.index = step, x, y, 0
+
+    def __call__(self) -> None:
+        self.step(self.x, self.y, self.index)
+        self.index += 1
+
+
+def recipe_step(recipe, model: nn.Module, optimizers, compiled: bool = True) -> TrainStep:
+    """The recipe's training step on ``model``, compiled as the recipe says unless not
+    ``compiled``: on a GPU, bf16 and a compiled model are the settings whose times a user
+    meets."""
+    mode = compile_mode(recipe.train) if compiled else None
     net = model if mode is None else torch.compile(model, mode=mode)
-
-    def step() -> None:  # the training loop's step, on a fixed batch
-        optimizers.zero_grad()
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=low):
-            loss = F.cross_entropy(net(x).float(), y)
-        backward_with_rules(model, loss, count[0])
-        count[0] += 1
-        if accounting.ACTIVE:  # under PhaseTimer: file the optimizers' ops as their own
-            previous = accounting.enter(OPTIMIZER, "optimizer")
-        optimizers.step()
-        if accounting.ACTIVE:
-            accounting.leave(previous)
-
-    return step
+    return TrainStep.for_recipe(recipe, model, optimizers, dataset_shape(recipe.data)[2],
+                                net=net)  # fmt: skip
 
 
 def _timer(device: torch.device):
@@ -246,27 +233,31 @@ def variant_specs(recipe, ranks: list[int]) -> list[tuple[str, object]]:
 
 def build_variants(recipe, ranks: list[int], batch_size: int, device) -> list[Variant]:
     """Backprop and the rule at each rank, each with its whole step counted (both
-    optimizers included; SVD resets, which the timed steps do not run, left out of both).
-    Backprop's counts and phase timings come from its split twin (the rule's model with
-    W^T g computed inside the feedback Function, see :func:`_split_backprop`), so that its
-    input and weight gradients get rows too; its median step is plain autograd's."""
-    variants = []
+    optimizers included). Backprop's counts and phase timings come from its split twin
+    (the rule's model with W^T g computed inside the feedback Function, see
+    :func:`_split_backprop`), so that its input and weight gradients get rows too; its
+    median step is plain autograd's."""
+    variants, plans = [], {}
     (_, bp_spec), *rule_specs = variant_specs(recipe, ranks)
     for label, spec in [("bp", bp_spec), *rule_specs]:
         model, x, y = synthetic_network(spec, batch_size, device)
         model.train()
-        variants.append(Variant(label, model, _stepper(spec, model, x, y), None, [],
+        optimizers = build_optimizers(spec, model, steps_per_epoch=1)
+        step = recipe_step(spec, model, optimizers)
+        variants.append(Variant(label, model, RepeatedStep(step, x, y), None, [],
                                 period=update_period(model)))  # fmt: skip
+        plans[label] = optimizers.flop_plan(model)
         if label == "bp":
             continue
-        rule_plan, bp_plan = optimizer_plan(spec, model)
-        variants[-1].flops = count_training_step(model, x, y, optimizers=rule_plan)
+        variants[-1].flops = count_step(step, x, y, plans[label])
         bp = variants[0]
         if bp.flops is None:  # backprop's split twin, from the first rule's model
             twin = _split_backprop(model)
-            bp.flops = count_training_step(twin, x, y, optimizers=bp_plan)
+            counted = recipe_step(bp_spec, twin, None, compiled=False)
+            bp.flops = count_step(counted, x, y, plans["bp"])
             if not recipe.train.compile:  # compiled steps are not timed by phase
-                bp.phase_step = _stepper(bp_spec, twin, x, y)
+                twin_step = recipe_step(bp_spec, twin, build_optimizers(bp_spec, twin, 1))
+                bp.phase_step = RepeatedStep(twin_step, x, y)
     return variants
 
 

@@ -25,11 +25,11 @@ top).
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode  # FlopCounterMode's base too
 from torch.utils._pytree import tree_leaves
@@ -37,10 +37,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ldfa_cli.engine.build import synthetic_network
 from ldfa_cli.engine.optim import build_optimizers
-from ldfa_cli.feedback import backward_with_rules
-from ldfa_cli.feedback.convert import feedback_layers
+from ldfa_cli.feedback import feedback_layers
+from ldfa_cli.feedback.model import update_period
 
-from .bench import variant_specs
+from .bench import recipe_step, variant_specs
 
 STATE_PER_ELEMENT = {"sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2, "amsgrad": 3}
 
@@ -170,15 +170,51 @@ def expected_memory(model: nn.Module, optimizers, x: torch.Tensor, feedback: lis
     }
 
 
+class StepPhases:
+    """The observer of the measured step (``TrainStep.observer``): what autograd saves in
+    the forward, where the backward starts, and what the backward holds beyond the
+    gradients it leaves."""
+
+    def __init__(self, live: LiveBytes, model: nn.Module, keep: set[int]):
+        self.live, self.model, self.keep = live, model, keep
+        self.saved: list[torch.Tensor] = []
+        self.saved_bytes = self.forward_peak = self.transient = 0
+        self.backward_start = 0
+        self.grads: list[torch.Tensor] = []
+
+    def _pack(self, t: torch.Tensor):
+        if t.untyped_storage().data_ptr() not in self.keep:
+            self.saved.append(t)
+        return t
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if name == "forward":
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+                yield
+            self.saved_bytes = storage_bytes(self.saved)
+            self.saved.clear()
+            self.forward_peak, self.backward_start = self.live.peak, len(self.live.log)
+            self.live.reset_peak()
+        elif name == "backward":  # the backward and the rules' after-backward work
+            yield
+            self.grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            serials = {self.live.serial_of(g) for g in self.grads}
+            self.transient = self.live.peak_of(self.backward_start, len(self.live.log), serials)
+        else:
+            yield
+
+
 def measure_step(recipe, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  warmup: int = 2) -> StepMemory:  # fmt: skip
-    """Run ``warmup`` steps (so the optimizer state exists), then measure one in which
-    every periodic update (eq. 9 every k steps) runs, the step of the period's peak."""
+    """Run ``warmup`` training steps (so the optimizer state exists), then measure one in
+    which every periodic update (eq. 9 every k steps) runs, the step of the period's peak."""
     optimizers = build_optimizers(recipe, model, steps_per_epoch=1)
-    for step in range(warmup):
-        optimizers.zero_grad()
-        backward_with_rules(model, F.cross_entropy(model(x), y), step)
-        optimizers.step()
+    step = recipe_step(recipe, model, optimizers, compiled=False)  # the mode sees each op
+    for index in range(warmup):
+        step(x, y, index)
+    period = update_period(model)
+    measured = -(-warmup // period) * period  # every periodic update is due at a multiple
     optimizers.zero_grad()
     feedback_ids = {id(t) for _, layer in feedback_layers(model)
                     for name, t in [*layer.named_parameters(recurse=False),
@@ -192,33 +228,20 @@ def measure_step(recipe, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     expected = expected_memory(model, optimizers, x, feedback)
     existing = [*tensors, *state, x, y]
     before = storage_bytes(existing)
-    keep = {t.untyped_storage().data_ptr() for t in [*tensors, x]}
-    saved = []
-
-    def pack(t: torch.Tensor):
-        if t.untyped_storage().data_ptr() not in keep:
-            saved.append(t)
-        return t
-
     cuda = x.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
     live = LiveBytes(existing)
-    with live:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = F.cross_entropy(model(x), y)
-        saved_bytes = storage_bytes(saved)
-        saved.clear()
-        forward_peak, backward_start = live.peak, len(live.log)
-        live.reset_peak()
-        backward_with_rules(model, loss, None)  # every periodic update due: its peak step
-        del loss
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        grad_serials = {live.serial_of(g) for g in grads}
-        transient = live.peak_of(backward_start, len(live.log), grad_serials)
-        optimizers.step()
-    step_peak = max(forward_peak, live.peak)
+    step.observer = phases = StepPhases(
+        live, model, {t.untyped_storage().data_ptr() for t in [*tensors, x]}
+    )
+    try:
+        with live:
+            step(x, y, measured)
+    finally:
+        step.observer = None
+    step_peak = max(phases.forward_peak, live.peak)
     allocator_peak = None
     if cuda:
         torch.cuda.synchronize(x.device)
@@ -227,9 +250,9 @@ def measure_step(recipe, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         parameters=storage_bytes(params),
         feedback_tensors=storage_bytes(feedback),
         optimizer_state=storage_bytes(state),
-        saved_for_backward=saved_bytes,
-        backward_transient=transient,
-        gradients=storage_bytes(grads),
+        saved_for_backward=phases.saved_bytes,
+        backward_transient=phases.transient,
+        gradients=storage_bytes(phases.grads),
         peak=before + step_peak,
         allocator_peak=allocator_peak,
         expected=expected,

@@ -9,9 +9,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ldfa_cli.analysis.flops import ALL_PHASES, OMITTED, PHASES
+from ldfa_cli.analysis.flops import OMITTED
 from ldfa_cli.console import stderr_console
 from ldfa_cli.errors import ConfigError
+from ldfa_cli.measure.flops import ALL_PHASES, PHASES
 
 
 def _gflops(value: float) -> str:
@@ -60,20 +61,15 @@ def _recipe_table(report, title: str) -> Table:
 
 def recipe_flops(spec: str, overrides: list[str], batch_size: int | None, device: str,
                  json_out: bool) -> None:  # fmt: skip
-    from ldfa_cli.analysis.flops import flops_report, optimizer_plan
+    from ldfa_cli.analysis.flops import recipe_report
     from ldfa_cli.config import load_recipe
     from ldfa_cli.data import steps_per_epoch
-    from ldfa_cli.engine.build import pick_device, synthetic_network
-    from ldfa_cli.feedback import convert
+    from ldfa_cli.engine.build import pick_device
 
     recipe, path = load_recipe(spec, overrides)
     batch = batch_size or recipe.train.batch_size
-    model, x, y = synthetic_network(recipe, batch, pick_device(device))
-    if recipe.feedback.rule == "bp":  # split backprop's backward per layer as well
-        fb = recipe.feedback
-        convert(model, "bp", include=fb.include, exclude=fb.exclude, example_input=x[:2])
     steps = steps_per_epoch(recipe.data, recipe.train.batch_size)  # for the reset interval
-    report = flops_report(model, x, y, optimizer_plan(recipe, model), steps)
+    report = recipe_report(recipe, batch, pick_device(device), steps)
     data = {"recipe": path.stem, "batch_size": batch, "steps_per_epoch": steps,
             **report.to_dict()}  # fmt: skip
     console = stderr_console()

@@ -63,3 +63,17 @@ def find_checkpoint(path: Path, name: str = "last.pt") -> Path:
             raise CheckpointError(f"{path} is not a run folder with checkpoints/{name}")
         return candidate
     return path
+
+
+def rng_state(device: torch.device) -> dict:
+    """The RNG state a checkpoint keeps (the CPU's, and the GPU's on CUDA)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

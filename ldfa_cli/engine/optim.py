@@ -9,6 +9,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ldfa_cli.feedback.model import (
+    feedback_elements_per_step,
+    feedback_parameters,
+    forward_parameters,
+)
+
+from .regularise import parameter_groups
+
 
 def _flat(params) -> list:
     """The tensors of a parameter list or of parameter groups."""
@@ -30,21 +38,47 @@ def _fused_ok(params) -> bool:
     )
 
 
+# name -> (torch optimizer, the config's keys it takes besides lr and weight_decay, fused)
+OPTIMIZERS = {
+    "adam": (torch.optim.Adam, ("betas", "eps", "amsgrad"), True),
+    "adamw": (torch.optim.AdamW, ("betas", "eps", "amsgrad"), True),
+    "sgd": (torch.optim.SGD, ("momentum",), True),
+    "rmsprop": (torch.optim.RMSprop, ("alpha", "eps", "momentum"), False),
+}
+
+
 def make_optimizer(config, params) -> torch.optim.Optimizer:
     params = list(params)
-    common = dict(lr=config.lr, weight_decay=config.weight_decay)
-    if config.name in ("adam", "adamw", "sgd") and _fused_ok(params):
-        common["fused"] = True
-    if config.name == "adam":
-        return torch.optim.Adam(params, betas=config.betas, eps=config.eps, amsgrad=config.amsgrad,
-                                **common)  # fmt: skip
-    if config.name == "adamw":
-        return torch.optim.AdamW(params, betas=config.betas, eps=config.eps,
-                                 amsgrad=config.amsgrad, **common)  # fmt: skip
-    if config.name == "sgd":
-        return torch.optim.SGD(params, momentum=config.momentum, **common)
-    return torch.optim.RMSprop(params, alpha=config.alpha, eps=config.eps,
-                               momentum=config.momentum, **common)  # fmt: skip
+    kind, keys, fusable = OPTIMIZERS[config.name]
+    options = {key: getattr(config, key) for key in keys}
+    if fusable and _fused_ok(params):
+        options["fused"] = True
+    return kind(params, lr=config.lr, weight_decay=config.weight_decay, **options)
+
+
+def _constant(config, base_lr: float, epoch: float, total_epochs: int) -> float:
+    return 1.0
+
+
+def _cosine(config, base_lr: float, epoch: float, total_epochs: int) -> float:
+    span = max(total_epochs - config.warmup_epochs, 1e-12)
+    progress = min(max((epoch - config.warmup_epochs) / span, 0.0), 1.0)
+    floor = min(config.min_lr / base_lr, 1.0)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _exponential(config, base_lr: float, epoch: float, total_epochs: int) -> float:
+    return config.gamma ** math.floor(max(epoch - config.warmup_epochs, 0.0))
+
+
+def _multistep(config, base_lr: float, epoch: float, total_epochs: int) -> float:
+    """Milestones are epochs of the whole run, warmup included."""
+    return config.gamma ** sum(epoch >= m for m in config.milestones)
+
+
+# a schedule's multiplier of the base lr after its warmup, by name
+SCHEDULES = {"constant": _constant, "cosine": _cosine, "exponential": _exponential,
+             "multistep": _multistep}  # fmt: skip
 
 
 def lr_factor(config, base_lr: float, epoch: float, total_epochs: int) -> float:
@@ -53,16 +87,7 @@ def lr_factor(config, base_lr: float, epoch: float, total_epochs: int) -> float:
     if warmup > 0 and epoch < warmup:
         start = config.warmup_start_factor
         return start + (1.0 - start) * epoch / warmup
-    if config.name == "cosine":
-        span = max(total_epochs - warmup, 1e-12)
-        progress = min(max((epoch - warmup) / span, 0.0), 1.0)
-        floor = min(config.min_lr / base_lr, 1.0)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if config.name == "exponential":
-        return config.gamma ** math.floor(max(epoch - warmup, 0.0))
-    if config.name == "multistep":  # milestones are epochs of the whole run, warmup included
-        return config.gamma ** sum(epoch >= m for m in config.milestones)
-    return 1.0
+    return SCHEDULES[config.name](config, base_lr, epoch, total_epochs)
 
 
 def make_schedule(config, optimizer, steps_per_epoch: int, total_epochs: int):
@@ -152,16 +177,24 @@ class Optimizers:
     def lr(self) -> float:
         return self.schedule.get_last_lr()[0]
 
+    def flop_plan(self, model: nn.Module) -> list[tuple[str, object, float]]:
+        """(label, config, parameter elements stepped in an average step) per optimizer, for
+        the FLOP count: the forward one over the forward parameters (and the feedback
+        tensors when it holds them), the feedback one over the feedback tensors, each
+        counted in the steps in which it has a gradient."""
+        forward = sum(p.numel() for p in forward_parameters(model))
+        feedback = feedback_elements_per_step(model)
+        if self.feedback is None:  # shared with the forward optimizer, or nothing learned
+            return [("forward", self.forward_config, forward + feedback)]
+        return [("forward", self.forward_config, forward),
+                ("feedback", self.feedback_config, feedback)]  # fmt: skip
+
 
 def shares_forward_optimizer(feedback_config) -> bool:
     return feedback_config.optimizer == "forward"
 
 
 def build_optimizers(recipe, model: nn.Module, steps_per_epoch: int) -> Optimizers:
-    from ldfa_cli.feedback import feedback_parameters, forward_parameters
-
-    from .regularise import parameter_groups
-
     epochs = recipe.train.epochs
     feedback = feedback_parameters(model)
     shared = shares_forward_optimizer(recipe.feedback)

@@ -61,21 +61,21 @@ Gradients that come from the data (Oja, Hebbian, kp) are returned by the layer's
 """
 
 from . import backprop, fa, sign, normative, local, broadcast, svd  # noqa: F401  # isort: skip  (registers, in order)
-from .base import RULES, FeedbackConfigError, Rule, make_rule, resolve_rank
-from .convert import (
-    ConversionReport,
+from .convert import ConversionReport, conversion_report, convert
+from .diagnostics import alignment_diagnostics, feedback_alignment
+from .layers import FeedbackLayer, LDFAConv2d, LDFALinear, backprop_reference
+from .model import (
+    after_backward,
     auxiliary_loss,
     backward_with_rules,
-    conversion_report,
-    convert,
     feedback_layers,
     feedback_parameters,
     forward_parameters,
+    reset_due,
     set_feedback_targets,
 )
-from .diagnostics import alignment_diagnostics, feedback_alignment
-from .layers import FeedbackLayer, LDFAConv2d, LDFALinear, backprop_reference
-from .normative import feedback_loss, normative_update, reset_feedback_to_svd
+from .normative import feedback_loss, normative_update
+from .rule import RULES, FeedbackConfigError, Rule, make_rule, register, resolve_rank
 
 __all__ = [
     "RULES",
@@ -85,6 +85,7 @@ __all__ = [
     "LDFAConv2d",
     "LDFALinear",
     "Rule",
+    "after_backward",
     "alignment_diagnostics",
     "auxiliary_loss",
     "backward_with_rules",
@@ -94,11 +95,12 @@ __all__ = [
     "feedback_alignment",
     "feedback_layers",
     "feedback_loss",
-    "normative_update",
     "feedback_parameters",
     "forward_parameters",
     "make_rule",
-    "reset_feedback_to_svd",
+    "normative_update",
+    "register",
+    "reset_due",
     "resolve_rank",
     "set_feedback_targets",
 ]

@@ -1,13 +1,19 @@
-"""Where FLOPs go: which layer and which phase (forward, input_grad, weight_grad,
-feedback_update) an operation belongs to, for ``ldfa_cli.analysis.flops``' counter.
+"""Where FLOPs and time go: which layer and which phase an operation belongs to, for the
+FLOP counter (``ldfa_cli.measure``) and ``ldfa bench``'s phase timer.
 
 The markers are plain assignments guarded by ``ACTIVE``, which is False except inside a
-counter, so training (and torch.compile, which guards on the flag) never runs them.
+counter or timer, so training (and torch.compile, which guards on the flag) never runs them.
 """
 
 from __future__ import annotations
 
 import torch
+
+# The phases of a feedback layer's work: its forward, the input gradient through its
+# feedback (or a broadcast error's), its weight gradient and its feedback's own update.
+PHASES = ("forward", "input_grad", "broadcast", "weight_grad", "feedback_update")
+RESET = "feedback_reset"  # a rule's periodic reset (Rule.reset), after the optimizer step
+OPTIMIZER = "(optimizer)"  # the layer name under which the optimizer steps run
 
 ACTIVE = False
 _where: list = [None, None]  # layer name, phase

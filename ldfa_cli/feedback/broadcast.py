@@ -33,9 +33,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import accounting
-from .base import Rule, check, register, store
+from .factors import store
 from .local import oja_grad
 from .ops import ConvOps, LinearOps
+from .probe import probe
+from .rule import (
+    ConversionPlan,
+    FeedbackConfigError,
+    Rule,
+    Selection,
+    check,
+    phase_flops,
+    register,
+)
 
 _ROWS = LinearOps()  # statistics over batch rows (dense)
 _PIXELS = ConvOps((1, 1), (0, 0), (1, 1))  # statistics over batch and pixels
@@ -97,6 +107,58 @@ class Broadcast(Rule):
     def input_width(self) -> int:
         return self.input_shape[0] if self.pixel else math.prod(self.input_shape)
 
+    def plan(self, selection: Selection) -> ConversionPlan:
+        """The selected layers up to the source, in forward order, each with this rule for
+        its shapes (:meth:`for_layer`); the source's hook attached once they are swapped."""
+        if selection.example_input is None:
+            raise FeedbackConfigError(
+                f"rule {self.name!r} needs example_input= (a batch) to size its feedback"
+            )
+        model, candidates = selection.model, selection.candidates
+        names = list(dict.fromkeys([*candidates, *dict(model.named_modules())]))
+        seen = probe(model, selection.example_input, names)
+        source = self._source_name(sorted((n for n in candidates if n in seen),
+                                          key=lambda n: seen[n]["order"]), seen)  # fmt: skip
+        channel = BroadcastChannel()
+        layers = []
+        for name, module in selection.chosen:
+            info = seen.get(name)
+            if info is None or info["order"] > seen[source]["order"]:
+                module.ldfa_note = f"kept: after the broadcast source '{source}'"
+            elif (rule := self.for_layer(info, seen[source], channel)) is None:
+                module.ldfa_note = "kept: its input needs no gradient"
+            else:
+                layers.append((name, module, rule))
+        return ConversionPlan(layers, lambda m: channel.attach(m.get_submodule(source)))
+
+    def _source_name(self, order: list[str], seen: dict) -> str:
+        """The source module's name: the last (output) or second-to-last (penultimate)
+        Linear/Conv layer in forward order, or a module named outright."""
+        if self.source in ("output", "penultimate"):
+            index = -1 if self.source == "output" else -2
+            if len(order) < -index:
+                raise FeedbackConfigError(f"source '{self.source}': the model has too few layers")
+            return order[index]
+        if self.source in seen:
+            return self.source
+        raise FeedbackConfigError(
+            f"source '{self.source}' is not a module the forward pass reaches; use output, "
+            f"penultimate or a module name such as: {', '.join(order)}"
+        )
+
+    def for_layer(self, info: dict, source: dict, channel: BroadcastChannel) -> Rule | None:
+        """This rule for one layer before the source, given what the probe saw of the
+        layer and of the source; None keeps the layer (its input needs no gradient: it has
+        nothing to send)."""
+        if not info["needs_grad"]:
+            return None
+        return dataclasses.replace(self, channel=channel, input_shape=info["input"][1:],
+                                   source_shape=source["output"][1:])  # fmt: skip
+
+    def broadcast_rows(self, batch: int) -> int:
+        """Rows of the broadcast's products: the batch (dense map) or every pixel (1x1)."""
+        return batch * (math.prod(self.source_shape[1:]) if self.pixel else 1)
+
     def rank_limits(self, layer) -> tuple[int, int]:
         """A fraction refers to the source width d; r is clipped to the input width only:
         the paper's output broadcast sweeps r past the 10 classes. With r > d, Oja drives
@@ -142,6 +204,13 @@ class DirectFeedbackAlignment(Broadcast):
 
     def feedback_tensors(self, layer):
         return (layer.feedback_B,)
+
+    def analytic_flops(self, layer, samples: int, batch: int) -> dict[str, float]:
+        """The forward and weight gradient as backprop's; no input gradient through the
+        layer, the broadcast B e instead (rows x d x n_in)."""
+        dense = 2 * samples * layer.fan_out * layer.patch_size
+        broadcast = 2 * self.broadcast_rows(batch) * self.source_width * self.input_width
+        return phase_flops(forward=dense, weight_grad=dense, broadcast=broadcast)
 
     def backward(self, ops, g, x, x_shape, feedback, targets, need_input, need_feedback, gw):
         (B,) = feedback
@@ -194,6 +263,15 @@ class DirectLDFA(Broadcast):
                 accounting.set_phase("feedback_update")
             grad_p = oja_grad(_PIXELS if self.pixel else _ROWS, e, z, P, self.decay)
         return grad_input, (None, grad_p)
+
+    def analytic_flops(self, layer, samples: int, batch: int) -> dict[str, float]:
+        """The broadcast P e then Q z (rows x r x (d + n_in)); Oja's P C as z_c^T e and
+        its orthonormalising factor (rows x r x d + 2 r^2 d, twice)."""
+        dense = 2 * samples * layer.fan_out * layer.patch_size
+        rows, r, d = self.broadcast_rows(batch), layer.rank, self.source_width
+        return phase_flops(forward=dense, weight_grad=dense,
+                           broadcast=2 * rows * r * (d + self.input_width),
+                           feedback_update=2 * rows * r * d + 4 * r * r * d)  # fmt: skip
 
     def feedback_matrix(self, layer):
         return None  # B maps the source error, not this layer's output: no W^T to compare

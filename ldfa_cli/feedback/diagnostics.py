@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .convert import capture_inputs, feedback_layers, set_feedback_targets
 from .layers import backprop_reference
+from .model import feedback_layers, set_feedback_targets
+from .probe import capture_inputs
 
 
 def _cosine(a: Tensor, b: Tensor) -> float:

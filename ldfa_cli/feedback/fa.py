@@ -17,16 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import (
-    RANDOM_INITS,
-    LowRankRule,
-    Rule,
-    check,
-    kaiming_uniform_like_weight,
-    matched_full_rank,
-    register,
-    store,
-)
+from .factors import kaiming_uniform_like_weight, matched_full_rank, store
+from .lowrank import LowRankRule
+from .rule import Rule, check, register
 
 
 @register
@@ -109,10 +102,3 @@ class LowRankFeedbackAlignment(LowRankRule):
     name: ClassVar[str] = "lowrank_fa"
     summary: ClassVar[str] = "fixed random rank-r feedback B = QP (the failing baseline)"
     equations: ClassVar[str] = "Sec. 3, eqs. 4-6"
-
-    init: str = "matched"  # or kaiming, kaiming_literal, random (see ldfa_local)
-
-    def __post_init__(self):
-        check(self.init in RANDOM_INITS,
-              f"rule 'lowrank_fa': init must be one of {', '.join(RANDOM_INITS)}, got "
-              f"{self.init!r}")  # fmt: skip

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from . import accounting
-from .base import FeedbackConfigError, Rule, make_rule, resolve_rank
 from .ops import ConvOps, LinearOps
+from .rule import FeedbackConfigError, Rule, make_rule, resolve_rank
 
 _reference = {"bp": False}
 
@@ -123,6 +123,30 @@ class FeedbackLayer:
     # Run the Function even when the input needs no gradient (a first layer), so that the
     # FLOP counter files its weight gradient under the layer: set on backprop references.
     always_routed: bool = False
+
+    @classmethod
+    def replacing(cls, module: nn.Module, name: str, rule: Rule, rank) -> FeedbackLayer:
+        """A feedback layer running ``rule`` in place of ``module`` (an ``nn.Linear``,
+        ``nn.Conv1d`` or ``nn.Conv2d``), sharing its weight and bias Parameters."""
+        if isinstance(module, nn.Conv1d | nn.Conv2d):
+            kind = LDFAConv1d if isinstance(module, nn.Conv1d) else LDFAConv2d
+            new = kind(module.in_channels, module.out_channels, module.kernel_size,
+                       module.stride, module.padding, module.dilation, module.groups,
+                       module.bias is not None, module.padding_mode, device="meta",
+                       rule="bp", name=name)  # fmt: skip
+        else:
+            new = LDFALinear(module.in_features, module.out_features, module.bias is not None,
+                             device="meta", rule="bp", name=name)  # fmt: skip
+        new.weight = module.weight
+        new.bias = module.bias
+        new._setup_feedback(rule, rank, name, {})
+        new.train(module.training)
+        return new
+
+    def dense_twin(self) -> nn.Module | None:
+        """The dense layer this one stands for, where it holds its weight otherwise (an
+        SVD-form layer); None where its ``weight`` is the dense one already."""
+        return None
 
     def _setup_feedback(self, rule: str | Rule, rank, name: str | None, options: dict) -> None:
         self.layer_name = name or type(self).__name__

@@ -30,8 +30,9 @@ from typing import ClassVar
 import torch
 
 from . import accounting
-from .base import RANDOM_INITS, LowRankRule, check, register
+from .lowrank import LowRankRule
 from .ops import grouped, like
+from .rule import ConversionPlan, Selection, check, make_rule, phase_flops, register
 
 
 def oja_grad(ops, signal, projected, P, decay: float, normalise: str = "gamma"):
@@ -66,7 +67,7 @@ class Local(LowRankRule):
 
     ``init``: ``matched`` (the default: P with random orthonormal rows, where Oja keeps it,
     and Q at the scale of W's best rank-r approximation, see
-    :func:`~ldfa_cli.feedback.base.matched_factors`), ``kaiming`` (App. B's Kaiming uniform
+    :func:`~ldfa_cli.feedback.factors.matched_factors`), ``kaiming`` (App. B's Kaiming uniform
     as the authors' code draws it, the paper-faithful recipes' choice), ``kaiming_literal``
     (App. B read literally in the paper's layout) or ``random`` (P ~ U(+-1/sqrt(m)), Q scaled
     so that QP starts with a default W^T's variance). Oja drives P to orthonormal rows, where
@@ -87,16 +88,14 @@ class Local(LowRankRule):
     learn_q: bool = False
     q_decay: float = 0.0
     use_targets: bool = False
-    init: str = "matched"
     normalise: str = "gamma"
     clamp_input_grad: float | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.decay >= 0, f"rule 'ldfa_local': decay must be >= 0, got {self.decay}")
         check(self.q_decay >= 0, f"rule 'ldfa_local': q_decay must be >= 0, got {self.q_decay}")
         rule = "rule 'ldfa_local'"
-        inits = ", ".join(RANDOM_INITS)
-        check(self.init in RANDOM_INITS, f"{rule}: init must be one of {inits}, got {self.init!r}")
         check(self.normalise in ("gamma", "std"),
               f"{rule}: normalise must be 'gamma' or 'std', got {self.normalise!r}")  # fmt: skip
         clamp = self.clamp_input_grad
@@ -105,6 +104,33 @@ class Local(LowRankRule):
     @property
     def learn_q_in_backward(self) -> bool:  # type: ignore[override]
         return self.learn_q
+
+    @property
+    def needs_targets(self) -> bool:
+        return self.use_targets
+
+    def plan(self, selection: Selection) -> ConversionPlan:
+        """With ``use_targets`` only the last converted layer (the output layer) takes its
+        covariance from the targets; every other layer from its error."""
+        plan = super().plan(selection)
+        if self.use_targets and plan.layers:
+            others = make_rule(self, use_targets=False)
+            plan.layers = [(n, m, others) for n, m, _ in plan.layers[:-1]] + plan.layers[-1:]
+        return plan
+
+    def analytic_flops(self, layer, samples: int, batch: int) -> dict[str, float]:
+        """Q (P g) always thin (z is the update's signal), and per group: P C as z_c^T g
+        (2 T r m) and its orthonormalising factor (4 r^2 m); the targets' projection
+        (2 T m r) with ``use_targets``; the Hebbian x^T z (2 T N r) with ``learn_q``."""
+        T, g, m, N, r = samples, layer.groups, layer.group_out, layer.patch_size, layer.rank
+        dense = 2 * T * layer.fan_out * N
+        update = g * (2 * T * r * m + 4 * r * r * m)
+        if self.use_targets:
+            update += g * 2 * T * m * r
+        if self.learn_q:
+            update += g * 2 * T * N * r
+        return phase_flops(forward=dense, weight_grad=dense, feedback_update=update,
+                           input_grad=self.thin_input_grad_flops(layer, samples))  # fmt: skip
 
     def backward(self, ops, g, x, x_shape, feedback, targets, need_input, need_feedback, gw):
         Q, P = feedback

@@ -25,16 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from . import accounting
-from .base import (
-    RANDOM_INITS,
-    LowRankRule,
-    check,
-    load_factors,
-    lowrank_svd_factors,
-    register,
-    svd_factors,
-)
+from .factors import RANDOM_INITS, load_factors, lowrank_svd_factors, svd_factors
+from .lowrank import LowRankRule
 from .ops import grouped
+from .rule import check, register
 
 
 @register
@@ -43,7 +37,7 @@ class Normative(LowRankRule):
     """Learned rank-r feedback tracking W^T (Algorithm 1).
 
     Options: ``init`` ``matched`` (the default: random directions with ||QP||_F that of
-    W's best rank-r approximation, see :func:`~ldfa_cli.feedback.base.matched_factors`),
+    W's best rank-r approximation, see :func:`~ldfa_cli.feedback.factors.matched_factors`),
     ``kaiming`` (App. B's Kaiming uniform as the authors draw it), ``kaiming_literal``,
     ``random`` (see ``ldfa_local``) or ``svd`` (truncated SVD of W, the authors' code for
     the normative rule); ``interval`` k,
@@ -62,8 +56,8 @@ class Normative(LowRankRule):
     equations: ClassVar[str] = "eqs. 8-9, 12, 14; Alg. 1"
     p_is_parameter: ClassVar[bool] = True
     q_is_parameter: ClassVar[bool] = True
+    inits: ClassVar[tuple[str, ...]] = (*RANDOM_INITS, "svd")
 
-    init: str = "matched"
     interval: int = 1
     reset_svd_every: int | None = None
     reset_svd_every_epochs: float | None = None
@@ -71,6 +65,7 @@ class Normative(LowRankRule):
     svd_niter: int = 10
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.svd in ("exact", "lowrank"),
               f"rule 'ldfa': svd must be 'exact' or 'lowrank', got {self.svd!r}")  # fmt: skip
         check(self.svd_niter >= 0, f"rule 'ldfa': svd_niter must be >= 0, got {self.svd_niter}")
@@ -80,23 +75,36 @@ class Normative(LowRankRule):
         check(self.reset_svd_every_epochs is None or self.reset_svd_every_epochs > 0,
               f"rule 'ldfa': reset_svd_every_epochs must be > 0 or null, got "
               f"{self.reset_svd_every_epochs}")  # fmt: skip
-        inits = (*RANDOM_INITS, "svd")
-        check(
-            self.init in inits,
-            f"rule 'ldfa': init must be one of {', '.join(inits)}, got {self.init!r}",
-        )
         check(self.interval >= 1, f"rule 'ldfa': interval must be >= 1, got {self.interval}")
         check(
             self.reset_svd_every is None or self.reset_svd_every >= 1,
             f"rule 'ldfa': reset_svd_every must be >= 1 or null, got {self.reset_svd_every}",
         )
 
-    def create_feedback(self, layer) -> None:
-        super().create_feedback(layer)  # the random inits
+    def draw_factors(self, layer) -> None:
         if self.init == "svd":
-            load_svd(layer)
+            self.load_svd(layer)
+        else:
+            super().draw_factors(layer)
 
-    def reset_interval(self, steps_per_epoch: int | None) -> int | None:
+    def load_svd(self, layer, seed: int = 0) -> None:
+        """Set the layer's Q, P to the truncated SVD of its current W^T, in place; ``svd``
+        says how (``lowrank`` draws its random start from ``seed``)."""
+        if self.svd == "lowrank":
+            Q, P = lowrank_svd_factors(layer, self.svd_niter, seed)
+        else:
+            Q, P = svd_factors(layer)
+        load_factors(layer, Q, P)
+
+    @classmethod
+    def after_backward(cls, layers: list, step: int | None) -> None:
+        update_factors(layers, step)
+
+    @property
+    def update_every(self) -> int:
+        return self.interval
+
+    def reset_every(self, steps_per_epoch: int | None) -> int | None:
         """Steps between SVD resets, or None (never; or in epochs with no epoch length)."""
         if self.reset_svd_every is not None:
             return self.reset_svd_every
@@ -104,15 +112,22 @@ class Normative(LowRankRule):
             return None
         return max(1, math.floor(steps_per_epoch * self.reset_svd_every_epochs))
 
+    def reset(self, layer, seed: int) -> None:
+        self.load_svd(layer, seed)
 
-def load_svd(layer, seed: int = 0) -> None:
-    """Set the layer's Q, P to the truncated SVD of its current W^T, in place; the rule's
-    ``svd`` says how (``lowrank`` draws its random start from ``seed``)."""
-    if layer.rule.svd == "lowrank":
-        Q, P = lowrank_svd_factors(layer, layer.rule.svd_niter, seed)
-    else:
-        Q, P = svd_factors(layer)
-    load_factors(layer, Q, P)
+    def ddp_ignored(self, layer) -> tuple[str, ...]:
+        """The factors learn from W alone (identical on every rank), never from a backward
+        through DDP's forward."""
+        return ("feedback_P", "feedback_Q")
+
+    def analytic_flops(self, layer, samples: int, batch: int) -> dict[str, float]:
+        """Eq. 9 per group, amortised over ``interval``: Qm^T W^T and P W (4 m N r), the
+        r x r products P P^T, Qm^T Qm and their use (4 r^2 N + 4 r^2 m); no dot product."""
+        counts = super().analytic_flops(layer, samples, batch)
+        g, m, N, r = layer.groups, layer.group_out, layer.patch_size, layer.rank
+        per_update = g * (4 * m * N * r + 4 * r * r * N + 4 * r * r * m)
+        counts["feedback_update"] = per_update / self.interval
+        return counts
 
 
 class FactorisationLoss(torch.autograd.Function):
@@ -195,10 +210,8 @@ def _accumulate(param: Tensor, grad: Tensor) -> None:
 
 
 def normative_layers(model: nn.Module):
-    from .layers import FeedbackLayer
-
     for module in model.modules():
-        if isinstance(module, FeedbackLayer) and isinstance(module.rule, Normative):
+        if isinstance(getattr(module, "rule", None), Normative):
             yield module
 
 
@@ -217,10 +230,17 @@ def feedback_loss(
     return torch.stack(losses).sum() if losses else None
 
 
-@torch.no_grad()
 def normative_update(model: nn.Module, step: int | None = None,
                      batched: bool | None = None) -> int:  # fmt: skip
-    """Eq. 9 added straight into Q.grad and P.grad of the model's ``ldfa`` layers whose
+    """Eq. 9 into Q.grad and P.grad of the model's ``ldfa`` layers whose update is due at
+    ``step`` (every layer when None); see :func:`update_factors`. Returns how many layers
+    were updated."""
+    return update_factors(list(normative_layers(model)), step, batched)
+
+
+@torch.no_grad()
+def update_factors(layers: list, step: int | None = None, batched: bool | None = None) -> int:
+    """Eq. 9 added straight into Q.grad and P.grad of those ``ldfa`` ``layers`` whose
     update is due at ``step`` (every layer when None): the gradients that
     ``feedback_loss(model, step).backward()`` gives, without building the loss or running
     autograd over it (the training loop's path; on a 3x512 MLP at batch 256 the autograd
@@ -233,8 +253,7 @@ def normative_update(model: nn.Module, step: int | None = None,
     added to them (H200, ViT-S/16 at r = 16: 8.3 -> 2.1 ms a step). On a CPU it runs layer
     by layer: inside a training step, where W has left the cache, copying it costs more
     than the calls save (3x512 MLP, 1 thread: +1 ms of copies for 0.2 ms saved)."""
-    due = [layer for layer in normative_layers(model)
-           if step is None or step % layer.rule.interval == 0]  # fmt: skip
+    due = [layer for layer in layers if step is None or step % layer.rule.interval == 0]
     for alike in _alike_layers(due):
         if len(alike) > 1 and (batched or (batched is None and _worth_batching(alike[0]))):
             _update_alike(alike)
@@ -295,21 +314,3 @@ def _update_alike(layers: list) -> None:
         _accumulate(layer.feedback_P, gp)
     if counting:
         accounting.leave(previous)
-
-
-def reset_feedback_to_svd(model: nn.Module, step: int, steps_per_epoch: int | None = None) -> int:
-    """Reset Q, P to the SVD of W in layers whose reset interval (``reset_svd_every``, or
-    ``reset_svd_every_epochs`` of ``steps_per_epoch``) divides ``step`` (an explicit, partly
-    oracular option). Returns how many layers were reset."""
-    reset = 0
-    for index, layer in enumerate(normative_layers(model)):
-        every = layer.rule.reset_interval(steps_per_epoch)
-        if every and step > 0 and step % every == 0:
-            counting = accounting.ACTIVE
-            if counting:
-                previous = accounting.enter(layer.layer_name, "svd_reset")
-            load_svd(layer, seed=step * 1_000_003 + index)
-            if counting:
-                accounting.leave(previous)
-            reset += 1
-    return reset

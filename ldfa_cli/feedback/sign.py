@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Rule, register
+from .rule import Rule, register
 
 
 def _rms(weight: Tensor) -> float:

@@ -52,6 +52,7 @@ a layer: its own factors, its input and the broadcast error.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -60,8 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from . import accounting
-from .base import FeedbackConfigError, check, register, resolve_rank
-from .broadcast import DirectFeedbackAlignment
+from .broadcast import BroadcastChannel, DirectFeedbackAlignment
 from .layers import (
     ConvShape,
     FeedbackLayer,
@@ -73,48 +73,9 @@ from .layers import (
     per_device,
 )
 from .ops import ConvOps, LinearOps
+from .rule import FeedbackConfigError, Rule, check, phase_flops, register, resolve_rank
 
 _PIXELWISE = ConvOps((1, 1), (0, 0), (1, 1))  # U: a 1x1 conv at every output pixel
-
-
-@register
-@dataclass(frozen=True)
-class SVDDirectFeedback(DirectFeedbackAlignment):
-    """svd_dfa: layers in SVD form U diag(s) V^T of rank k, trained by direct feedback
-    projected onto each layer's output subspace, with the subspace-alignment and
-    orthogonality terms (module docstring, items 1-5)."""
-
-    name: ClassVar[str] = "svd_dfa"
-    summary: ClassVar[str] = "DFA on SVD factors U diag(s) V^T: projected error, align + orth"
-    equations: ClassVar[str] = "Roy et al. 2025 (module docstring)"
-    uses_rank: ClassVar[bool] = True
-    svd_form: ClassVar[bool] = True  # the converter builds SVD layers, the first one too
-    internal: ClassVar[tuple] = (*DirectFeedbackAlignment.internal, "sends")
-
-    align: float = 0.1
-    orth: float = 0.1
-    project: bool = True
-    sends: bool = True  # False for a layer whose input needs no gradient (no B is made)
-
-    def __post_init__(self):
-        check(self.align >= 0, f"rule 'svd_dfa': align must be >= 0, got {self.align}")
-        check(self.orth >= 0, f"rule 'svd_dfa': orth must be >= 0, got {self.orth}")
-
-    def create_feedback(self, layer) -> None:
-        if self.sends:
-            super().create_feedback(layer)
-
-    def feedback_tensors(self, layer):
-        return (layer.feedback_B,) if self.sends else ()
-
-    def auxiliary_loss(self, layer) -> Tensor | None:
-        """lambda_orth (||U^T U - I||^2 + ||V^T V - I||^2), item 5."""
-        if not self.orth:
-            return None
-        return self.orth * (orthogonality_error(layer.svd_U) + orthogonality_error(layer.svd_V))
-
-    def layer_measures(self, layer) -> dict:
-        return factor_measures(layer)
 
 
 def orthogonality_error(factor: Tensor) -> Tensor:
@@ -259,6 +220,15 @@ class SVDLayer(FeedbackLayer):
         rows = (self.svd_U * self.svd_s) @ self.svd_V.t()
         return rows.reshape(self.fan_out, self.fan_in, *self.kernel)
 
+    @classmethod
+    def replacing(cls, module: nn.Module, name: str, rule, rank) -> SVDLayer:
+        """The SVD-form replacement of an ``nn.Linear`` or ``nn.Conv2d`` (bias shared)."""
+        if isinstance(module, nn.Conv2d):
+            return SVDConv2d(module, rule, rank, name)
+        if isinstance(module, nn.Linear):
+            return SVDLinear(module, rule, rank, name)
+        raise FeedbackConfigError(f"layer {name!r}: svd_dfa converts Linear and Conv2d layers only")
+
     def _forward_routed(self, x: Tensor) -> Tensor:
         """The SVD Function even for a first layer (the factors learn from the projected
         error); plain autograd through the factors for the backprop reference."""
@@ -325,15 +295,6 @@ def _fill_twin(twin: nn.Module, layer: SVDLayer) -> nn.Module:
     return twin
 
 
-def svd_layer(module: nn.Module, name: str, rule, rank) -> SVDLayer:
-    """The SVD-form replacement of an ``nn.Linear`` or ``nn.Conv2d`` (bias shared)."""
-    if isinstance(module, nn.Conv2d):
-        return SVDConv2d(module, rule, rank, name)
-    if isinstance(module, nn.Linear):
-        return SVDLinear(module, rule, rank, name)
-    raise FeedbackConfigError(f"layer {name!r}: svd_dfa converts Linear and Conv2d layers only")
-
-
 def svd_parameter_count(layer: SVDLayer) -> tuple[int, int]:
     """(trainable parameters in SVD form, in the dense layer it replaces)."""
     k, m, N = layer.rank, layer.fan_out, layer.patch_size
@@ -351,3 +312,70 @@ def factor_measures(layer: SVDLayer) -> dict:
             "s_max": float(s.abs().max()),
             "s_min": float(s.abs().min()),
         }
+
+
+@register
+@dataclass(frozen=True)
+class SVDDirectFeedback(DirectFeedbackAlignment):
+    """svd_dfa: layers in SVD form U diag(s) V^T of rank k, trained by direct feedback
+    projected onto each layer's output subspace, with the subspace-alignment and
+    orthogonality terms (module docstring, items 1-5)."""
+
+    name: ClassVar[str] = "svd_dfa"
+    summary: ClassVar[str] = "DFA on SVD factors U diag(s) V^T: projected error, align + orth"
+    equations: ClassVar[str] = "Roy et al. 2025 (module docstring)"
+    uses_rank: ClassVar[bool] = True
+    layer_class: ClassVar[type] = SVDLayer  # a layer in SVD form, the first one too
+    internal: ClassVar[tuple] = (*DirectFeedbackAlignment.internal, "sends")
+
+    align: float = 0.1
+    orth: float = 0.1
+    project: bool = True
+    sends: bool = True  # False for a layer whose input needs no gradient (no B is made)
+
+    def __post_init__(self):
+        check(self.align >= 0, f"rule 'svd_dfa': align must be >= 0, got {self.align}")
+        check(self.orth >= 0, f"rule 'svd_dfa': orth must be >= 0, got {self.orth}")
+
+    def kept_because(self, module: nn.Module, rank, force_grouped: bool) -> str | None:
+        if isinstance(module, nn.Conv1d) or getattr(module, "groups", 1) > 1:
+            return "kept: svd_dfa trains Linear and ungrouped Conv2d layers only"
+        return None
+
+    def for_layer(self, info: dict, source: dict, channel: BroadcastChannel) -> Rule | None:
+        """Every layer before the source, the first one too (its SVD form is its forward);
+        one whose input needs no gradient sends nothing (no B is made)."""
+        rule = super().for_layer({**info, "needs_grad": True}, source, channel)
+        return rule if info["needs_grad"] else dataclasses.replace(rule, sends=False)
+
+    def analytic_flops(self, layer, samples: int, batch: int) -> dict[str, float]:
+        """Forward x V then (a s) U^T; backward g U, the projection (g U) U^T and
+        (g U)(U^T U), the gradients of U and V; alignment g^T (g U), (g U)^T (g U) and two
+        m x k x k products; the broadcast as dfa's."""
+        T, k, m, N = samples, layer.rank, layer.fan_out, layer.patch_size
+        gram = 2 * m * k * k if (self.project or self.align) else 0  # U^T U
+        projection = 2 * T * m * k + 2 * T * k * k if self.project else 0
+        align = 2 * T * m * k + 2 * T * k * k + 4 * m * k * k if self.align else 0
+        broadcast = 2 * self.broadcast_rows(batch) * self.source_width * self.input_width
+        return phase_flops(
+            forward=2 * T * k * (N + m),
+            weight_grad=2 * T * m * k + gram + projection + 2 * T * m * k + 2 * T * N * k,
+            feedback_update=align,
+            broadcast=broadcast if self.sends else 0,
+        )
+
+    def create_feedback(self, layer) -> None:
+        if self.sends:
+            super().create_feedback(layer)
+
+    def feedback_tensors(self, layer):
+        return (layer.feedback_B,) if self.sends else ()
+
+    def auxiliary_loss(self, layer) -> Tensor | None:
+        """lambda_orth (||U^T U - I||^2 + ||V^T V - I||^2), item 5."""
+        if not self.orth:
+            return None
+        return self.orth * (orthogonality_error(layer.svd_U) + orthogonality_error(layer.svd_V))
+
+    def layer_measures(self, layer) -> dict:
+        return factor_measures(layer)
