@@ -7,140 +7,19 @@ the command line address them by dotted path (``optim.lr=1e-3``).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal, Union, get_args
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ldfa_cli.feedback import RULES, FeedbackConfigError, make_rule
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegative = Annotated[float, Field(ge=0.0)]
-
+from ldfa_cli.models import MODELS
+from ldfa_cli.sections import NonNegative, PositiveInt, Section
 
 # ----------------------------------------------------------------------------- models
-class MLPConfig(Section):
-    """Flatten -> [Linear(width) -> ReLU] per hidden width -> Linear(classes) (App. C.1).
-
-    ``init``: ``torch_default`` is nn.Linear's own Kaiming uniform (a = sqrt(5), W ~
-    U(+-1/sqrt(n)), bias U(+-1/sqrt(n))): the paper's "Kaiming uniform" as the authors' code
-    applies it; ``kaiming_relu`` is Kaiming uniform with the ReLU gain (W ~ U(+-sqrt(6/n)),
-    zero bias). ``batch_norm`` puts BatchNorm1d before each ReLU (the authors' MLP; the
-    paper's App. C.1 has none)."""
-
-    name: Literal["mlp"] = "mlp"
-    widths: list[PositiveInt] = [512, 512, 512]
-    init: Literal["torch_default", "kaiming_relu"] = "torch_default"
-    batch_norm: bool = False
-
-    @field_validator("init", mode="before")
-    @classmethod
-    def _old_init_name(cls, value):
-        return "kaiming_relu" if value == "kaiming_uniform" else value  # its name until 0.1
-
-
-class VGGConfig(Section):
-    """Table C1: four blocks of 2x (conv3x3 + BN + ReLU), widths 64-128-256-512 times
-    ``width_multiplier``, then Linear+ReLU, dropout, Linear."""
-
-    name: Literal["vgg"] = "vgg"
-    width_multiplier: Annotated[float, Field(gt=0.0)] = 1.0
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.4
-
-
-class ViTConfig(Section):
-    """timm's VisionTransformer with Table C2's defaults."""
-
-    name: Literal["vit"] = "vit"
-    patch_size: PositiveInt = 4
-    embed_dim: PositiveInt = 384
-    depth: PositiveInt = 8
-    num_heads: PositiveInt = 8
-    mlp_ratio: Annotated[float, Field(gt=0.0)] = 2.0
-    qkv_bias: bool = True
-    drop_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    attn_drop_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-
-    @model_validator(mode="after")
-    def _heads_divide_dim(self):
-        if self.embed_dim % self.num_heads:
-            raise ValueError(
-                f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
-            )
-        return self
-
-
-class RetinaConfig(Section):
-    """Table C3 (Lindsey et al. 2019): two 9x9 retina convs (the second one's width is the
-    bottleneck), VVS convs, FC, dropout, classifier; grayscale input."""
-
-    name: Literal["retina"] = "retina"
-    retina_channels: PositiveInt = 32
-    bottleneck: PositiveInt = 32
-    vvs_channels: PositiveInt = 32
-    vvs_layers: PositiveInt = 3
-    kernel_size: PositiveInt = 9
-    fc_width: PositiveInt = 1024
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
-
-
-class TimmConfig(Section):
-    """Any timm architecture (``timm.create_model(architecture, pretrained=False)``; the
-    dataset sets ``num_classes``, ``in_chans`` and, where the model takes it, ``img_size``;
-    ``kwargs`` go to the model, e.g. ``{drop_path_rate: 0.1}``). Every Linear and Conv the
-    converter meets is converted or listed with the reason it was kept."""
-
-    name: Literal["timm"] = "timm"
-    architecture: str
-    kwargs: dict = {}
-
-    @field_validator("architecture")
-    @classmethod
-    def _known(cls, architecture: str) -> str:
-        from ldfa_cli.models.timm_any import known_architecture
-
-        return known_architecture(architecture)
-
-
-class LeNetConfig(Section):
-    """LeNet as BioTorch benchmarks it: ``mnist`` (32x32 grayscale, conv 6-16-120 of 5x5) or
-    ``cifar`` (conv 32-64-128 of 3x3); ``init: xavier`` as BioTorch's configs."""
-
-    name: Literal["lenet"] = "lenet"
-    variant: Literal["mnist", "cifar"] = "mnist"
-    init: Literal["torch_default", "xavier"] = "torch_default"
-
-
-class ResNetCifarConfig(Section):
-    """He et al. 2016's CIFAR ResNet, depth 6n + 2 (20, 32, 44, 56, 110): stages of 16, 32,
-    64 channels, option-A shortcuts."""
-
-    name: Literal["resnet_cifar"] = "resnet_cifar"
-    depth: PositiveInt = 20
-    init: Literal["torch_default", "xavier"] = "torch_default"
-
-    @field_validator("depth")
-    @classmethod
-    def _six_n_plus_two(cls, depth: int) -> int:
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"a CIFAR ResNet's depth is 6n + 2 (20, 32, 44, 56, 110), got {depth}")
-        return depth
-
-
+# Each model's config class lives beside its builder (ldfa_cli/models/<model>.py); the
+# recipe's ``model`` section is whichever of them its ``name`` picks.
 ModelConfig = Annotated[
-    MLPConfig | VGGConfig | ViTConfig | RetinaConfig | TimmConfig | LeNetConfig | ResNetCifarConfig,
+    Union[tuple(entry.config for entry in MODELS.values())],  # noqa: UP007
     Field(discriminator="name"),
 ]
 
@@ -390,7 +269,7 @@ class Recipe(Section):
 
     description: str = ""
     reference: ReferenceConfig | None = None
-    model: ModelConfig = MLPConfig()
+    model: ModelConfig = MODELS["mlp"].config()
     feedback: FeedbackConfig = FeedbackConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
@@ -403,7 +282,5 @@ class Recipe(Section):
     def _model_named(cls, data):
         model = data.get("model") if isinstance(data, dict) else None
         if isinstance(model, dict) and "name" not in model:
-            raise ValueError(
-                "'model.name' is missing: choose mlp, vgg, vit, retina, timm, lenet or resnet_cifar"
-            )
+            raise ValueError(f"'model.name' is missing: choose one of {', '.join(MODELS)}")
         return data

@@ -1,36 +1,19 @@
-"""Models by name: ``build_model(config, shape)`` with the input's channels, size, classes."""
+"""Models by name: each file registers its config class and builder (``registry.py``);
+``build_model(config, shape)`` builds the one a recipe's ``model`` section names."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from .lenet import build_lenet
-from .mlp import build_mlp
-from .resnet_cifar import build_resnet_cifar
-from .retina import build_retina
-from .timm_any import build_timm
-from .vgg import build_vgg
-from .vit import build_vit
-
-
-@dataclass(frozen=True)
-class InputShape:
-    channels: int
-    size: int  # square images
-    classes: int
-
-
-MODELS = {"mlp": build_mlp, "vgg": build_vgg, "vit": build_vit, "retina": build_retina,
-          "timm": build_timm, "lenet": build_lenet, "resnet_cifar": build_resnet_cifar}  # fmt: skip
+from . import mlp, vgg, vit, retina, timm_any, lenet, resnet_cifar  # noqa: F401  # isort: skip  (registers, in order)
+from .registry import MODELS, InputShape, register_model
 
 
 def build_model(config, shape: InputShape) -> nn.Module:
     """The model of a recipe's ``model`` section for inputs of ``shape``; an image the
     architecture cannot take (too small for its downsampling) is a one-line config error
     now rather than a crash in the first step."""
-    model = MODELS[config.name](config, shape)
+    model = MODELS[config.name].build(config, shape)
     check_forward(model, shape, f"model {config.name!r} at {shape.size}x{shape.size}")
     return model
 
@@ -57,4 +40,4 @@ def check_forward(model: nn.Module, shape: InputShape, where: str) -> None:
         model.train(was_training)
 
 
-__all__ = ["MODELS", "InputShape", "build_model"]
+__all__ = ["MODELS", "InputShape", "build_model", "register_model"]

@@ -5,12 +5,26 @@ max-pooling, global average pooling, then 256, classes)."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Literal
 
 from torch import nn
 
+from ldfa_cli.sections import Section
+
 from .init import apply_init
+from .registry import register_model
 
 
+class LeNetConfig(Section):
+    """LeNet as BioTorch benchmarks it: ``mnist`` (32x32 grayscale, conv 6-16-120 of 5x5) or
+    ``cifar`` (conv 32-64-128 of 3x3); ``init: xavier`` as BioTorch's configs."""
+
+    name: Literal["lenet"] = "lenet"
+    variant: Literal["mnist", "cifar"] = "mnist"
+    init: Literal["torch_default", "xavier"] = "torch_default"
+
+
+@register_model(LeNetConfig)
 def build_lenet(config, shape) -> nn.Sequential:
     """Layers ``conv1``..``conv3``, ``fc``, ``head``."""
     c = shape.channels

@@ -4,10 +4,37 @@ the authors' BatchNorm1d as an option."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Literal
 
+from pydantic import field_validator
 from torch import nn
 
+from ldfa_cli.sections import PositiveInt, Section
 
+from .registry import register_model
+
+
+class MLPConfig(Section):
+    """Flatten -> [Linear(width) -> ReLU] per hidden width -> Linear(classes) (App. C.1).
+
+    ``init``: ``torch_default`` is nn.Linear's own Kaiming uniform (a = sqrt(5), W ~
+    U(+-1/sqrt(n)), bias U(+-1/sqrt(n))): the paper's "Kaiming uniform" as the authors' code
+    applies it; ``kaiming_relu`` is Kaiming uniform with the ReLU gain (W ~ U(+-sqrt(6/n)),
+    zero bias). ``batch_norm`` puts BatchNorm1d before each ReLU (the authors' MLP; the
+    paper's App. C.1 has none)."""
+
+    name: Literal["mlp"] = "mlp"
+    widths: list[PositiveInt] = [512, 512, 512]
+    init: Literal["torch_default", "kaiming_relu"] = "torch_default"
+    batch_norm: bool = False
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _old_init_name(cls, value):
+        return "kaiming_relu" if value == "kaiming_uniform" else value  # its name until 0.1
+
+
+@register_model(MLPConfig)
 def build_mlp(config, shape) -> nn.Sequential:
     """Layers are named ``fc1``, ``fc2``, ... and ``head`` (``bn1``... with batch_norm), for
     include/exclude patterns."""

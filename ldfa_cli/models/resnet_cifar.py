@@ -5,10 +5,32 @@ option A: identity, subsampled and zero-padded where the width doubles (no param
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch.nn.functional as F
+from pydantic import field_validator
 from torch import nn
 
+from ldfa_cli.sections import PositiveInt, Section
+
 from .init import apply_init
+from .registry import register_model
+
+
+class ResNetCifarConfig(Section):
+    """He et al. 2016's CIFAR ResNet, depth 6n + 2 (20, 32, 44, 56, 110): stages of 16, 32,
+    64 channels, option-A shortcuts."""
+
+    name: Literal["resnet_cifar"] = "resnet_cifar"
+    depth: PositiveInt = 20
+    init: Literal["torch_default", "xavier"] = "torch_default"
+
+    @field_validator("depth")
+    @classmethod
+    def _six_n_plus_two(cls, depth: int) -> int:
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"a CIFAR ResNet's depth is 6n + 2 (20, 32, 44, 56, 110), got {depth}")
+        return depth
 
 
 class PadShortcut(nn.Module):
@@ -59,5 +81,6 @@ class CifarResNet(nn.Module):
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+@register_model(ResNetCifarConfig)
 def build_resnet_cifar(config, shape) -> CifarResNet:
     return apply_init(CifarResNet(config.depth, shape.channels, shape.classes), config.init)

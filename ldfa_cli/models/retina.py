@@ -4,10 +4,30 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Literal
 
 from torch import nn
 
+from ldfa_cli.sections import Fraction, PositiveInt, Section
 
+from .registry import register_model
+
+
+class RetinaConfig(Section):
+    """Table C3 (Lindsey et al. 2019): two 9x9 retina convs (the second one's width is the
+    bottleneck), VVS convs, FC, dropout, classifier; grayscale input."""
+
+    name: Literal["retina"] = "retina"
+    retina_channels: PositiveInt = 32
+    bottleneck: PositiveInt = 32
+    vvs_channels: PositiveInt = 32
+    vvs_layers: PositiveInt = 3
+    kernel_size: PositiveInt = 9
+    fc_width: PositiveInt = 1024
+    dropout: Fraction = 0.5
+
+
+@register_model(RetinaConfig)
 def build_retina(config, shape) -> nn.Sequential:
     """Layers ``retina1``, ``retina2`` (bottleneck), ``vvs1``..``vvsN``, ``fc``, ``head``."""
     k, pad = config.kernel_size, config.kernel_size // 2

@@ -4,8 +4,30 @@ with the dataset's classes and channels, and its image size where the model take
 from __future__ import annotations
 
 import difflib
+from typing import Literal
 
+from pydantic import field_validator
 from torch import nn
+
+from ldfa_cli.sections import Section
+
+from .registry import register_model
+
+
+class TimmConfig(Section):
+    """Any timm architecture (``timm.create_model(architecture, pretrained=False)``; the
+    dataset sets ``num_classes``, ``in_chans`` and, where the model takes it, ``img_size``;
+    ``kwargs`` go to the model, e.g. ``{drop_path_rate: 0.1}``). Every Linear and Conv the
+    converter meets is converted or listed with the reason it was kept."""
+
+    name: Literal["timm"] = "timm"
+    architecture: str
+    kwargs: dict = {}
+
+    @field_validator("architecture")
+    @classmethod
+    def _known(cls, architecture: str) -> str:
+        return known_architecture(architecture)
 
 
 def known_architecture(name: str) -> str:
@@ -20,6 +42,7 @@ def known_architecture(name: str) -> str:
     raise ValueError(f"timm has no architecture {name!r}; {hint}")
 
 
+@register_model(TimmConfig)
 def build_timm(config, shape) -> nn.Module:
     """The model, randomly initialised (no download): ``num_classes`` and ``in_chans``
     from the dataset unless ``kwargs`` sets them, ``img_size`` too for models that take it

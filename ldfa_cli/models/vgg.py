@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Annotated, Literal
 
+from pydantic import Field
 from torch import nn
+
+from ldfa_cli.sections import Fraction, Section
+
+from .registry import register_model
+
+
+class VGGConfig(Section):
+    """Table C1: four blocks of 2x (conv3x3 + BN + ReLU), widths 64-128-256-512 times
+    ``width_multiplier``, then Linear+ReLU, dropout, Linear."""
+
+    name: Literal["vgg"] = "vgg"
+    width_multiplier: Annotated[float, Field(gt=0.0)] = 1.0
+    dropout: Fraction = 0.4
+
 
 BLOCK_WIDTHS = (64, 128, 256, 512)
 
@@ -13,6 +29,7 @@ def _width(base: int, multiplier: float) -> int:
     return max(1, round(base * multiplier))
 
 
+@register_model(VGGConfig)
 def build_vgg(config, shape) -> nn.Sequential:
     """Four blocks of 2 x (conv3x3 + BN + ReLU), max-pool after blocks 1-3, global average
     pool after block 4; then Linear + ReLU, Dropout, Linear. Convs are named
