@@ -231,7 +231,7 @@ def test_mlp_inits_and_batch_norm():
 
 
 def test_autoaugment_is_per_image_seeded_and_leaves_the_rng_alone():
-    from ldfa_cli.data import auto_augment
+    from ldfa_cli.data.device import auto_augment
 
     torch.manual_seed(0)
     one = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)

@@ -26,14 +26,9 @@ from torchvision import datasets
 
 from ldfa_cli.errors import DataError
 
+from .device import _mix
+
 BAD_IMAGE = "ldfa-unreadable-image:"  # a worker's error, turned into one line here
-
-
-def _mix(*numbers: int) -> int:
-    value = 0x9E3779B97F4A7C15
-    for n in numbers:
-        value = (value ^ (n + 0x632BE59BD9B4E019)) * 0xBF58476D1CE4E5B9 % (1 << 63)
-    return value
 
 
 def _load_image(path: str):
@@ -148,7 +143,7 @@ class ResumableSampler(Sampler):
 
 @dataclass
 class FolderData:
-    """The streamed train and val splits, with the same interface as ``DeviceData``."""
+    """The streamed train and val splits (:class:`~ldfa_cli.data.protocol.TrainingData`)."""
 
     train_set: Dataset
     val_set: Dataset
@@ -164,8 +159,14 @@ class FolderData:
     def classes(self) -> int:
         return len(self.class_names)
 
+    @staticmethod
+    def epoch_steps(images: int, batch_size: int, world: int = 1) -> int:
+        """Whole batches only: each rank takes batch_size // world images a step from its
+        share of the epoch (DistributedSampler's, the last incomplete batch dropped)."""
+        return images // world // max(batch_size // world, 1)
+
     def steps_per_epoch(self, batch_size: int, world: int = 1) -> int:
-        return len(self.train_set) // world // max(batch_size // world, 1)
+        return self.epoch_steps(len(self.train_set), batch_size, world)
 
     def _loader(self, dataset, batch: int, sampler, persistent: bool) -> DataLoader:
         workers = self.workers

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from ldfa_cli.data import DeviceData
+from ldfa_cli.data import TrainingData, dataset_shape
 from ldfa_cli.errors import ConfigError
 from ldfa_cli.feedback import convert, feedback_parameters
 from ldfa_cli.models import InputShape, build_model
@@ -40,11 +40,11 @@ def set_deterministic(enabled: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def input_shape(data: DeviceData) -> InputShape:
+def input_shape(data: TrainingData) -> InputShape:
     return InputShape(channels=data.channels, size=data.size, classes=data.classes)
 
 
-def build_network(recipe, data: DeviceData, device: torch.device) -> nn.Module:
+def build_network(recipe, data: TrainingData, device: torch.device) -> nn.Module:
     """The recipe's model on ``device`` (seeded, so every rank builds the same one), with
     its layers converted to the recipe's feedback rule. ``bp`` leaves the model as it is."""
     torch.manual_seed(recipe.train.seed)
@@ -55,8 +55,6 @@ def build_network(recipe, data: DeviceData, device: torch.device) -> nn.Module:
 def shaped_network(recipe, device: torch.device, example: torch.Tensor | None = None):
     """The recipe's model (seeded, converted) for its dataset's shape, built without reading
     the data; ``example`` (default: zeros) is the batch that probes the conversion."""
-    from ldfa_cli.data import dataset_shape
-
     channels, size, classes = dataset_shape(recipe.data)
     if example is None:
         example = torch.zeros(2, channels, size, size, device=device)
@@ -68,8 +66,6 @@ def shaped_network(recipe, device: torch.device, example: torch.Tensor | None = 
 def synthetic_network(recipe, batch_size: int, device: torch.device):
     """The recipe's model (converted) and a random batch of its dataset's shape: for FLOP
     counts and timings, which need no real data."""
-    from ldfa_cli.data import dataset_shape
-
     channels, size, classes = dataset_shape(recipe.data)
     generator = torch.Generator().manual_seed(recipe.train.seed)
     x = torch.randn(batch_size, channels, size, size, generator=generator).to(device)
