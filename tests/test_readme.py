@@ -22,7 +22,8 @@ def test_ci_runs_the_readme_setup_commands_verbatim():
 
 
 def test_readme_library_example_runs():
-    (example,) = _blocks("python")
+    example, rule = _blocks("python")  # the rule file is run by tests/test_new_rule.py
+    assert rule.startswith("# my_rule.py")
     exec(compile(example, "README.md", "exec"), {})
 
 

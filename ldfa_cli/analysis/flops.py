@@ -118,8 +118,8 @@ class FlopsReport:
     warnings: list[str]
 
     def to_dict(self) -> dict:
-        rule, bp = self.rule.extra_rows(), self.reference.extra_rows()
-        extra = [{"row": name, "rule": rule[name], "bp": bp.get(name, 0.0)} for name in rule]
+        ours, bp = self.rule.extra_rows(), self.reference.extra_rows()
+        extra = [{"row": row, "rule": ours[row], "bp": bp.get(row, 0.0)} for row in ours]
         return {
             "layers": self.layers,
             "extra": extra,

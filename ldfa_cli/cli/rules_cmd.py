@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from ldfa_cli.console import stderr_console
-from ldfa_cli.feedback import RULES
+from ldfa_cli.feedback import RULES, load_plugins
 
 
-def rules(json_out: bool = typer.Option(False, "--json", help="Print JSON to stdout.")) -> None:
+def rules(
+    plugins: list[Path] = typer.Option(
+        None, "--plugin", help="A Python file registering rules of your own (repeatable)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
+) -> None:
     """List the feedback rules with the paper's equations and each rule's options."""
+    load_plugins(plugins or [])
     rows = [
         {
             "rule": name,
@@ -21,7 +28,7 @@ def rules(json_out: bool = typer.Option(False, "--json", help="Print JSON to std
             "uses_rank": cls.uses_rank,
             "options": cls().options(),
         }
-        for name, cls in RULES.items()
+        for name, cls in sorted(RULES.items())
     ]
     if json_out:
         print(json.dumps(rows, indent=2))

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union, get_args
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ldfa_cli.feedback import RULES, FeedbackConfigError, make_rule
+from ldfa_cli.feedback import RULES, FeedbackConfigError, load_plugins, make_rule
 from ldfa_cli.models import MODELS
 from ldfa_cli.sections import NonNegative, PositiveInt, Section
 
@@ -84,6 +84,9 @@ def check_rank(value):
 class FeedbackConfig(Section):
     """Which layers get which rule, at which rank, and how the feedback learns."""
 
+    # Python files that register rules of one's own, imported before ``rule`` is checked
+    # (so it comes first); relative to the current directory, stored as absolute paths
+    plugins: list[str] = []
     rule: str = "bp"
     rank: int | float | None = None
     include: list[str] = ["*"]
@@ -99,11 +102,19 @@ class FeedbackConfig(Section):
     optimizer: OptimConfig | Literal["forward"] = OptimConfig(name="adamw", lr=1e-3)
     schedule: ScheduleConfig = ScheduleConfig()
 
+    @field_validator("plugins")
+    @classmethod
+    def _import_plugins(cls, plugins: list[str]) -> list[str]:
+        try:
+            return load_plugins(plugins)
+        except FeedbackConfigError as error:
+            raise ValueError(str(error)) from None
+
     @field_validator("rule")
     @classmethod
     def _known_rule(cls, rule: str) -> str:
         if rule not in RULES:
-            raise ValueError(f"unknown rule {rule!r}; known rules: {', '.join(RULES)}")
+            raise ValueError(f"unknown rule {rule!r}; known rules: {', '.join(sorted(RULES))}")
         return rule
 
     @field_validator("rank")

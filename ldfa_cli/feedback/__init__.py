@@ -1,24 +1,11 @@
 """Feedback layers and credit-assignment rules: low-dimensional error feedback (LDFA).
 
-Every rule replaces the W^T of a layer's backward pass (Hanut & Kadmon, Sec. 2):
-
-=============  ==========================================  ===================  ==============
-rule           feedback sent upstream                      how it learns        file
-=============  ==========================================  ===================  ==============
-``bp``         W^T g (plain autograd, the reference)       --                   backprop.py
-``fa``         B^T g, B fixed random full rank (eq. 1)     --                   fa.py
-``kp``         B^T g, B adaptive (eq. 2)                   transposed dW        fa.py
-``usf``        B^T g, B = s sign(W) (Liao et al. 2016)     follows W's sign     sign.py
-``brsf``       B^T g, B = |R| sign(W), R every batch       follows W's sign     sign.py
-``frsf``       B^T g, B = |M| sign(W), M fixed             follows W's sign     sign.py
-``lowrank_fa`` Q (P g), fixed random rank r (Sec. 3)       --                   fa.py
-``ldfa``       Q (P g), rank r (eq. 12)                    eqs. 8-9, 14         normative.py
-``ldfa_local`` Q (P g), rank r (eq. 12)                    Oja eq. 15, eq. 18   local.py
-``dfa``        B e_source, B fixed random (Noekland)       --                   broadcast.py
-``dldfa``      Q (P e_source), rank r (eq. 17)             Oja eq. 15 on e      broadcast.py
-``svd_dfa``    B e_source; W = U diag(s) V^T, error        align + orth terms   svd.py
-               projected on U (Roy et al. 2025)
-=============  ==========================================  ===================  ==============
+Every rule replaces the W^T of a layer's backward pass (Hanut & Kadmon, Sec. 2). A rule is
+one file of this folder (``backprop.py``, ``fa.py``, ``sign.py``, ``normative.py``,
+``local.py``, ``broadcast.py``, ``svd.py``): a registered frozen dataclass whose fields are
+its options and whose methods are everything it does (``rule.py`` lists the hooks). Every
+module here is imported below, so a new file registers its rules; ``plugins.py`` imports
+rule files from elsewhere. ``ldfa rules`` lists them with their equations and options.
 
 Layouts: W is m x n (out x in). B = Q P approximates W^T with Q n x r and P r x m
 (a conv's Q is an r x n x kh x kw transposed-conv kernel, its P a 1x1 conv); the input
@@ -60,7 +47,9 @@ Gradients that come from the data (Oja, Hebbian, kp) are returned by the layer's
 ``autograd.Function.backward``; the normative one from :func:`normative_update`.
 """
 
-from . import backprop, fa, sign, normative, local, broadcast, svd  # noqa: F401  # isort: skip  (registers, in order)
+import importlib
+import pkgutil
+
 from .convert import ConversionReport, conversion_report, convert
 from .diagnostics import alignment_diagnostics, feedback_alignment
 from .layers import FeedbackLayer, LDFAConv2d, LDFALinear, backprop_reference
@@ -75,7 +64,13 @@ from .model import (
     set_feedback_targets,
 )
 from .normative import feedback_loss, normative_update
+from .plugins import load_plugins
 from .rule import RULES, FeedbackConfigError, Rule, make_rule, register, resolve_rank
+
+# Every module of this folder is imported, so that a rule registers itself by having its
+# file here: adding a rule is one file.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "RULES",
@@ -97,6 +92,7 @@ __all__ = [
     "feedback_loss",
     "feedback_parameters",
     "forward_parameters",
+    "load_plugins",
     "make_rule",
     "normative_update",
     "register",

@@ -64,3 +64,21 @@ class Marking:
             return super().__exit__(*exc)
         finally:
             set_active(False)
+
+
+class marked:
+    """``with marked(layer_name, phase):`` files the ops inside under that layer and phase
+    for the FLOP counter and the phase timer; nothing at all when neither is on."""
+
+    __slots__ = ("layer", "phase", "previous")
+
+    def __init__(self, layer: str, phase: str):
+        self.layer, self.phase, self.previous = layer, phase, None
+
+    def __enter__(self) -> None:
+        if ACTIVE:
+            self.previous = enter(self.layer, self.phase)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            leave(self.previous)

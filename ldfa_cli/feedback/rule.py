@@ -220,7 +220,7 @@ def make_rule(rule: str | Rule, **options) -> Rule:
         return dataclasses.replace(rule, **options) if options else rule
     cls = RULES.get(rule)
     if cls is None:
-        raise FeedbackConfigError(f"unknown rule {rule!r}; known rules: {', '.join(RULES)}")
+        raise FeedbackConfigError(f"unknown rule {rule!r}; known rules: {', '.join(sorted(RULES))}")
     unknown = sorted(set(options) - set(cls.option_names()))
     if unknown:
         known = ", ".join(cls.option_names()) or "none"
