@@ -68,7 +68,8 @@ class TrainStep:
         steps_per_epoch: int | None = None,
         ema=None,
     ):
-        self.model, self.optimizers, self.net = model, optimizers, net or model
+        self.model, self.optimizers = model, optimizers
+        self.net = model if net is None else net  # (a compiled module has no truth value)
         self.mixer, self.label_smoothing, self.precision = mixer, label_smoothing, precision
         self.seed, self.steps_per_epoch, self.ema = seed, steps_per_epoch, ema
         self.targets_wanted = needs_targets(model)
