@@ -251,7 +251,7 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resume_equals_an_unbroken_run(
     assert run_cli(capsys, "train", recipe, "--out", whole, "--device", "cpu")[0] == 0
     restore = press_ctrl_c_during(monkeypatch, where, call)
     code, _, err = run_cli(capsys, "train", recipe, "--out", broken, "--device", "cpu")
-    assert code == 130 and f"--resume {broken}" in err
+    assert code == 130 and f"ldfa train --resume {broken}" in " ".join(err.split())
     progress = torch.load(broken / "checkpoints" / "last.pt", weights_only=True)["progress"]
     assert (progress["epoch"], progress["batch_in_epoch"], progress["step"]) == stopped_at
     restore()

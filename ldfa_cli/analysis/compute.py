@@ -1,7 +1,8 @@
 """Compute to accuracy: training FLOPs and wall-clock until a run first reaches a target
 fraction of its final accuracy (the paper's Fig. 3c bottom), until it reaches that fraction
 of backprop's mean final accuracy, and until it reaches backprop's mean final accuracy
-itself (the authors' second criterion), grouped over seeds."""
+itself (the authors' second criterion), grouped over seeds: runs whose whole resolved
+config is the same but for the seed (and the output settings) are one group."""
 
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ class RunSummary:
     flops_to_bp_final: float | None = None  # first reaching BP's mean final accuracy
     time_to_bp_final: float | None = None
     reference: dict | None = None  # the recipe's published top-1 and its source
+    settings: dict | None = None  # the resolved config, flat, but for the seed and output
 
     @property
     def group(self) -> tuple:
-        return (self.recipe, self.rule, self.rank)
+        return (self.recipe, tuple(sorted((self.settings or {}).items())))
 
     @property
     def is_bp(self) -> bool:
@@ -73,7 +75,38 @@ def summarise_run(run_dir: Path, target: float) -> RunSummary:
         reference = {"top1": top1, "sd": reference.get("sd"), "source": reference["source"]}
     return RunSummary(str(run_dir), recipe or config.get("description", "")[:40], fb["rule"],
                       fb.get("rank"), config["train"]["seed"], final, flops, seconds,
-                      reference=reference)  # fmt: skip
+                      reference=reference, settings=settings_of(config))  # fmt: skip
+
+
+# not what a run is: its seed, where it writes, its prose and its published reference
+NOT_SETTINGS = ("train.seed", "output.", "description", "reference.", "feedback.plugins")
+
+
+def settings_of(config: dict, prefix: str = "") -> dict[str, str]:
+    """A config as {dotted key: value as JSON}, without :data:`NOT_SETTINGS`."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if name.startswith(NOT_SETTINGS) or name == "reference":
+            continue
+        if isinstance(value, dict) and value:
+            flat.update(settings_of(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value, sort_keys=True)
+    return flat
+
+
+def distinguishing(groups: list[dict[str, str]], shown=("feedback.rule", "feedback.rank")):
+    """For each group's settings, a label of the settings in which the groups differ
+    (those ``shown`` in columns of their own left out), e.g. ``optim.lr=0.0001``: a key's
+    last part where no other key ends alike (``widths``), else the whole key."""
+    keys = sorted({k for g in groups for k in g})
+    differ = [k for k in keys if k not in shown and len({g.get(k) for g in groups}) > 1]
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    names = [k.rsplit(".", 1)[-1] if last.count(k.rsplit(".", 1)[-1]) == 1 else k
+             for k in differ]  # fmt: skip
+    return [", ".join(f"{n}={json.loads(g[k]) if k in g else '-'}"
+                      for k, n in zip(differ, names, strict=True)) for g in groups]  # fmt: skip
 
 
 def add_common_target(runs: list[RunSummary], target: float) -> float | None:
@@ -102,20 +135,40 @@ def _mean_se(values: list[float | None]) -> tuple[float | None, float | None, in
     return mean, math.sqrt(var / len(got)), len(got)
 
 
-def group_runs(runs: list[RunSummary]) -> list[dict]:
-    """One row per (recipe, rule, rank), BP first then by rank: mean and standard error."""
-    groups: dict[tuple, list[RunSummary]] = {}
+def group_runs(runs: list[RunSummary]) -> tuple[list[dict], list[str]]:
+    """One row per group (the same config but for the seed), BP first then by rank: the
+    mean and standard error over its seeds, and what sets it apart from the other groups.
+    A seed that two runs of a group share counts once (the first run); the warnings say
+    which runs were left out."""
+    groups: dict[tuple, dict[int, RunSummary]] = {}
+    warnings = []
     for run in runs:
-        groups.setdefault(run.group, []).append(run)
+        seeds = groups.setdefault(run.group, {})
+        if run.seed in seeds:
+            warnings.append(f"{run.path} repeats seed {run.seed} of {seeds[run.seed].path} "
+                            "(the same config): counted once, the first")  # fmt: skip
+        else:
+            seeds[run.seed] = run
 
     def order(key):
-        _, rule, rank = key
-        return (rule != "bp", float("inf") if rank is None else float(rank), rule)
+        run = next(iter(groups[key].values()))
+        rank = run.rank if run.rule != "bp" else None
+        return (run.rule != "bp", float("inf") if rank is None else float(rank), run.rule)
 
+    keys = sorted(groups, key=order)
+    labels = {}  # what sets a group apart from the other groups of its recipe
+    for recipe in {key[0] for key in keys}:
+        mine = [key for key in keys if key[0] == recipe]
+        found = distinguishing([next(iter(groups[k].values())).settings or {} for k in mine])
+        labels.update(zip(mine, found, strict=True))
     rows = []
-    for key in sorted(groups, key=order):
-        members = groups[key]
-        row = {"recipe": key[0], "rule": key[1], "rank": key[2], "seeds": len(members),
+    for key in keys:
+        label = labels[key]
+        members = list(groups[key].values())
+        first = members[0]
+        row = {"recipe": first.recipe, "rule": first.rule,
+               "rank": first.rank if first.rule != "bp" else None, "setting": label,
+               "seeds": len(members),
                "reference": next((m.reference for m in members if m.reference), None)}  # fmt: skip
         for name in ("final_acc", "flops_to_target", "time_to_target", "flops_to_common",
                      "time_to_common", "flops_to_bp_final", "time_to_bp_final"):  # fmt: skip
@@ -126,14 +179,15 @@ def group_runs(runs: list[RunSummary]) -> list[dict]:
             elif se is not None:  # the spread over seeds, as results are reported
                 row["final_acc_sd"] = se * math.sqrt(reached)
         rows.append(row)
-    return rows
+    return rows, warnings
 
 
-def series_of(recipe: str | None) -> str:
+def series_of(recipe: str | None, setting: str = "") -> str:
     """The family a run's recipe belongs to, its rank and 'bp' taken out of the name, so
     that fmnist_vit_bp, fmnist_vit_r8 and fmnist_vit_r16 draw one curve and
-    fmnist_vit_r16_authors another."""
-    return re.sub(r"_(r\d+|bp)(?=_|$)", "", recipe or "")
+    fmnist_vit_r16_authors another; a setting that sets groups apart makes its own."""
+    family = re.sub(r"_(r\d+|bp)(?=_|$)", "", recipe or "")
+    return f"{family} ({setting})" if setting else family
 
 
 def plot_compute(rows: list[dict], path: Path, target: float, common: bool) -> None:
@@ -150,12 +204,12 @@ def plot_compute(rows: list[dict], path: Path, target: float, common: bool) -> N
 
     key = "flops_to_common" if common else "flops_to_target"
     ranks = sorted({r["rank"] for r in rows if r["rule"] != "bp"}, key=float)
-    names = list(dict.fromkeys(series_of(r["recipe"]) for r in rows))
+    names = list(dict.fromkeys(series_of(r["recipe"], r.get("setting", "")) for r in rows))
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(1.2 * (len(ranks) + 1) * max(1, len(names) / 1.5) + 3, 3.8))
     twin = ax.twinx()
     for i, name in enumerate(names):
-        mine = [r for r in rows if series_of(r["recipe"]) == name]
+        mine = [r for r in rows if series_of(r["recipe"], r.get("setting", "")) == name]
         xs = [(0 if r["rule"] == "bp" else 1 + ranks.index(r["rank"])) + (i - (len(names) - 1) / 2)
               * width for r in mine]  # fmt: skip
         colour = f"C{i}"

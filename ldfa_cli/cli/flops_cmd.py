@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ldfa_cli.analysis.flops import OMITTED
 from ldfa_cli.console import stderr_console
-from ldfa_cli.errors import ConfigError
+from ldfa_cli.errors import CheckpointError, ConfigError
 from ldfa_cli.measure.flops import ALL_PHASES, PHASES
 
 
@@ -100,40 +100,65 @@ def _reference_cell(reference: dict | None) -> str:
     return f"{100 * reference['top1']:.2f}{sd}"
 
 
+FLOP_UNITS = ((1e15, "PFLOPs"), (1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"))
+
+
+def flop_unit(values) -> tuple[float, str]:
+    """The largest unit in which the largest of ``values`` is at least 1."""
+    largest = max((v for v in values if v), default=1e12)
+    return next(((s, u) for s, u in FLOP_UNITS if largest >= s), FLOP_UNITS[-1])
+
+
 def runs_flops(paths: list[Path], target: float, json_out: bool, plot: Path | None) -> None:
     from ldfa_cli.analysis.compute import add_common_target, group_runs, plot_compute, summarise_run
+    from ldfa_cli.analysis.runs import collect_runs
 
-    runs = [summarise_run(p, target) for p in paths]
+    console = stderr_console()
+    runs = []
+    for path in collect_runs(paths, say=console.print):
+        try:
+            runs.append(summarise_run(path, target))
+        except CheckpointError as error:  # no evaluation yet, an older run: noted, not fatal
+            console.print(f"left out {error}")
+    if not runs:
+        raise ConfigError("none of these runs has an evaluation yet")
     common = add_common_target(runs, target)
-    rows = group_runs(runs)
-    table = Table(title=f"compute to {target:.0%} of final accuracy ({len(runs)} runs)",
-                  caption="final accuracy: mean of the last 3 evaluations, ± sd over seeds; "
-                  "compute columns: mean ± standard error")  # fmt: skip
-    for col in ("recipe", "rule", "r", "seeds", "final acc ± sd", "reference",
-                "TFLOPs to own target", "s to own target", "TFLOPs to BP target",
-                "TFLOPs to BP final"):  # fmt: skip
-        table.add_column(col, justify="left" if col in ("recipe", "rule") else "right")
+    rows, warnings = group_runs(runs)
+    columns = ("flops_to_target", "flops_to_common", "flops_to_bp_final")
+    scale, unit = flop_unit([r[k] for r in rows for k in columns if r[k]])
+    table = Table(title=f"compute to {target:.0%} of final accuracy ({len(runs)} runs, "
+                  f"{len(rows)} settings)",
+                  caption="a row: runs alike but for the seed; final accuracy: mean of the "
+                  "last 3 evaluations, ± sd over seeds; compute columns: mean ± standard "
+                  "error")  # fmt: skip
+    for col in ("recipe", "rule", "r", "setting", "seeds", "final acc ± sd", "reference",
+                f"{unit} to own target", "s to own target", f"{unit} to BP target",
+                f"{unit} to BP final"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("recipe", "rule", "setting") else "right",
+                         overflow="fold")
 
     def fmt(row, key, scale=1.0, digits=3):
         mean, se = row[key], row.get(f"{key}_se")
         if mean is None:
             return "not reached"
-        text = f"{mean * scale:.{digits}f}"
-        text += f" ± {se * scale:.{digits}f}" if se is not None else ""
+        text = f"{mean / scale:.{digits}f}"
+        text += f" ± {se / scale:.{digits}f}" if se is not None else ""
         reached = row.get(f"{key}_reached")
         return text + (
             f" ({reached}/{row['seeds']})" if reached not in (None, row["seeds"]) else ""
         )
 
     for row in rows:
-        table.add_row(row["recipe"], row["rule"], str(row["rank"] or "-"), str(row["seeds"]),
+        table.add_row(row["recipe"], row["rule"], str(row["rank"] or "-"),
+                      row["setting"] or "-", str(row["seeds"]),
                       _accuracy_cell(row), _reference_cell(row["reference"]),
-                      fmt(row, "flops_to_target", 1e-12),
+                      fmt(row, "flops_to_target", scale),
                       fmt(row, "time_to_target", 1, 1),
-                      fmt(row, "flops_to_common", 1e-12) if common else "-",
-                      fmt(row, "flops_to_bp_final", 1e-12) if common else "-")  # fmt: skip
-    console = stderr_console()
+                      fmt(row, "flops_to_common", scale) if common else "-",
+                      fmt(row, "flops_to_bp_final", scale) if common else "-")  # fmt: skip
     console.print(table)
+    for warning in warnings:
+        console.print(f"[yellow]warning[/yellow]: {warning}")
     for row in rows:
         if row["reference"]:
             console.print(f"reference of {row['recipe']}: {row['reference']['source']}")
@@ -146,16 +171,25 @@ def runs_flops(paths: list[Path], target: float, json_out: bool, plot: Path | No
         console.print(f"wrote {plot}")
     if json_out:
         print(json.dumps({"target": target, "bp_target_acc": common, "groups": rows,
-                          "runs": [vars(r) for r in runs]}, indent=2))  # fmt: skip
+                          "warnings": warnings, "runs": [vars(r) for r in runs]},
+                         indent=2))  # fmt: skip
 
 
-def _is_run(path: str) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / "metrics.jsonl").is_file()
+def _recipe_mode(targets: list[str]) -> bool:
+    """A recipe (a YAML file or a shipped recipe's name) with key=value overrides, not run
+    or sweep folders."""
+    first = Path(targets[0])
+    if first.is_dir():
+        return False
+    if first.suffix in (".yaml", ".yml"):
+        return True
+    return not first.exists() and all("=" in t or t.startswith("~") for t in targets[1:])
 
 
 def flops(
-    targets: list[str] = typer.Argument(..., help="A RECIPE [key=value ...], or run folders."),
+    targets: list[str] = typer.Argument(
+        ..., help="A RECIPE [key=value ...], or run folders and sweep folders."
+    ),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Recipe mode: batch."),
     device: str = typer.Option("cpu", "--device", help="Recipe mode: auto, cpu, cuda, mps."),
     target: float = typer.Option(
@@ -166,13 +200,7 @@ def flops(
 ) -> None:
     """FLOPs of one training step of a recipe under its rule and under backprop, per layer;
     or, given run folders, the training compute each needed to reach its target accuracy."""
-    if all(_is_run(t) for t in targets):
+    if _recipe_mode(targets):
+        recipe_flops(targets[0], targets[1:], batch_size, device, json_out)
+    else:
         runs_flops([Path(t) for t in targets], target, json_out, plot)
-        return
-    runs = [t for t in targets if _is_run(t)]
-    if runs:
-        raise ConfigError(
-            f"'{runs[0]}' is a run folder but other arguments are not: give either a recipe "
-            "with key=value overrides or run folders only"
-        )
-    recipe_flops(targets[0], targets[1:], batch_size, device, json_out)

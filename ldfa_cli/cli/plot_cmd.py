@@ -85,7 +85,7 @@ def plot_alignment(runs: list[Path], out: Path) -> None:
 
 
 def plot(
-    runs: list[Path] = typer.Argument(..., help="Run folders."),
+    runs: list[Path] = typer.Argument(..., help="Run folders and sweep folders."),
     x: str = typer.Option("epoch", "--x", help="epoch, flops or time."),
     alignment: bool = typer.Option(
         False, "--alignment", help="Draw the alignment of B with W^T over training instead."
@@ -99,8 +99,10 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ldfa_cli.analysis.runs import collect_runs
     from ldfa_cli.engine.metrics import read_metrics
 
+    runs = collect_runs(runs, say=stderr_console().print)
     if alignment:
         plot_alignment(runs, out)
         return

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from ldfa_cli.console import stderr_console
+from ldfa_cli.engine.interrupt import exit_code
 from ldfa_cli.errors import ConfigError
 
 
@@ -81,7 +82,7 @@ def sweep(
 ) -> None:
     """Run a grid of one recipe into one folder (finished points are skipped, interrupted
     ones resumed), one point at a time or --jobs at once, or print the commands; 'ldfa flops
-    FOLDER' reads it."""
+    FOLDER' and 'ldfa plot FOLDER' read it."""
     from ldfa_cli.config import find_recipe, load_recipe
 
     path = find_recipe(recipe)
@@ -98,12 +99,11 @@ def sweep(
             print(" ".join(shlex.quote(w) for w in words))
         return
     from ldfa_cli.engine.loop import train as run
-    from ldfa_cli.engine.run_dir import prepare_run_dir
 
     console = stderr_console()
     if jobs > 1:
         _run_parallel(path, points, names, out, device, jobs, console)
-        console.print(f"sweep done: ldfa flops {out}/* --plot {out}/compute.png")
+        console.print(f"sweep done: ldfa flops {out} --plot {out}/compute.png")
         return
     for i, (point, name) in enumerate(zip(points, names, strict=True), start=1):
         config, _ = load_recipe(str(path), point)
@@ -112,16 +112,22 @@ def sweep(
             console.print(f"[{i}/{len(points)}] {name}: finished, skipped")
             continue
         resume = (run_dir / "checkpoints" / "last.pt").is_file()
-        if not resume:
-            prepare_run_dir(run_dir, overwrite=True)
         console.print(f"[{i}/{len(points)}] {name}: {'resuming' if resume else 'training'}"
                       f" into {run_dir}")  # fmt: skip
         try:
-            run(config, run_dir, device, resume=resume, console=console, recipe_name=path.stem)
-        except KeyboardInterrupt:
+            run(
+                config,
+                run_dir,
+                device,
+                resume=resume,
+                console=console,
+                recipe_name=path.stem,
+                overwrite=not resume,
+            )  # a point that never reached a checkpoint starts over
+        except KeyboardInterrupt as stop:
             console.print(f"sweep interrupted at {name}: the same command resumes it")
-            raise typer.Exit(code=130) from None
-    console.print(f"sweep done: ldfa flops {out}/* --plot {out}/compute.png")
+            raise typer.Exit(code=exit_code(stop)) from None
+    console.print(f"sweep done: ldfa flops {out} --plot {out}/compute.png")
 
 
 def _run_parallel(path: Path, points, names, out: Path, device: str, jobs: int, console) -> None:

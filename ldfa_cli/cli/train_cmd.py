@@ -11,7 +11,8 @@ import typer
 
 from ldfa_cli.config import apply_overrides, load_recipe, read_yaml, to_yaml, validate
 from ldfa_cli.console import stderr_console
-from ldfa_cli.engine.run_dir import new_run_dir, prepare_run_dir
+from ldfa_cli.engine.interrupt import exit_code
+from ldfa_cli.engine.run_dir import check_run_dir, new_run_dir
 from ldfa_cli.errors import ConfigError
 
 
@@ -73,13 +74,12 @@ def train(
             raise ConfigError("under torchrun give --out DIR, so that every rank uses one folder")
         run_dir = out or new_run_dir(config.output.dir, path.stem)
         if not dry_run and main_rank:
-            prepare_run_dir(run_dir, overwrite)
-        if main_rank and not dry_run:
-            console.print(f"run folder: {run_dir}")
+            check_run_dir(run_dir, overwrite)  # (the folder is made once the run can start)
     try:
         result = run(config, run_dir, device, resume=resume is not None, stop_after=stop_after,
-                     dry_run=dry_run, console=console, recipe_name=recipe_name)  # fmt: skip
-    except KeyboardInterrupt:
-        raise typer.Exit(code=130) from None
+                     dry_run=dry_run, console=console, recipe_name=recipe_name,
+                     overwrite=overwrite)  # fmt: skip
+    except KeyboardInterrupt as stop:
+        raise typer.Exit(code=exit_code(stop)) from None
     if json_out and main_rank:
         print(json.dumps(asdict(result), indent=2))

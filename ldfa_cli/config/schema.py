@@ -229,6 +229,10 @@ class TrainConfig(Section):
     # cosine of the rule's input gradient with backprop's on a fixed probe batch (off: null)
     log_alignment_every: PositiveInt | None = None
     ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # timm's ModelEmaV3
+    # last.pt also mid-epoch, with the data position, every N steps and/or every M minutes,
+    # so that a kill (a preempted job) loses at most that much; --resume continues there
+    checkpoint_every_steps: PositiveInt | None = None
+    checkpoint_every_minutes: Annotated[float, Field(gt=0.0)] | None = 30.0
     alignment_probe: PositiveInt = 256  # probe images: the first N of the training set
 
     @field_validator("compile", mode="before")

@@ -31,11 +31,11 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .evaluate import evaluate
 from .interrupt import GracefulStop, StopRequested
 from .metering import FlopMeter
-from .metrics import MetricsLog
+from .metrics import MetricsLog, tensorboard_writer
 from .optim import build_optimizers
 from .progress import EpochBar, LogWindow, WindowSummary, check_finite
 from .regularise import make_ema
-from .run_dir import describe_device, write_run_files
+from .run_dir import RunFolder, describe_device, write_run_files
 from .step import StepOutput, TrainStep
 
 ALIGNMENT_KEYS = ("angle_deg", "norm_ratio", "rel_error", "grad_cosine")
@@ -73,11 +73,15 @@ def train(
     dry_run: bool = False,
     console: Console | None = None,
     recipe_name: str = "",
+    overwrite: bool = False,
 ) -> RunResult:
     """Train ``recipe``; write into ``run_dir`` (rank 0 only; nothing when ``dry_run``).
     ``resume`` continues from ``run_dir/checkpoints/last.pt``; ``stop_after`` ends this
-    invocation after that many epochs with a checkpoint, to be resumed later."""
-    trainer = Trainer(recipe, run_dir, device_name, resume, dry_run, console, recipe_name)
+    invocation after that many epochs with a checkpoint, to be resumed later; ``overwrite``
+    replaces a run already in ``run_dir`` (once the new one has its first checkpoint)."""
+    trainer = Trainer(
+        recipe, run_dir, device_name, resume, dry_run, console, recipe_name, overwrite
+    )
     return trainer.dry_run() if dry_run else trainer.train(stop_after)
 
 
@@ -86,18 +90,17 @@ class Trainer:
 
     def __init__(self, recipe, run_dir: Path | None, device_name: str = "auto",
                  resume: bool = False, dry_run: bool = False, console: Console | None = None,
-                 recipe_name: str = ""):  # fmt: skip
+                 recipe_name: str = "", overwrite: bool = False):  # fmt: skip
         self.recipe, self.cfg, self.run_dir = recipe, recipe.train, run_dir
         self.console = console or stderr_console()
         self._setup_world(device_name)
         self.writes = self.world.main and not dry_run
-        self._setup_data()  # read and checked before anything is written
+        self._setup_data()
         self._setup_model()
-        self._setup_run_files(resume, recipe_name)
         self.state = RunState()
         checkpoint = self._resume() if resume else None
         self._setup_step(checkpoint)
-        self._setup_logs(resume)
+        self._setup_run_folder(resume, overwrite, recipe_name)  # last: all else is checked
 
     # ------------------------------------------------------------------------- setup
     def _setup_world(self, device_name: str) -> None:
@@ -114,14 +117,6 @@ class Trainer:
         """The model with its feedback layers and its two optimizers."""
         self.model = build_network(self.recipe, self.data, self.device)
         self.optimizers = build_optimizers(self.recipe, self.model, self.steps_per_epoch)
-
-    def _setup_run_files(self, resume: bool, recipe_name: str) -> None:
-        """A new run describes itself at once; a resume rewrites config.yaml (with its
-        overrides) only once it has saved a checkpoint, so a failed resume changes nothing."""
-        self.run_files_due = self.writes and resume
-        if self.writes and not resume:
-            write_run_files(self.run_dir, self.recipe, describe_device(self.device),
-                            self.world.size, resumed=False, recipe_name=recipe_name)  # fmt: skip
 
     def _resume(self) -> dict:
         path = self.run_dir / "checkpoints" / "last.pt"
@@ -162,21 +157,36 @@ class Trainer:
         self.flops = FlopMeter(self.step, self.optimizers.flop_plan(self.model), self.world.size)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                        enabled=self.cfg.precision == "bf16")  # fmt: skip
-
-    def _setup_logs(self, resume: bool) -> None:
-        self.metrics = MetricsLog(self.run_dir, self.recipe.output.tensorboard) if self.writes \
-            else None  # fmt: skip
-        if self.metrics is not None and resume:
-            self.metrics.truncate_after(self.state.step)
         self.probe = self.data.probe(self.cfg.alignment_probe) if self.cfg.log_alignment_every \
             else None  # fmt: skip
         self.ctrl_c = GracefulStop()
+
+    def _setup_run_folder(self, resume: bool, overwrite: bool, recipe_name: str) -> None:
+        """Only now, with the data, model, device and packages checked, a new run makes its
+        folder (setting aside the run it overwrites) and describes itself; a resume rewrites
+        config.yaml (with its overrides) only once it has saved a checkpoint, so a failed
+        resume changes nothing."""
+        self.folder, self.metrics = None, None
+        self.run_files_due = self.writes and resume
+        if not self.writes:
+            return
+        if self.recipe.output.tensorboard:
+            tensorboard_writer()
+        if not resume:
+            self.folder = RunFolder(self.run_dir, overwrite)
+            self.folder.make()
+            self.say(f"run folder: {self.run_dir}")
+            write_run_files(self.run_dir, self.recipe, describe_device(self.device),
+                            self.world.size, resumed=False, recipe_name=recipe_name)  # fmt: skip
+        self.metrics = MetricsLog(self.run_dir, self.recipe.output.tensorboard)
+        if resume:
+            self.metrics.truncate_after(self.state.step)
 
     # ------------------------------------------------------------------------- train
     def train(self, stop_after: int | None = None) -> RunResult:
         cfg, state, world = self.cfg, self.state, self.world
         last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, state.epoch + stop_after)
-        self.start_time = time.perf_counter() - state.elapsed_s
+        self.start_time = self.saved_at = time.perf_counter() - state.elapsed_s
         last_eval = None
         bar = EpochBar(self.console, world.main, self.steps_per_epoch, cfg.epochs)
         try:
@@ -209,6 +219,8 @@ class Trainer:
                             self.stop_here(everywhere=summary.stop_requested)
                         else:
                             self.stop_here()
+                        if not end_of_epoch and self.checkpoint_due():
+                            self.save("last.pt")  # mid-epoch: a kill loses little
                     # Evaluate before the epoch counts as done, so that a stop before this
                     # point resumes into this evaluation and a stop after it does not repeat it.
                     if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
@@ -218,14 +230,19 @@ class Trainer:
                     if state.epoch < last_epoch:  # a Ctrl-C after the last epoch changes nothing
                         self.stop_here()  # (under torchrun the epoch's last log already agreed)
             self.log_replicas()
-        except StopRequested:
+        except StopRequested as stop:
             self.save("last.pt")
-            self.say(f"interrupted: checkpoint written at step {state.step}; continue with "
-                     f"--resume {self.run_dir}")  # fmt: skip
+            self.say(f"stopped by {stop}: checkpoint written at step {state.step}; continue "
+                     f"with: ldfa train --resume {self.run_dir}")  # fmt: skip
             raise
-        except KeyboardInterrupt:
-            self.say("stopped at once (second Ctrl-C): nothing written since the last "
-                     f"checkpoint; --resume {self.run_dir} continues from it")  # fmt: skip
+        except KeyboardInterrupt as stop:
+            self.say(f"stopped at once (a second {stop or 'SIGINT'}): nothing written since "
+                     f"the last checkpoint; ldfa train --resume {self.run_dir} continues from "
+                     "it")  # fmt: skip
+            self.undo()
+            raise
+        except BaseException:
+            self.undo()
             raise
         finally:
             self.close()
@@ -315,16 +332,27 @@ class Trainer:
 
     # ------------------------------------------------------------ stopping and saving
     def stop_here(self, everywhere: bool = False) -> None:
-        """Stop at this step boundary if Ctrl-C was pressed. Under torchrun the ranks agree
-        only where they sum their logs (every log_every steps), so that all stop together."""
+        """Stop at this step boundary if a SIGINT or SIGTERM came. Under torchrun the ranks
+        agree only where they sum their logs (every log_every steps), so that all stop
+        together."""
         if everywhere or (self.ctrl_c.requested and not self.world.distributed):
-            raise StopRequested
+            raise StopRequested(self.ctrl_c.signum)
+
+    def checkpoint_due(self) -> bool:
+        """Whether a mid-epoch ``last.pt`` is due (``train.checkpoint_every_steps`` or
+        ``_minutes``): rank 0 alone writes, and decides alone."""
+        minutes = self.cfg.checkpoint_every_minutes
+        return self.writes and (
+            _every(self.state.step, self.cfg.checkpoint_every_steps)
+            or (minutes is not None and time.perf_counter() - self.saved_at >= 60 * minutes)
+        )
 
     def save(self, name: str) -> None:
         if not self.writes:
             return
         if name == "last.pt":
             self.state.elapsed_s = self.elapsed()
+            self.saved_at = time.perf_counter()
         if self.run_files_due:
             write_run_files(self.run_dir, self.recipe, describe_device(self.device),
                             self.world.size, resumed=True)  # fmt: skip
@@ -337,6 +365,13 @@ class Trainer:
             "progress": asdict(self.state),
             "config": self.recipe.model_dump(mode="json"),
         })  # fmt: skip
+        if self.folder is not None:
+            self.folder.keep()  # a run it replaces can go now
+
+    def undo(self) -> None:
+        """A run that overwrote another and ends before its first checkpoint puts it back."""
+        if self.folder is not None and (restored := self.folder.undo()):
+            self.say(restored)
 
     def close(self) -> None:
         if self.metrics is not None:

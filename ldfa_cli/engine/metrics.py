@@ -5,9 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ldfa_cli.errors import ConfigError
+from ldfa_cli.console import stderr_console
+from ldfa_cli.errors import CheckpointError, ConfigError
 
 from .checkpoint import atomic_write_text
+
+
+def tensorboard_writer():
+    """TensorBoard's ``SummaryWriter`` class; a one-line error where the package is missing
+    (checked before a run makes its folder)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "output.tensorboard is true but the tensorboard package is missing: "
+            "pip install tensorboard (or set output.tensorboard=false)"
+        ) from None
+    return SummaryWriter
 
 
 class MetricsLog:
@@ -17,22 +31,16 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError(
-                    "output.tensorboard is true but the tensorboard package is missing: "
-                    "pip install tensorboard (or set output.tensorboard=false)"
-                ) from None
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.writer = tensorboard_writer()(log_dir=str(run_dir / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """Drop events logged after ``step`` (a resumed run logs them again)."""
+        """Drop events logged after ``step`` (a resumed run logs them again), and a last
+        line cut short by a kill."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]  # fmt: skip
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        kept = [event for event in read_metrics(self.path, warn=False)
+                if event.get("step", 0) <= step]  # fmt: skip
+        atomic_write_text(self.path, "".join(json.dumps(e) + "\n" for e in kept))
 
     def log(self, event: dict) -> None:
         with self.path.open("a") as handle:
@@ -60,5 +68,20 @@ def _scalars(event: dict, prefix: str = ""):
             yield name, value
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_metrics(path: Path, warn: bool = True) -> list[dict]:
+    """The events of a ``metrics.jsonl``. A last line cut short (a process killed while
+    writing it) is skipped, with a warning; a bad line before it is a one-line error."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    events = []
+    for number, line in enumerate(lines, 1):
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise CheckpointError(f"{path}: line {number} is not JSON; the file is damaged "
+                                      "(remove the line to use the rest)") from None  # fmt: skip
+            if warn:
+                stderr_console().print(f"[yellow]warning[/yellow]: {path}: its last line is "
+                                       "cut short (a run killed while writing it); "
+                                       "skipped")  # fmt: skip
+    return events

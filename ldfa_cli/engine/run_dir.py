@@ -28,19 +28,52 @@ def new_run_dir(base: str, recipe_name: str) -> Path:
     return path
 
 
-def prepare_run_dir(path: Path, overwrite: bool) -> Path:
-    """Create ``path``; a non-empty folder is refused unless ``overwrite`` (which empties it)."""
+def check_run_dir(path: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty folder unless ``overwrite``; nothing on disk changes."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path} is a file, not a folder")
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise ConfigError(
-                f"{path} is not empty: continue it with --resume {path}, replace it with "
-                "--overwrite, or choose another --out"
-            )
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"{path} is not empty: continue it with --resume {path}, replace it with "
+            "--overwrite, or choose another --out"
+        )
+
+
+class RunFolder:
+    """A new run's folder, made only once everything the run needs has been checked (so a
+    run that cannot start leaves nothing behind). With ``overwrite`` the run it replaces is
+    moved aside, beside it as ``.NAME.replaced-TIME``, and deleted only once the new run
+    has written a checkpoint; should the new run end before that, it is put back."""
+
+    def __init__(self, path: Path, overwrite: bool = False):
+        self.path, self.overwrite = Path(path), overwrite
+        self.replaced: Path | None = None
+        self.made = False
+
+    def make(self) -> None:
+        check_run_dir(self.path, self.overwrite)  # (the folder may have changed meanwhile)
+        if self.overwrite and self.path.is_dir() and any(self.path.iterdir()):
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.replaced = self.path.with_name(f".{self.path.name}.replaced-{stamp}")
+            self.path.rename(self.replaced)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.made = True
+
+    def keep(self) -> None:
+        """The new run has a checkpoint: the run it replaced can go."""
+        if self.replaced is not None:
+            shutil.rmtree(self.replaced, ignore_errors=True)
+            self.replaced = None
+
+    def undo(self) -> str | None:
+        """The new run ended before its first checkpoint: remove what it made and put back
+        the run it replaced (a fresh folder with the run's logs stays). Says what it did."""
+        if not self.made or self.replaced is None:
+            return None
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.replaced.rename(self.path)
+        self.replaced = None
+        return f"{self.path} holds the run it was to replace again (nothing was overwritten)"
 
 
 def _version(package: str) -> str:
