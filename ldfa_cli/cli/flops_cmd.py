@@ -134,8 +134,11 @@ def runs_flops(paths: list[Path], target: float, json_out: bool, plot: Path | No
     for col in ("recipe", "rule", "r", "setting", "seeds", "final acc ± sd", "reference",
                 f"{unit} to own target", "s to own target", f"{unit} to BP target",
                 f"{unit} to BP final"):  # fmt: skip
-        table.add_column(col, justify="left" if col in ("recipe", "rule", "setting") else "right",
-                         overflow="fold")
+        table.add_column(
+            col,
+            justify="left" if col in ("recipe", "rule", "setting") else "right",
+            overflow="fold",
+        )
 
     def fmt(row, key, scale=1.0, digits=3):
         mean, se = row[key], row.get(f"{key}_se")
