@@ -26,3 +26,25 @@ def test_rules_json_lists_every_rule_with_options():
 def test_unknown_command_exits_2():
     out = ldfa("nope")
     assert out.returncode == 2 and "No such command" in out.stderr
+
+
+def test_version_and_short_help():
+    out = ldfa("--version")
+    assert out.returncode == 0 and out.stdout.startswith("ldfa ")
+    assert ldfa("-h").returncode == 0 and ldfa("train", "-h").returncode == 0
+
+
+def test_listings_go_to_stdout_as_plain_lines_when_piped():
+    for command, first in ((["recipes"], "name\tmodel"), (["rules"], "rule\t"),
+                           (["validate", "quickstart"], "ok")):  # fmt: skip
+        out = ldfa(*command)
+        assert out.returncode == 0 and out.stdout.startswith(first) and not out.stderr.strip()
+    recipes = ldfa("recipes").stdout.splitlines()
+    vit = next(line for line in recipes if line.startswith("vit_cifar10_r24\t"))
+    assert vit.split("\t")[3:6] == ["ldfa", "24", "250"]  # rule, rank and epochs all there
+
+
+def test_conflicting_flags_are_refused():
+    for flags in (["--print-config", "--dry-run"], ["--resume", "runs/x", "--overwrite"]):
+        out = ldfa("train", *(["quickstart"] if "--dry-run" in flags else []), *flags)
+        assert out.returncode == 2 and "do not go together" in out.stderr

@@ -101,8 +101,8 @@ def test_recipe_by_name_or_path_and_overrides():
 
 
 def test_validate_and_recipes_commands(capsys):
-    code, _, err = run_cli(capsys, "validate", "quickstart", "fmnist_mlp_bp")
-    assert code == 0 and err.count("ok") == 2
+    code, out, _ = run_cli(capsys, "validate", "quickstart", "fmnist_mlp_bp")
+    assert code == 0 and out.count("ok") == 2  # the verdicts are the output: on stdout
     code, out, _ = run_cli(capsys, "recipes", "--json")
     assert code == 0 and "vit_cifar10_r24" in out
 
@@ -131,8 +131,8 @@ def test_malformed_recipe_exits_2_naming_the_key(capsys, overrides, words):
 
 
 def test_missing_recipe_file(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "validate", str(tmp_path / "none.yaml"))
-    assert code == 2 and "neither a file nor a shipped recipe" in err
+    code, out, _ = run_cli(capsys, "validate", str(tmp_path / "none.yaml"))
+    assert code == 2 and "neither a file nor a shipped recipe" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     code, _, err = run_cli(capsys, "train", str(bad), "--print-config")
@@ -146,8 +146,9 @@ def test_empty_recipe_is_refused_naming_the_file(capsys, tmp_path, command, text
     empty = tmp_path / "empty.yaml"
     empty.write_text(text)
     out = tmp_path / "run"
-    code, _, err = run_cli(capsys, command, empty, *(["--out", out] if command == "train" else []))
-    line = err.strip()
+    code, stdout, err = run_cli(capsys, command, empty,
+                                *(["--out", out] if command == "train" else []))  # fmt: skip
+    line = (stdout if command == "validate" else err).strip()  # validate's verdicts: stdout
     assert code == 2 and "\n" not in line and "Traceback" not in line
     assert str(empty) in line and "empty" in line
     assert not out.exists()

@@ -233,9 +233,9 @@ def test_train_compile_takes_a_mode(capsys, tmp_path, monkeypatch, setting, mode
 
 def test_train_compile_refuses_an_unknown_mode(capsys, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", *FAMILIES["mlp"], train={"compile": "fast"})
-    code, _, err = run_cli(capsys, "validate", recipe)
-    assert code == 2 and "train.compile" in err and "reduce-overhead" in err
-    assert "Traceback" not in err
+    code, out, _ = run_cli(capsys, "validate", recipe)
+    assert code == 2 and "train.compile" in out and "reduce-overhead" in out
+    assert "Traceback" not in out
 
 
 @pytest.mark.parametrize("where, call, stopped_at", [
@@ -273,3 +273,19 @@ def test_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(capsys, tmp_p
     progress = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]
     assert (progress["epoch"], progress["batch_in_epoch"], progress["step"]) == (1, 0, 4)
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler restored
+
+
+def test_a_run_ends_with_a_line_saying_where_it_is_and_eval_names_best_pts_epoch(capsys, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", *FAMILIES["mlp"], train={"epochs": 2})
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", recipe, "--out", run, "--stop-after", "1",
+                           "--device", "cpu")  # fmt: skip
+    flat = " ".join(err.split())
+    assert code == 0 and "stopped after epoch 1 of 2 (--stop-after)" in flat
+    assert f"continue with: ldfa train --resume {run}" in flat
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--device", "cpu")
+    flat = " ".join(err.split())
+    assert code == 0 and "done: 2 epochs, 8 steps in" in flat and f"run folder {run}" in flat
+    code, out, _ = run_cli(capsys, "eval", run, "--checkpoint", "best", "--json", "--device", "cpu")
+    best = json.loads(out)
+    assert best["epoch"] in (1, 2) and best["epoch"] == best["step"] / 4  # the evaluation's epoch

@@ -231,6 +231,13 @@ def variant_specs(recipe, ranks: list[int]) -> list[tuple[str, object]]:
     return specs
 
 
+def with_ranks_used(label: str, rank, model: nn.Module) -> str:
+    """The variant's label, with the ranks its layers use where they are not the one asked
+    for (clipped to a layer's full rank)."""
+    used = sorted({layer.rank for _, layer in feedback_layers(model) if layer.rank is not None})
+    return label if not used or used == [rank] else f"{label} (used {', '.join(map(str, used))})"
+
+
 def build_variants(recipe, ranks: list[int], batch_size: int, device) -> list[Variant]:
     """Backprop and the rule at each rank, each with its whole step counted (both
     optimizers included). Backprop's counts and phase timings come from its split twin
@@ -244,6 +251,7 @@ def build_variants(recipe, ranks: list[int], batch_size: int, device) -> list[Va
         model.train()
         optimizers = build_optimizers(spec, model, steps_per_epoch=1)
         step = recipe_step(spec, model, optimizers)
+        label = with_ranks_used(label, spec.feedback.rank, model)
         variants.append(Variant(label, model, RepeatedStep(step, x, y), None, [],
                                 period=update_period(model)))  # fmt: skip
         plans[label] = optimizers.flop_plan(model)

@@ -26,6 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("train")(train_cmd.train)
 app.command("eval")(eval_cmd.eval_)
@@ -40,8 +41,20 @@ app.command("plot")(plot_cmd.plot)
 app.command("rf")(rf_cmd.rf)
 
 
+def _version(shown: bool) -> None:
+    if shown:
+        from importlib import metadata
+
+        print(f"ldfa {metadata.version('ldfa-cli')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Train neural networks with low-dimensional error feedback (LDFA)."""
 
 

@@ -26,8 +26,11 @@ def evaluate_checkpoint(target: Path, split: str, device_name: str, which: str, 
     result = evaluate(model, data, recipe.train.eval_batch_size)
     x, y = data.probe(probe, split="val")
     diagnostics = alignment_diagnostics(model, x, y)
-    return {"checkpoint": str(path), "split": split, "step": state["progress"]["step"],
-            "epoch": state["progress"]["epoch"], **result, "class_names": data.class_names,
+    progress = state["progress"]  # best.pt is saved before its epoch counts as done
+    steps = data.steps_per_epoch(recipe.train.batch_size)
+    epochs = round(progress["epoch"] + progress["batch_in_epoch"] / max(steps, 1), 4)
+    return {"checkpoint": str(path), "split": split, "step": progress["step"],
+            "epoch": epochs, **result, "class_names": data.class_names,
             "reference": reference_beside(recipe.reference, result["acc"]),
             "diagnostics": diagnostics}  # fmt: skip
 
@@ -66,7 +69,7 @@ def eval_(
         print(json.dumps(result, indent=2))
         return
     console = stderr_console()
-    console.print(f"{result['checkpoint']} (epoch {result['epoch']}, step {result['step']}): "
+    console.print(f"{result['checkpoint']} (epoch {result['epoch']:g}, step {result['step']}): "
                   f"{split} accuracy {result['acc']:.4f} (top-5 {result['top5']:.4f}), "
                   f"loss {result['loss']:.4f}, "
                   f"{result['samples']} images")  # fmt: skip

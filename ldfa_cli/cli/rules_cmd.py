@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
-from ldfa_cli.console import stderr_console
+from ldfa_cli.console import print_listing
 from ldfa_cli.feedback import RULES, load_plugins
+from ldfa_cli.feedback.rule import RANK_NOTE
 
 
 def rules(
@@ -33,10 +33,9 @@ def rules(
     if json_out:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title="feedback rules")
-    for column in ("rule", "what it sends upstream / learns", "paper", "options (defaults)"):
-        table.add_column(column)
-    for row in rows:
-        options = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "-"
-        table.add_row(row["rule"], row["summary"], row["equations"], options)
-    stderr_console().print(table)
+    print_listing("feedback rules",
+                  ["rule", "what it sends upstream / learns", "paper", "options (defaults)"],
+                  [[row["rule"], row["summary"], row["equations"],
+                    ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "-"]
+                   for row in rows])  # fmt: skip
+    print(RANK_NOTE)

@@ -50,6 +50,13 @@ def train(
     """Train a model from a YAML recipe (one process, or every rank under torchrun)."""
     from ldfa_cli.engine.loop import train as run
 
+    for first, second, on in (
+        ("--resume", "--overwrite", resume and overwrite),
+        ("--print-config", "--dry-run", print_config and dry_run),
+        ("--resume", "--print-config", resume and print_config),
+    ):
+        if on:
+            raise ConfigError(f"{first} and {second} do not go together: give one of them")
     overrides = list(overrides or [])
     console = stderr_console()
     main_rank = int(os.environ.get("RANK", "0")) == 0

@@ -65,7 +65,10 @@ class ScheduleConfig(Section):
 
 
 # --------------------------------------------------------------------------- feedback
-RANK_RULE = "an int >= 1, a fraction in (0, 1] of the layer's output width, or null (full rank)"
+RANK_RULE = (
+    "an int >= 1 (the rank: 1 is rank 1), a float in (0, 1] (a fraction of the "
+    "layer's output width: 1.0 is full rank), or null (full rank)"
+)
 
 
 def check_rank(value):
@@ -88,6 +91,8 @@ class FeedbackConfig(Section):
     # (so it comes first); relative to the current directory, stored as absolute paths
     plugins: list[str] = []
     rule: str = "bp"
+    # an int is the rank itself (1 is rank 1), a float in (0, 1] a fraction of each
+    # layer's output width (1.0 is full rank), null full rank; clipped to a layer's full rank
     rank: int | float | None = None
     include: list[str] = ["*"]
     exclude: list[str] = []

@@ -117,6 +117,8 @@ class Trainer:
         """The model with its feedback layers and its two optimizers."""
         self.model = build_network(self.recipe, self.data, self.device)
         self.optimizers = build_optimizers(self.recipe, self.model, self.steps_per_epoch)
+        if clipped := conversion_report(self.model).clipped_note():
+            self.say(clipped)
 
     def _resume(self) -> dict:
         path = self.run_dir / "checkpoints" / "last.pt"
@@ -246,6 +248,7 @@ class Trainer:
             raise
         finally:
             self.close()
+        self.say_where_it_ended(last_eval, stopped_early=last_epoch < cfg.epochs)
         return RunResult(str(self.run_dir), state.epoch, state.step, last_eval, state.best_acc,
                          stopped_early=last_epoch < cfg.epochs)  # fmt: skip
 
@@ -318,6 +321,19 @@ class Trainer:
             differing = distributed.differing_replicas(self.world, self.model)
             self.log({"event": "replicas", "step": self.state.step, "ranks": self.world.size,
                       "identical": not differing, "differing": differing})  # fmt: skip
+
+    def say_where_it_ended(self, last_eval: dict | None, stopped_early: bool) -> None:
+        """The run's last line: how far it got, its accuracy and time, and where it is."""
+        state, seconds = self.state, self.elapsed()
+        took = f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+        accuracy = f"test accuracy {last_eval['acc']:.4f}" if last_eval else "no evaluation"
+        if stopped_early:
+            self.say(f"stopped after epoch {state.epoch} of {self.cfg.epochs} (--stop-after), "
+                     f"{accuracy}; continue with: ldfa train --resume {self.run_dir}")  # fmt: skip
+        else:
+            self.say(f"done: {state.epoch} epochs, {state.step} steps in {took}; "
+                     f"{accuracy} (best {state.best_acc:.4f}); run folder "
+                     f"{self.run_dir}")  # fmt: skip
 
     def log(self, event: dict) -> None:
         if self.metrics is not None:

@@ -128,6 +128,7 @@ class ConversionRow:
     rule: str
     note: str
     groups: int = 1
+    asked: int | None = None  # the rank asked for, where it was above full rank (clipped)
 
 
 class ConversionReport:
@@ -155,13 +156,25 @@ class ConversionReport:
             table.add_column(col, justify="right" if col in ("n", "m", "rank r") else "left")
         for r in self.rows:
             rank = "full" if r.rank is None else f"{r.rank}"
-            if r.rank is not None and r.rank >= r.full_rank:
+            if r.asked is not None:
+                rank += f" (full; {r.asked} asked)"
+            elif r.rank is not None and r.rank >= r.full_rank:
                 rank += " (full)"
             if r.rank is not None and r.groups > 1:
                 rank += f" x {r.groups} groups"
             kind = r.kind + (f" g={r.groups}" if r.groups > 1 else "")
             table.add_row(r.name, kind, str(r.n), str(r.m), rank, r.rule, r.note)
         return table
+
+    def clipped_note(self) -> str | None:
+        """A line naming the layers whose asked rank was above their full rank, or None."""
+        clipped = [r for r in self.rows if r.asked is not None]
+        if not clipped:
+            return None
+        names = ", ".join(f"{r.name} ({r.asked} -> {r.rank})" for r in clipped[:6])
+        more = f" and {len(clipped) - 6} more" if len(clipped) > 6 else ""
+        return (f"rank above the full rank of {len(clipped)} layer(s), clipped to it: "
+                f"{names}{more}")  # fmt: skip
 
     def __str__(self) -> str:
         lines = [
@@ -185,7 +198,8 @@ def conversion_report(model: nn.Module) -> ConversionReport:
         groups = module.groups if conv else 1
         if isinstance(module, FeedbackLayer):
             rows.append(ConversionRow(name, kind, n, m, module.rank, module.full_rank,
-                                      module.rule.name, "converted", groups))  # fmt: skip
+                                      module.rule.name, "converted", groups,
+                                      module.rank_clipped_from))  # fmt: skip
         else:
             note = getattr(module, "ldfa_note", "kept: not converted")
             m_g = m // groups

@@ -118,6 +118,7 @@ class FeedbackLayer:
 
     rule: Rule
     rank: int | None
+    rank_asked: int | float | None = None
     ops: LinearOps | ConvOps
     layer_name: str
     # Run the Function even when the input needs no gradient (a first layer), so that the
@@ -157,6 +158,7 @@ class FeedbackLayer:
             if self.rule.uses_rank
             else None
         )
+        self.rank_asked = rank if self.rank is not None else None  # before any clipping
         self.feedback_targets: Tensor | None = None
         self.rule.create_feedback(self)
 
@@ -176,6 +178,16 @@ class FeedbackLayer:
     def total_rank(self) -> int | None:
         """Channels of the feedback signal: the rank per group times the groups."""
         return None if self.rank is None else self.rank * self.groups
+
+    @property
+    def rank_clipped_from(self) -> int | None:
+        """The rank asked for, where it was above the layer's full rank and so clipped."""
+        asked = self.rank_asked
+        if self.rank is None or asked is None or isinstance(asked, bool):
+            return None
+        if isinstance(asked, float):  # a fraction of the width the rule reads ranks against
+            asked = round(asked * self.rule.rank_limits(self)[0])
+        return asked if asked > self.rank else None
 
     def forward(self, x: Tensor) -> Tensor:
         return self._feedback_forward(x)

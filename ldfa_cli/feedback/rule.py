@@ -235,9 +235,16 @@ def check(condition: bool, message: str) -> None:
         raise FeedbackConfigError(message)
 
 
+RANK_NOTE = ("rank: an int is the rank itself (1 is rank 1); a float in (0, 1] is a fraction "
+             "of a layer's output width (0.125 is m/8, 1.0 is full rank); null is full rank. "
+             "A rank above a layer's full rank is clipped to it, and the conversion report "
+             "(--dry-run) says so.")  # fmt: skip
+
+
 def resolve_rank(spec: int | float | None, *, name: str, m: int, full_rank: int) -> int:
     """A layer's rank from an int (absolute), a float in (0, 1] (a fraction of the output
-    width m, e.g. 0.125 -> m/8) or None (full rank), clipped to [1, full_rank]."""
+    width m, e.g. 0.125 -> m/8; 1.0 is full rank) or None (full rank), clipped to
+    [1, full_rank] (see :data:`RANK_NOTE`)."""
     where = f"layer {name!r} (output width m={m}, full rank {full_rank})"
     if spec is None:
         return full_rank
@@ -246,8 +253,8 @@ def resolve_rank(spec: int | float | None, *, name: str, m: int, full_rank: int)
     if isinstance(spec, float):
         if not 0.0 < spec <= 1.0:
             raise FeedbackConfigError(
-                f"{where}: a fractional rank must be in (0, 1], got {spec}; "
-                "give an integer for an absolute rank"
+                f"{where}: a fractional rank must be in (0, 1] (1.0 is full rank), got "
+                f"{spec}; give an integer for an absolute rank (1 is rank 1)"
             )
         spec = round(spec * m)
     elif spec <= 0:

@@ -201,6 +201,7 @@ class SVDLayer(FeedbackLayer):
         self.rule = rule
         # k, the rank of W's factorisation: a fraction refers to the output width m
         self.rank = resolve_rank(rank, name=name, m=self.fan_out, full_rank=self.full_rank)
+        self.rank_asked = rank
         k = self.rank
         U, S, Vh = torch.linalg.svd(weight.detach().reshape(self.fan_out, -1).double(),
                                     full_matrices=False)  # fmt: skip
