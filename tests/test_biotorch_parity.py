@@ -86,7 +86,8 @@ def test_log_alignment_every_writes_angles_and_norm_ratios_per_layer(capsys, tmp
 
     events = [e for e in read_metrics(tmp_path / "run" / "metrics.jsonl")
               if e["event"] == "alignment"]  # fmt: skip
-    assert [e["step"] for e in events] == [5, 10, 15, 20, 25, 30, 35, 40, 45]
+    steps = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["step"]  # one epoch's
+    assert steps > 35 and [e["step"] for e in events] == list(range(5, steps + 1, 5))
     layers = events[0]["layers"]
     assert set(layers) == {"fc2", "head"}
     for values in layers.values():

@@ -20,7 +20,7 @@ def _recipe(path, feedback):
         "description": "torchrun test",
         "model": {"name": "mlp", "widths": [32, 32]},
         "feedback": feedback,
-        "data": {"dataset": "digits", "subset": 256},
+        "data": {"dataset": "digits", "subset": 256, "val_fraction": 0},  # 4 whole batches
         "train": {"epochs": 2, "batch_size": 64, "log_every": 1, "deterministic": True},
     }))  # fmt: skip
     return path
@@ -120,7 +120,8 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "description": "interrupt test", "model": {"name": "mlp", "widths": [64]},
-        "data": {"dataset": "digits"}, "train": {"epochs": 400, "batch_size": 16, "log_every": 1},
+        "data": {"dataset": "digits", "val_fraction": 0},
+        "train": {"epochs": 400, "batch_size": 16, "log_every": 1},
     }))  # fmt: skip
     run = tmp_path / "run"
     command = [sys.executable, "-m", "ldfa_cli", "train", str(recipe), "--out", str(run),
@@ -132,7 +133,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path):
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
-    assert "continue with --resume" in err
+    assert "continue with: ldfa train --resume" in " ".join(err.split())
     stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]
     finish = stopped["epoch"] + 1  # finish the interrupted epoch, wherever it stopped
     resume = subprocess.run([sys.executable, "-m", "ldfa_cli", "train", "--resume", str(run),

@@ -274,7 +274,7 @@ def _tiny_recipe(path):
     path.write_text(yaml.safe_dump({
         "description": "tiny", "model": {"name": "mlp", "widths": [16]},
         "feedback": {"rule": "ldfa", "rank": 4},
-        "data": {"dataset": "digits", "subset": 64},
+        "data": {"dataset": "digits", "subset": 64, "val_fraction": 0},  # two whole batches
         "train": {"epochs": 2, "batch_size": 32, "log_every": 1},
     }))  # fmt: skip
     return path

@@ -40,6 +40,7 @@ def write_recipe(path, root, **train):
         "model": {"name": "mlp", "widths": [32]},
         "feedback": {"rule": "ldfa", "rank": 4},
         "data": {"dataset": "imagefolder", "root": str(root), "image_size": 16, "workers": 2,
+                 "val_fraction": 0,  # (every image of the tiny tree trains)
                  "augment": {"hflip": True, "rand_augment": "rand-m9-mstd0.5-inc1",
                              "random_erasing": 0.25, "mixup": 0.8, "cutmix": 1.0}},
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "no_decay_bias_norm": True},
@@ -80,7 +81,7 @@ def test_each_image_draws_its_own_augmentation_and_a_resume_draws_the_same(tmp_p
             )
     augment = {"hflip": True, "random_erasing": 1.0}
     config = validate({"data": {"dataset": "imagefolder", "root": str(root), "image_size": 16,
-                                "workers": 0, "augment": augment}})  # fmt: skip
+                                "workers": 0, "augment": augment, "val_fraction": 0}})  # fmt: skip
     data = load_data(config.data)
     (x, _), *_ = list(data.train_batches(0, 8, seed=3))
     distinct = {tuple(image.flatten().tolist()) for image in x}
@@ -158,7 +159,7 @@ def test_top5_on_a_hand_made_case():
     class Data:
         classes, device = 7, torch.device("cpu")
 
-        def eval_batches(self, batch_size, rank=0, world=1):
+        def eval_batches(self, batch_size, rank=0, world=1, split="test"):
             logits = torch.tensor([[7.0, 6, 5, 4, 3, 2, 1]] * 3)  # class 0 first, 6 last
             yield logits, torch.tensor([0, 4, 5])  # top-1, top-5, outside the top 5
 

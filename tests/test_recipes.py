@@ -157,3 +157,14 @@ def test_empty_recipe_is_refused_naming_the_file(capsys, tmp_path, command, text
 def test_print_config_is_the_resolved_recipe(capsys):
     code, out, _ = run_cli(capsys, "train", "quickstart", "train.epochs=3", "--print-config")
     assert code == 0 and "epochs: 3" in out and "label_smoothing: 0.0" in out
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_a_recipe_of_a_published_setup_holds_nothing_out_and_says_so(path):
+    # the published setups train on the whole training set: no validation split
+    recipe, _ = load_recipe(str(path))
+    own = "source: ldfa's own" in recipe.description or path.stem == "quickstart"
+    if own:
+        assert recipe.data.val_fraction == 0.1
+    else:
+        assert recipe.data.val_fraction == 0 and "no validation split" in path.read_text()

@@ -113,7 +113,7 @@ def test_a_recipe_names_any_timm_architecture_and_trains(capsys, tmp_path):
         "train": {"epochs": 1, "batch_size": 32, "log_every": 1},
     }))  # fmt: skip
     code, _, err = run_cli(capsys, "train", recipe, "--out", tmp_path / "run", "--device", "cpu")
-    assert code == 0 and "epoch 1: test loss" in err, err
+    assert code == 0 and "test loss" in err, err
     code, _, err = run_cli(capsys, "train", recipe, "--dry-run", "--device", "cpu")
     assert code == 0 and "blocks.0.0.conv_dw" in err and "depthwise" in err
     assert "kept: its input needs no gradient" in " ".join(err.split())

@@ -23,7 +23,13 @@ def evaluate_checkpoint(target: Path, split: str, device_name: str, which: str, 
     data = load_data(recipe.data, device)
     if split == "train":
         data = data.with_train_as_test()
-    result = evaluate(model, data, recipe.train.eval_batch_size)
+    if split == "val" and not data.has_val:
+        from ldfa_cli.errors import ConfigError
+
+        raise ConfigError("--split val: this run holds no images out of training "
+                          "(data.val_fraction 0); use --split test")  # fmt: skip
+    result = evaluate(model, data, recipe.train.eval_batch_size,
+                      split="val" if split == "val" else "test")  # fmt: skip
     x, y = data.probe(probe, split="val")
     diagnostics = alignment_diagnostics(model, x, y)
     progress = state["progress"]  # best.pt is saved before its epoch counts as done
@@ -51,7 +57,9 @@ def describe_reference(ref: dict) -> str:
 
 def eval_(
     target: Path = typer.Argument(..., help="A run folder or a checkpoint file."),
-    split: str = typer.Option("test", "--split", help="test or train."),
+    split: str = typer.Option(
+        "test", "--split", help="test, val (the images held out of training) or train."
+    ),
     checkpoint: str = typer.Option("last", "--checkpoint", help="In a run folder: last or best."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     probe: int = typer.Option(256, "--probe", min=1, help="Probe batch size for diagnostics."),
@@ -60,8 +68,8 @@ def eval_(
     """Evaluate a trained run: accuracy, loss, per-class accuracy, feedback alignment."""
     from ldfa_cli.errors import ConfigError
 
-    if split not in ("test", "train"):
-        raise ConfigError(f"--split must be test or train, got '{split}'")
+    if split not in ("test", "val", "train"):
+        raise ConfigError(f"--split must be test, val or train, got '{split}'")
     if checkpoint not in ("last", "best"):
         raise ConfigError(f"--checkpoint must be last or best, got '{checkpoint}'")
     result = evaluate_checkpoint(target, split, device, checkpoint, probe)

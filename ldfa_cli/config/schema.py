@@ -204,6 +204,11 @@ class DataConfig(Section):
     pad_to: PositiveInt | None = None  # zero-pad images to this size (e.g. 28 -> 32)
     resize: PositiveInt | None = None  # resize images to this size first (bilinear)
     subset: PositiveInt | None = None  # use only the first N training images (tiny runs)
+    # a seeded random share of the training images held out for validation: best.pt is
+    # chosen on it, the test set is evaluated for the record (0: no validation split, the
+    # test set's evaluation chooses best.pt, as the paper-faithful recipes do)
+    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    val_seed: int = 0
     # image folders only
     image_size: PositiveInt = 224  # RandomResizedCrop / resize + centre crop to this
     crop_pct: Annotated[float, Field(gt=0.0, le=1.0)] = 0.875  # evaluation's centre crop

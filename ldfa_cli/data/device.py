@@ -114,6 +114,7 @@ class DeviceData:
     crop_padding: int
     hflip: bool
     per_image: object = None  # torchvision transforms drawn per image (rotation, AutoAugment)
+    val: Split | None = None  # held out of the training set (data.val_fraction), or None
 
     @property
     def device(self) -> torch.device:
@@ -167,6 +168,10 @@ class DeviceData:
         part = self.train if split == "train" else self.test
         return self.normalise(part.images[:n]), part.labels[:n]
 
+    @property
+    def has_val(self) -> bool:
+        return self.val is not None
+
     def describe(self) -> str:
         """Where the data lives and what it takes, for --dry-run."""
         n = len(self.train.labels) + len(self.test.labels)
@@ -211,13 +216,15 @@ class DeviceData:
                 images = self.augment(images, generator)
             yield self.normalise(images), self.train.labels[index]
 
-    def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1):
-        """The test split in order; rank r takes every world-th batch."""
-        n = len(self.test.labels)
+    def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1, split: str = "test"):
+        """The test split (or the held-out ``val``) in order; rank r takes every world-th
+        batch."""
+        part = self.val if split == "val" else self.test
+        n = len(part.labels)
         for i, start in enumerate(range(0, n, batch_size)):
             if i % world == rank:
                 sl = slice(start, start + batch_size)
-                yield self.normalise(self.test.images[sl]), self.test.labels[sl]
+                yield self.normalise(part.images[sl]), part.labels[sl]
 
 
 def _normalisation(images: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,6 +241,24 @@ def _normalisation(images: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.
     return mean, torch.where(std > 1e-8, std, torch.ones_like(std))
 
 
+def held_out(images: int, fraction: float) -> int:
+    """How many of ``images`` training images a validation split of ``fraction`` takes: at
+    least one where the fraction is above 0."""
+    return 0 if fraction <= 0 else min(images - 1, max(1, round(images * fraction)))
+
+
+def hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
+    """(training, validation): a seeded random ``fraction`` of the images held out, each
+    part in the images' own order; (split, None) for fraction 0."""
+    count = held_out(len(split.labels), fraction)
+    if not count:
+        return split, None
+    order = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))
+    val, train = order[:count].sort()[0], order[count:].sort()[0]
+    return (Split(split.images[train], split.labels[train]),
+            Split(split.images[val], split.labels[val]))  # fmt: skip
+
+
 def load_device_data(config, device: torch.device | str = "cpu") -> DeviceData:
     """Read the dataset of a recipe's ``data`` section and put it on ``device``."""
     raw = read_dataset(config.dataset, config.root, config.download)
@@ -245,9 +270,11 @@ def load_device_data(config, device: torch.device | str = "cpu") -> DeviceData:
     train_labels = raw.train.labels
     if config.subset is not None:
         train_images, train_labels = train_images[: config.subset], train_labels[: config.subset]
-    mean, std = _normalisation(train_images, config.normalise)
+    train, val = hold_out(Split(train_images, train_labels), config.val_fraction, config.val_seed)
+    mean, std = _normalisation(train.images, config.normalise)
     return DeviceData(
-        train=Split(train_images.to(device), train_labels.to(device)),
+        train=Split(train.images.to(device), train.labels.to(device)),
+        val=None if val is None else Split(val.images.to(device), val.labels.to(device)),
         test=Split(test_images.to(device), raw.test.labels.to(device)),
         class_names=raw.class_names,
         mean=mean.to(device, torch.float32),

@@ -21,12 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+    Subset,
+    get_worker_info,
+)
 from torchvision import datasets
 
 from ldfa_cli.errors import DataError
 
-from .device import _mix
+from .device import _mix, held_out
 
 BAD_IMAGE = "ldfa-unreadable-image:"  # a worker's error, turned into one line here
 
@@ -154,6 +161,11 @@ class FolderData:
     pin_memory: bool
     device: torch.device
     mixup: object = None
+    holdout_set: Dataset | None = None  # held out of train/ (data.val_fraction), or None
+
+    @property
+    def has_val(self) -> bool:
+        return self.holdout_set is not None
 
     @property
     def classes(self) -> int:
@@ -193,9 +205,11 @@ class FolderData:
             y = y.to(self.device, non_blocking=True)
             yield x, y
 
-    def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1):
-        indices = list(range(rank, len(self.val_set), world))
-        loader = self._loader(self.val_set, batch_size, indices, persistent=False)
+    def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1, split: str = "test"):
+        """The val/ folder (the test split's role), or the images held out of train/."""
+        dataset = self.holdout_set if split == "val" else self.val_set
+        indices = list(range(rank, len(dataset), world))
+        loader = self._loader(dataset, batch_size, indices, persistent=False)
         for x, y in _named_errors(loader):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
@@ -228,6 +242,8 @@ def _eval_view(train_set, val_set):
     """The training images through the evaluation transform."""
     import copy
 
+    if isinstance(train_set, Subset):
+        return Subset(_eval_view(train_set.dataset, val_set), train_set.indices)
     view = copy.copy(train_set)
     view.transform = val_set.transform
     return view
@@ -301,5 +317,11 @@ def load_folder(config, device: torch.device) -> FolderData:
     else:
         val_set = _Folder(root / "val", classes, eval_tf)
     workers = config.workers if config.workers is not None else (os.cpu_count() or 1)
+    holdout = None
+    if count := held_out(len(train_set), config.val_fraction):
+        generator = torch.Generator().manual_seed(config.val_seed)
+        order = torch.randperm(len(train_set), generator=generator)
+        holdout = Subset(_eval_view(train_set, val_set), order[:count].sort()[0].tolist())
+        train_set = Subset(train_set, order[count:].sort()[0].tolist())
     return FolderData(train_set, val_set, classes, config.image_size, 3, workers,
-                      device.type == "cuda", device)  # fmt: skip
+                      device.type == "cuda", device, holdout_set=holdout)  # fmt: skip

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .device import DeviceData, load_device_data
+from .device import DeviceData, held_out, load_device_data
 from .folder import FolderData, folder_classes, load_folder
 from .protocol import TrainingData
 
@@ -42,7 +42,8 @@ def steps_per_epoch(config, batch_size: int, world: int = 1) -> int:
     """Training steps per epoch of a recipe's data section, without reading the data, by
     the formula of the kind that will hold it."""
     kind = FolderData if config.dataset == "imagefolder" else DeviceData
-    return kind.epoch_steps(training_images(config), batch_size, world)
+    images = training_images(config)
+    return kind.epoch_steps(images - held_out(images, config.val_fraction), batch_size, world)
 
 
 def training_images(config) -> int:

@@ -23,6 +23,11 @@ class TrainingData(Protocol):
     @property
     def device(self) -> torch.device: ...
 
+    @property
+    def has_val(self) -> bool:
+        """Whether images were held out of the training set (``data.val_fraction``)."""
+        ...
+
     @staticmethod
     def epoch_steps(images: int, batch_size: int, world: int = 1) -> int:
         """Steps in an epoch of ``images`` at the global ``batch_size`` over ``world``
@@ -37,8 +42,9 @@ class TrainingData(Protocol):
         batch, in an order and with augmentations fixed by (seed, epoch, batch)."""
         ...
 
-    def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
-        """The test (or val) split, this rank's share."""
+    def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1,
+                     split: str = "test") -> Iterator[Batch]:  # fmt: skip
+        """The test split (``val``: the images held out of training), this rank's share."""
         ...
 
     def example(self, n: int = 2) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Test-set evaluation: loss, top-1 (``acc``) and top-5 accuracy, per-class accuracy,
+"""Evaluation of the test set (or the held-out validation set, or the training set): loss,
+top-1 (``acc``) and top-5 accuracy, per-class accuracy,
 summed over ranks."""
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from .distributed import World, sum_across
 
 
 @torch.no_grad()
-def evaluate(model, data, batch_size: int, world: World | None = None, autocast=None) -> dict:
+def evaluate(model, data, batch_size: int, world: World | None = None, autocast=None,
+             split: str = "test") -> dict:  # fmt: skip
     world = world or World()
     was_training = model.training
     model.eval()
@@ -20,7 +22,7 @@ def evaluate(model, data, batch_size: int, world: World | None = None, autocast=
     correct = torch.zeros(classes, dtype=torch.float64, device=device)
     count = torch.zeros(classes, dtype=torch.float64, device=device)
     k = min(5, classes)
-    for x, y in data.eval_batches(batch_size, world.rank, world.size):
+    for x, y in data.eval_batches(batch_size, world.rank, world.size, split=split):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
             logits = model(x)

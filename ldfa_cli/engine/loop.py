@@ -50,7 +50,7 @@ class RunState:
     batch_in_epoch: int = 0  # batches of that epoch already taken
     images_seen: int = 0
     elapsed_s: float = 0.0
-    best_acc: float = -1.0
+    best_acc: float = -1.0  # on the validation set where there is one (best.pt's)
     train_flops: float = 0.0  # cumulative, all ranks together
 
 
@@ -270,23 +270,32 @@ class Trainer:
 
     # ----------------------------------------------------------- evaluation and logs
     def evaluate_and_log(self) -> dict:
-        """Test-set evaluation, logged with the (fractional) epoch; best.pt when it improves."""
+        """The test set's evaluation, logged with the (fractional) epoch, and, where images
+        were held out of training, the validation set's beside it (``val_acc``): best.pt is
+        chosen on validation accuracy where there is one, else on the test set's."""
         state, size = self.state, self.cfg.eval_batch_size
         result = evaluate(self.model, self.data, size, self.world, self.autocast)
         if self.ema is not None:  # the averaged weights, evaluated beside the raw ones
             averaged = evaluate(self.ema.module, self.data, size, self.world, self.autocast)
             result.update({f"ema_{k}": averaged[k] for k in ("loss", "acc", "top5")})
+        held_out = {}
+        if self.data.has_val:
+            val = evaluate(self.model, self.data, size, self.world, self.autocast, split="val")
+            held_out = {"val_loss": val["loss"], "val_acc": val["acc"]}
         epochs_done = round(state.step / self.steps_per_epoch, 4)
         self.log({"event": "eval", "epoch": epochs_done, "step": state.step, "split": "test",
                   "loss": result["loss"], "acc": result["acc"], "top5": result["top5"],
-                  **{k: v for k, v in result.items() if k.startswith("ema_")},
+                  **{k: v for k, v in result.items() if k.startswith("ema_")}, **held_out,
                   "per_class_acc": result["per_class_acc"], "lr": self.optimizers.lr,
                   "images_seen": state.images_seen, "train_flops": state.train_flops,
                   "time_s": self.elapsed()})  # fmt: skip
-        self.say(f"epoch {epochs_done:g}: test loss {result['loss']:.4f} acc {result['acc']:.4f}")
+        val_text = f"val acc {held_out['val_acc']:.4f}, " if held_out else ""
+        self.say(f"epoch {epochs_done:g}: {val_text}test loss {result['loss']:.4f} "
+                 f"acc {result['acc']:.4f}")  # fmt: skip
         state.elapsed_s = self.elapsed()
-        if result["acc"] > state.best_acc:
-            state.best_acc = result["acc"]
+        chosen_on = held_out.get("val_acc", result["acc"])
+        if chosen_on > state.best_acc:
+            state.best_acc = chosen_on
             if self.recipe.output.save_best:
                 self.save("best.pt")
         return result
@@ -332,7 +341,8 @@ class Trainer:
                      f"{accuracy}; continue with: ldfa train --resume {self.run_dir}")  # fmt: skip
         else:
             self.say(f"done: {state.epoch} epochs, {state.step} steps in {took}; "
-                     f"{accuracy} (best {state.best_acc:.4f}); run folder "
+                     f"{accuracy} (best {'validation' if self.data.has_val else 'test'} "
+                     f"accuracy {state.best_acc:.4f}, best.pt); run folder "
                      f"{self.run_dir}")  # fmt: skip
 
     def log(self, event: dict) -> None:
