@@ -146,3 +146,34 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path):
     events = read_metrics(run / "metrics.jsonl")
     steps = [e["step"] for e in events]
     assert steps == sorted(steps) and len(steps) == len(set(steps)) + finish  # + eval events
+
+
+def test_a_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
+    # torchrun passes SIGTERM to its workers; they finish the step in progress and stop
+    # together at the next step where they sum their logs, rank 0 writing last.pt there
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name": "mlp", "widths": [64]}, "feedback": {"rule": "ldfa", "rank": 4},
+        "data": {"dataset": "digits", "val_fraction": 0},
+        "train": {"epochs": 400, "batch_size": 16, "log_every": 3},
+    }))  # fmt: skip
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "ldfa_cli", "train", str(recipe), "--out", str(run),
+               "--device", "cpu"]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(e.get("step", 0) >= 30 for e in _events(run)):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert "stopped by SIGTERM: checkpoint written at step" in " ".join(err.split()), err[-3000:]
+    progress = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]
+    assert progress["step"] >= 30 and progress["step"] % 3 == 0  # where the ranks agreed
+
+
+def _events(run):
+    metrics = run / "metrics.jsonl"
+    return read_metrics(metrics, warn=False) if metrics.is_file() else []
