@@ -212,3 +212,25 @@ def test_a_sweeps_printed_next_command_runs_and_runs_again(capsys, tmp_path):
     glob = sorted((tmp_path / "s").iterdir())  # the runs, their logs, the plot
     code, _, err = run_cli(capsys, "plot", *glob, "--out", tmp_path / "curves.png")
     assert code == 0 and "not run folders" in err, err
+
+
+def test_a_sigterm_to_a_parallel_sweep_reaches_every_point_and_the_command_resumes(tmp_path):
+    (tmp_path / "slow_rule.py").write_text(SLOW_RULE)
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "mlp", "widths": [16]},
+                          {"plugins": [str(tmp_path / "slow_rule.py")],
+                           "rule": "slow_lowrank_fa", "rank": 2},
+                          train={"epochs": 2, "batch_size": 16, "log_every": 1},
+                          data={"subset": 160})  # fmt: skip
+    sweep = ["sweep", recipe, "optim.lr=0.001,0.002", "--out", tmp_path / "s", "--jobs", "2",
+             "--device", "cpu"]  # fmt: skip
+    process = _ldfa(*sweep)
+    for name in ("lr=0.001", "lr=0.002"):
+        _wait_for_step(tmp_path / "s" / name, process, 2)
+    process.send_signal(signal.SIGTERM)  # to the sweep alone, as a scheduler may
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "sweep stopped by SIGTERM" in err, err
+    for name in ("lr=0.001", "lr=0.002"):
+        assert (tmp_path / "s" / name / "checkpoints" / "last.pt").is_file()
+        assert "stopped by SIGTERM" in (tmp_path / "s" / f"{name}.log").read_text()
+    again = _ldfa(*sweep)
+    assert again.wait(timeout=300) == 0, again.communicate()

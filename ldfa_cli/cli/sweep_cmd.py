@@ -132,9 +132,11 @@ def sweep(
 
 def _run_parallel(path: Path, points, names, out: Path, device: str, jobs: int, console) -> None:
     """Each unfinished point as ``ldfa train`` in its own process, ``jobs`` at a time, every
-    process with cores/jobs intra-op threads. A Ctrl-C reaches every child, which stops at
-    its next step boundary with a checkpoint, so the same command resumes the lot."""
+    process with cores/jobs intra-op threads. A Ctrl-C reaches every child (its process
+    group's), a SIGTERM is passed on to them; each stops at its next step boundary with a
+    checkpoint, so the same command resumes the lot."""
     import os
+    import signal
     import subprocess
     import sys
     from concurrent.futures import ThreadPoolExecutor
@@ -160,20 +162,41 @@ def _run_parallel(path: Path, points, names, out: Path, device: str, jobs: int, 
         todo.append((name, [sys.executable, "-m", "ldfa_cli", "train", *command,
                             "--device", device]))  # fmt: skip
 
+    children: list[subprocess.Popen] = []
+    stopped: list[int] = []  # the signal that stops the sweep
+
     def launch(job) -> tuple[str, int]:
         name, command = job
+        if stopped:  # a point not started before the signal stays to resume
+            return name, 128 + stopped[0]
         console.print(f"{name}: {'resuming' if '--resume' in command else 'training'} "
                       f"({threads} threads, log {out / name}.log)")  # fmt: skip
         with open(out / f"{name}.log", "w") as log:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        return name, code.returncode
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            children.append(child)
+            return name, child.wait()
 
+    def forward(signum, frame) -> None:
+        """A SIGTERM (a scheduler's, sent to this process alone) reaches every child, which
+        stops at its next step boundary with a checkpoint."""
+        stopped.append(signum)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
         with ThreadPoolExecutor(jobs) as pool:
             results = list(pool.map(launch, todo))
     except KeyboardInterrupt:
         console.print("sweep interrupted: the same command resumes every unfinished point")
         raise typer.Exit(code=130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        console.print("sweep stopped by SIGTERM: the same command resumes every unfinished "
+                      "point")  # fmt: skip
+        raise typer.Exit(code=128 + stopped[0])
     failed = [f"{name} (exit {code}, see {out / name}.log)" for name, code in results if code]
     if failed:
         from ldfa_cli.errors import TrainingError
