@@ -234,3 +234,21 @@ def test_a_sigterm_to_a_parallel_sweep_reaches_every_point_and_the_command_resum
         assert "stopped by SIGTERM" in (tmp_path / "s" / f"{name}.log").read_text()
     again = _ldfa(*sweep)
     assert again.wait(timeout=300) == 0, again.communicate()
+
+
+def test_a_start_that_fails_once_the_folder_is_made_takes_it_away_again(
+    capsys, monkeypatch, tmp_path, finished_run
+):
+    import ldfa_cli.engine.loop as loop
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop, "write_run_files", full_disk)
+    recipe, run = finished_run
+    before = fingerprint(run)
+    assert run_cli(capsys, "train", recipe, "--out", tmp_path / "new", "--device", "cpu")[0] == 1
+    assert not (tmp_path / "new").exists()
+    assert run_cli(capsys, "train", recipe, "--out", run, "--overwrite", "--device", "cpu")[0] == 1
+    assert fingerprint(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "run"]

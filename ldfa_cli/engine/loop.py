@@ -174,15 +174,20 @@ class Trainer:
             return
         if self.recipe.output.tensorboard:
             tensorboard_writer()
-        if not resume:
-            self.folder = RunFolder(self.run_dir, overwrite)
-            self.folder.make()
-            self.say(f"run folder: {self.run_dir}")
+        if resume:
+            self.metrics = MetricsLog(self.run_dir, self.recipe.output.tensorboard)
+            self.metrics.truncate_after(self.state.step)
+            return
+        self.folder = RunFolder(self.run_dir, overwrite)
+        self.folder.make()
+        try:
             write_run_files(self.run_dir, self.recipe, describe_device(self.device),
                             self.world.size, resumed=False, recipe_name=recipe_name)  # fmt: skip
-        self.metrics = MetricsLog(self.run_dir, self.recipe.output.tensorboard)
-        if resume:
-            self.metrics.truncate_after(self.state.step)
+            self.metrics = MetricsLog(self.run_dir, self.recipe.output.tensorboard)
+        except BaseException:  # (a full disk, say): nothing of the new run stays
+            self.folder.undo(started=False)
+            raise
+        self.say(f"run folder: {self.run_dir}")
 
     # ------------------------------------------------------------------------- train
     def train(self, stop_after: int | None = None) -> RunResult:

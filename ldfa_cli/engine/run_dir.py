@@ -65,12 +65,16 @@ class RunFolder:
             shutil.rmtree(self.replaced, ignore_errors=True)
             self.replaced = None
 
-    def undo(self) -> str | None:
+    def undo(self, started: bool = True) -> str | None:
         """The new run ended before its first checkpoint: remove what it made and put back
-        the run it replaced (a fresh folder with the run's logs stays). Says what it did."""
-        if not self.made or self.replaced is None:
+        the run it replaced; a fresh folder stays once training ``started`` (its logs tell
+        what happened). Says what it did."""
+        if not self.made or (started and self.replaced is None):
             return None
         shutil.rmtree(self.path, ignore_errors=True)
+        self.made = False
+        if self.replaced is None:
+            return None
         self.replaced.rename(self.path)
         self.replaced = None
         return f"{self.path} holds the run it was to replace again (nothing was overwritten)"
