@@ -131,14 +131,6 @@ def runs_flops(paths: list[Path], target: float, json_out: bool, plot: Path | No
                   caption="a row: runs alike but for the seed; final accuracy: mean of the "
                   "last 3 evaluations, ± sd over seeds; compute columns: mean ± standard "
                   "error")  # fmt: skip
-    for col in ("recipe", "rule", "r", "setting", "seeds", "final acc ± sd", "reference",
-                f"{unit} to own target", "s to own target", f"{unit} to BP target",
-                f"{unit} to BP final"):  # fmt: skip
-        table.add_column(
-            col,
-            justify="left" if col in ("recipe", "rule", "setting") else "right",
-            overflow="fold",
-        )
 
     def fmt(row, key, scale=1.0, digits=3):
         mean, se = row[key], row.get(f"{key}_se")
@@ -151,14 +143,31 @@ def runs_flops(paths: list[Path], target: float, json_out: bool, plot: Path | No
             f" ({reached}/{row['seeds']})" if reached not in (None, row["seeds"]) else ""
         )
 
+    # column -> its cell; the reference and BP columns only where a row has something there
+    cells = {
+        "recipe": lambda row: row["recipe"], "rule": lambda row: row["rule"],
+        "r": lambda row: str(row["rank"] or "-"), "setting": lambda row: row["setting"] or "-",
+        "seeds": lambda row: str(row["seeds"]), "final acc ± sd": _accuracy_cell,
+        "reference": lambda row: _reference_cell(row["reference"]),
+        f"{unit} to own target": lambda row: fmt(row, "flops_to_target", scale),
+        "s to own target": lambda row: fmt(row, "time_to_target", 1, 1),
+        f"{unit} to BP target": lambda row: fmt(row, "flops_to_common", scale),
+        f"{unit} to BP final": lambda row: fmt(row, "flops_to_bp_final", scale),
+    }  # fmt: skip
+    if not any(row["reference"] for row in rows):
+        del cells["reference"]
+    if common is None:
+        del cells[f"{unit} to BP target"], cells[f"{unit} to BP final"]
+    for col in cells:
+        widest = max(len(row["setting"] or "") for row in rows) if col == "setting" else 0
+        table.add_column(
+            col,
+            overflow="fold",
+            min_width=min(widest, 40) or None,
+            justify="left" if col in ("recipe", "rule", "setting") else "right",
+        )
     for row in rows:
-        table.add_row(row["recipe"], row["rule"], str(row["rank"] or "-"),
-                      row["setting"] or "-", str(row["seeds"]),
-                      _accuracy_cell(row), _reference_cell(row["reference"]),
-                      fmt(row, "flops_to_target", scale),
-                      fmt(row, "time_to_target", 1, 1),
-                      fmt(row, "flops_to_common", scale) if common else "-",
-                      fmt(row, "flops_to_bp_final", scale) if common else "-")  # fmt: skip
+        table.add_row(*(cell(row) for cell in cells.values()))
     console.print(table)
     for warning in warnings:
         console.print(f"[yellow]warning[/yellow]: {warning}")
