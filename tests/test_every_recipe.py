@@ -1,7 +1,8 @@
 """Every shipped recipe's training step runs under ``ldfa bench --steps 1``, ``ldfa bench
 --memory`` and ``ldfa flops``: the recipe's model shrunk by overrides that keep its layer
 names (small widths, one block), batch 2, on a synthetic batch of its dataset's shape (an
-image-folder recipe on a tiny tree written here). The three commands run the training
+image-folder recipe on a tiny tree written here, a language model on text written here).
+The three commands run the training
 step itself, so a rule, model or setting that one of them cannot take fails here."""
 
 import json
@@ -30,6 +31,8 @@ def tiny_overrides(recipe) -> list[str]:
                 f"model.bottleneck={min(model.bottleneck, 4)}"]  # fmt: skip
     if model.name == "resnet_cifar":
         return ["model.depth=8"]
+    if model.name == "gpt":
+        return ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "data.block_size=16"]
     if model.name == "timm" and model.architecture.startswith("vit_"):
         return [f"model.kwargs.{key}={value}" for key, value in TINY_VIT.items()]
     return []  # lenet, and timm's convnets at Fashion-MNIST's 28x28
@@ -42,13 +45,22 @@ def tree(tmp_path_factory):
                      val_per_class=1)  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("".join(f"In the beginning {i} was the word.\n" for i in range(200)))
+    return path
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_every_recipe_steps_under_bench_memory_and_flops(capsys, tree, path):
+def test_every_recipe_steps_under_bench_memory_and_flops(capsys, tree, text, path):
     recipe, _ = load_recipe(str(path))
     overrides = [*tiny_overrides(recipe), "train.compile=false"]  # compile has its own tests
     if recipe.data.dataset == "imagefolder":
         overrides += [f"data.root={tree}", "data.image_size=32", "data.workers=0"]
         overrides += ["~data.class_list"] if recipe.data.class_list else []
+    if recipe.data.dataset == "text":
+        overrides.append(f"data.root={text}")
     common = ["--batch-size", "2", "--device", "cpu", "--json"]
     bench = ["bench", str(path), *overrides, "--ranks", "2", *common]
     for command in ([*bench, "--steps", "1", "--warmup", "0"], [*bench, "--memory"],

@@ -252,7 +252,7 @@ def test_compute_to_target_on_hand_written_metrics(capsys, tmp_path):
     data = json.loads(out)
     by_name = {r["path"].rsplit("/", 1)[-1]: r for r in data["runs"]}
     # bp0: final = 0.9, target 0.81 first reached at eval 3 -> 3 TFLOPs, 30 s
-    assert by_name["bp0"]["final_acc"] == pytest.approx(0.9)
+    assert by_name["bp0"]["final"] == pytest.approx(0.9)
     assert by_name["bp0"]["flops_to_target"] == 3e12 and by_name["bp0"]["time_to_target"] == 30
     # bp1: final = 0.9, target 0.81 reached at eval 2 -> 2 TFLOPs
     assert by_name["bp1"]["flops_to_target"] == 2e12

@@ -193,7 +193,7 @@ def recipe_step(recipe, model: nn.Module, optimizers, compiled: bool = True) -> 
     meets."""
     mode = compile_mode(recipe.train) if compiled else None
     net = model if mode is None else torch.compile(model, mode=mode)
-    return TrainStep.for_recipe(recipe, model, optimizers, dataset_shape(recipe.data)[2],
+    return TrainStep.for_recipe(recipe, model, optimizers, dataset_shape(recipe.data).classes,
                                 net=net)  # fmt: skip
 
 

@@ -25,7 +25,7 @@ class RunSummary:
     rule: str
     rank: int | float | None
     seed: int
-    final_acc: float  # mean of the last 3 evaluations
+    final: float  # the metric's mean over the last 3 evaluations
     flops_to_target: float | None
     time_to_target: float | None
     flops_to_common: float | None = None
@@ -34,6 +34,7 @@ class RunSummary:
     time_to_bp_final: float | None = None
     reference: dict | None = None  # the recipe's published top-1 and its source
     settings: dict | None = None  # the resolved config, flat, but for the seed and output
+    metric: str = "acc"  # what final and the targets measure
 
     @property
     def group(self) -> tuple:
@@ -44,14 +45,33 @@ class RunSummary:
         return self.rule == "bp"
 
 
-def _first_reaching(evals: list[dict], level: float) -> tuple[float | None, float | None]:
+# an evaluation's metrics and whether higher is better: accuracies, and a language model's
+# bits per token, perplexity and loss
+HIGHER_IS_BETTER = {"acc": True, "top5": True, "bpc": False, "ppl": False, "loss": False}
+
+
+def reaches(value: float, level: float, metric: str) -> bool:
+    return value >= level if HIGHER_IS_BETTER[metric] else value <= level
+
+
+def _first_reaching(evals: list[dict], level: float | None,
+                    metric: str = "acc") -> tuple[float | None, float | None]:  # fmt: skip
+    if level is None:
+        return None, None
     for event in evals:
-        if event["acc"] >= level:
+        if reaches(event[metric], level, metric):
             return event.get("train_flops"), event.get("time_s")
     return None, None
 
 
-def summarise_run(run_dir: Path, target: float) -> RunSummary:
+def own_level(final: float, target: float | None, metric: str) -> float | None:
+    """The level a run's compute to target counts to: ``target`` times its final value for
+    an accuracy (a fraction of it), the value ``target`` itself for a lower-is-better
+    metric (None: backprop's final value, set once the runs are all read)."""
+    return target * final if HIGHER_IS_BETTER[metric] else target
+
+
+def summarise_run(run_dir: Path, target: float | None, metric: str = "acc") -> RunSummary:
     run_dir = Path(run_dir)
     metrics, config_file = run_dir / "metrics.jsonl", run_dir / "config.yaml"
     if not metrics.is_file() or not config_file.is_file():
@@ -62,9 +82,12 @@ def summarise_run(run_dir: Path, target: float) -> RunSummary:
         raise CheckpointError(f"{run_dir} has no evaluation yet")
     if "train_flops" not in evals[-1]:
         raise CheckpointError(f"{run_dir} has no train_flops in metrics.jsonl (an older run?)")
-    last = [e["acc"] for e in evals[-3:]]
+    if metric not in evals[-1]:
+        raise CheckpointError(f"{run_dir}'s evaluations have no '{metric}' (acc for a "
+                              "classifier; bpc, ppl or loss for a language model)")  # fmt: skip
+    last = [e[metric] for e in evals[-3:]]
     final = sum(last) / len(last)
-    flops, seconds = _first_reaching(evals, target * final)
+    flops, seconds = _first_reaching(evals, own_level(final, target, metric), metric)
     env_file = run_dir / "env.json"
     recipe = json.loads(env_file.read_text()).get("recipe", "") if env_file.is_file() else ""
     fb = config["feedback"]
@@ -75,7 +98,8 @@ def summarise_run(run_dir: Path, target: float) -> RunSummary:
         reference = {"top1": top1, "sd": reference.get("sd"), "source": reference["source"]}
     return RunSummary(str(run_dir), recipe or config.get("description", "")[:40], fb["rule"],
                       fb.get("rank"), config["train"]["seed"], final, flops, seconds,
-                      reference=reference, settings=settings_of(config))  # fmt: skip
+                      reference=reference, settings=settings_of(config),
+                      metric=metric)  # fmt: skip
 
 
 # not what a run is: its seed, where it writes, its prose and its published reference
@@ -109,18 +133,25 @@ def distinguishing(groups: list[dict[str, str]], shown=("feedback.rule", "feedba
                       for k, n in zip(differ, names, strict=True)) for g in groups]  # fmt: skip
 
 
-def add_common_target(runs: list[RunSummary], target: float) -> float | None:
-    """With backprop runs among them: every run's cost to reach target x BP's mean final
-    accuracy, and to reach BP's mean final accuracy itself. Returns the first level."""
-    bp = [r.final_acc for r in runs if r.is_bp]
+def add_common_target(runs: list[RunSummary], target: float | None,
+                      metric: str = "acc") -> float | None:  # fmt: skip
+    """With backprop runs among them: every run's cost to reach BP's level (target x BP's
+    mean final accuracy; for a lower-is-better metric ``target`` itself, or BP's mean final
+    value where none is given, which then is every run's own target too) and to reach BP's
+    mean final value itself. Returns BP's level."""
+    bp = [r.final for r in runs if r.is_bp]
     if not bp:
         return None
     bp_final = sum(bp) / len(bp)
+    higher = HIGHER_IS_BETTER[metric]
+    level = target * bp_final if higher else (bp_final if target is None else target)
     for run in runs:
         evals = [e for e in read_metrics(Path(run.path) / "metrics.jsonl") if e["event"] == "eval"]
-        run.flops_to_common, run.time_to_common = _first_reaching(evals, target * bp_final)
-        run.flops_to_bp_final, run.time_to_bp_final = _first_reaching(evals, bp_final)
-    return target * bp_final
+        run.flops_to_common, run.time_to_common = _first_reaching(evals, level, metric)
+        run.flops_to_bp_final, run.time_to_bp_final = _first_reaching(evals, bp_final, metric)
+        if not higher and target is None:  # no own target was given: BP's final is it
+            run.flops_to_target, run.time_to_target = run.flops_to_common, run.time_to_common
+    return level
 
 
 def _mean_se(values: list[float | None]) -> tuple[float | None, float | None, int]:
@@ -170,14 +201,14 @@ def group_runs(runs: list[RunSummary]) -> tuple[list[dict], list[str]]:
                "rank": first.rank if first.rule != "bp" else None, "setting": label,
                "seeds": len(members),
                "reference": next((m.reference for m in members if m.reference), None)}  # fmt: skip
-        for name in ("final_acc", "flops_to_target", "time_to_target", "flops_to_common",
+        for name in ("final", "flops_to_target", "time_to_target", "flops_to_common",
                      "time_to_common", "flops_to_bp_final", "time_to_bp_final"):  # fmt: skip
             mean, se, reached = _mean_se([getattr(m, name) for m in members])
             row[name], row[f"{name}_se"] = mean, se
-            if name != "final_acc":
+            if name != "final":
                 row[f"{name}_reached"] = reached
             elif se is not None:  # the spread over seeds, as results are reported
-                row["final_acc_sd"] = se * math.sqrt(reached)
+                row["final_sd"] = se * math.sqrt(reached)
         rows.append(row)
     return rows, warnings
 
@@ -190,9 +221,11 @@ def series_of(recipe: str | None, setting: str = "") -> str:
     return f"{family} ({setting})" if setting else family
 
 
-def plot_compute(rows: list[dict], path: Path, target: float, common: bool) -> None:
-    """Fig. 3c bottom: accuracy bars and FLOPs-to-target lines against rank, backprop at
-    the left; one series (bars side by side, a line each) per recipe family."""
+def plot_compute(rows: list[dict], path: Path, target: float | None, common: bool,
+                 metric: str = "acc") -> None:  # fmt: skip
+    """Fig. 3c bottom: bars of the final metric (accuracy, or bits per token) and
+    FLOPs-to-target lines against rank, backprop at the left; one series (bars side by side,
+    a line each) per recipe family."""
     import io
 
     import matplotlib
@@ -203,6 +236,7 @@ def plot_compute(rows: list[dict], path: Path, target: float, common: bool) -> N
     from ldfa_cli.engine.checkpoint import atomic_write_bytes
 
     key = "flops_to_common" if common else "flops_to_target"
+    percent = 100 if HIGHER_IS_BETTER[metric] else 1  # accuracies in %
     ranks = sorted({r["rank"] for r in rows if r["rule"] != "bp"}, key=float)
     names = list(dict.fromkeys(series_of(r["recipe"], r.get("setting", "")) for r in rows))
     width = 0.8 / len(names)
@@ -214,8 +248,8 @@ def plot_compute(rows: list[dict], path: Path, target: float, common: bool) -> N
               * width for r in mine]  # fmt: skip
         colour = f"C{i}"
         bars = ["black" if r["rule"] == "bp" else colour for r in mine]
-        ax.bar(xs, [100 * (r["final_acc"] or 0) for r in mine], width=width * 0.95,
-               yerr=[100 * (r["final_acc_se"] or 0) for r in mine], capsize=3, alpha=0.45,
+        ax.bar(xs, [percent * (r["final"] or 0) for r in mine], width=width * 0.95,
+               yerr=[percent * (r["final_se"] or 0) for r in mine], capsize=3, alpha=0.45,
                color=bars)  # fmt: skip
         values = [r[key] / 1e12 if r[key] is not None else float("nan") for r in mine]
         twin.errorbar(xs, values, yerr=[(r[f"{key}_se"] or 0) / 1e12 for r in mine],
@@ -223,13 +257,20 @@ def plot_compute(rows: list[dict], path: Path, target: float, common: bool) -> N
         for r, value in zip(mine, values, strict=True):
             if r["rule"] == "bp":
                 twin.axhline(value, color=colour, ls=":", lw=0.8)
-    accs = [100 * (r["final_acc"] or 0) for r in rows]
-    ax.set_ylim(max(0.0, min(accs, default=0) - 10),
-                100 if max(accs, default=0) > 90 else max(accs, default=0) + 5)  # fmt: skip
-    ax.set_ylabel("test accuracy (%)")
+    values = [percent * (r["final"] or 0) for r in rows]
+    if HIGHER_IS_BETTER[metric]:
+        ax.set_ylim(max(0.0, min(values, default=0) - 10),
+                    100 if max(values, default=0) > 90 else max(values, default=0) + 5)  # fmt: skip
+        ax.set_ylabel("test accuracy (%)")
+    else:
+        ax.set_ylabel(f"test {metric} (lower is better)")
     ax.set_xticks(range(len(ranks) + 1), ["BP"] + [f"r={r}" for r in ranks])
     what = "BP's" if common else "own"
-    twin.set_ylabel(f"TFLOPs to {target:.0%} of {what} final acc.", color="tab:red")
+    if HIGHER_IS_BETTER[metric]:
+        twin.set_ylabel(f"TFLOPs to {target:.0%} of {what} final {metric}", color="tab:red")
+    else:
+        level = "BP's final" if target is None else f"{target:g}"
+        twin.set_ylabel(f"TFLOPs to {metric} <= {level}", color="tab:red")
     if len(names) > 1:
         from matplotlib.patches import Patch
 

@@ -31,6 +31,10 @@ from ldfa_cli.measure.flops import ALL_PHASES, StepFlops
 OMITTED = ("data movement (copies, views, indexing, concatenation, padding), random-number "
            "generation, bias additions fused into addmm/convolution, the data pipeline and "
            "evaluation")  # fmt: skip
+# counted in a way worth saying: FlopCounterMode's convention for attention, and embeddings
+CONVENTIONS = ("attention's two products are counted whole, a causal mask's masked half "
+               "included (as FlopCounterMode counts them; the kernels skip or mask it); an "
+               "embedding's lookup and its gradient's scatter count 0")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,7 @@ def recipe_report(recipe, batch_size: int, device, steps_per_epoch: int | None) 
         convert(model, "bp", include=fb.include, exclude=fb.exclude, example_input=x[:2])
     plan = build_optimizers(recipe, model, steps_per_epoch or 1).flop_plan(model)
     forward = sum(p.numel() for p in forward_parameters(model))
-    classes = dataset_shape(recipe.data)[2]
+    classes = dataset_shape(recipe.data).classes
     return flops_report(model, x, y, (plan, [("forward", recipe.optim, forward)]),
                         partial(TrainStep.for_recipe, recipe, optimizers=None, classes=classes,
                                 steps_per_epoch=steps_per_epoch))  # fmt: skip

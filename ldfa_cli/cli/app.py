@@ -14,6 +14,7 @@ from . import (
     recipes_cmd,
     rf_cmd,
     rules_cmd,
+    sample_cmd,
     sweep_cmd,
     theory_cmd,
     train_cmd,
@@ -39,6 +40,7 @@ app.command("sweep")(sweep_cmd.sweep)
 app.command("bench")(bench_cmd.bench)
 app.command("plot")(plot_cmd.plot)
 app.command("rf")(rf_cmd.rf)
+app.command("sample")(sample_cmd.sample)
 
 
 def _version(shown: bool) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ldfa_cli.analysis.flops import OMITTED
+from ldfa_cli.analysis.flops import CONVENTIONS, OMITTED
 from ldfa_cli.console import stderr_console
 from ldfa_cli.errors import CheckpointError, ConfigError
 from ldfa_cli.measure.flops import ALL_PHASES, PHASES
@@ -84,13 +84,19 @@ def recipe_flops(spec: str, overrides: list[str], batch_size: int | None, device
         console.print(f"[yellow]warning[/yellow]: measured and analytic differ: {warning}")
     console.print(f"not counted: {OMITTED}; ops seen with no cost: "
                   f"{', '.join(report.rule.uncounted) or 'none'}")  # fmt: skip
+    console.print(f"counted by convention: {CONVENTIONS}")
     if json_out:
         print(json.dumps(data, indent=2))
 
 
-def _accuracy_cell(row: dict) -> str:
-    sd = row.get("final_acc_sd")
-    return f"{100 * row['final_acc']:.2f}" + (f" ± {100 * sd:.2f}" if sd is not None else "")
+def _final_cell(row: dict, metric: str) -> str:
+    """The final value ± sd over seeds: an accuracy in %, bits per token as they are."""
+    from ldfa_cli.analysis.compute import HIGHER_IS_BETTER
+
+    scale, digits = (100, 2) if HIGHER_IS_BETTER[metric] else (1, 4)
+    sd = row.get("final_sd")
+    text = f"{scale * row['final']:.{digits}f}"
+    return text + (f" ± {scale * sd:.{digits}f}" if sd is not None else "")
 
 
 def _reference_cell(reference: dict | None) -> str:
@@ -109,26 +115,43 @@ def flop_unit(values) -> tuple[float, str]:
     return next(((s, u) for s, u in FLOP_UNITS if largest >= s), FLOP_UNITS[-1])
 
 
-def runs_flops(paths: list[Path], target: float, json_out: bool, plot: Path | None) -> None:
-    from ldfa_cli.analysis.compute import add_common_target, group_runs, plot_compute, summarise_run
+def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Path | None,
+               metric: str = "acc") -> None:  # fmt: skip
+    from ldfa_cli.analysis.compute import (
+        HIGHER_IS_BETTER,
+        add_common_target,
+        group_runs,
+        plot_compute,
+        summarise_run,
+    )
     from ldfa_cli.analysis.runs import collect_runs
+
+    higher = HIGHER_IS_BETTER[metric]
+    if higher and target is None:
+        target = 0.9
+    if higher and not 0 < target <= 1:
+        raise ConfigError(f"--target is a fraction of the final {metric} in (0, 1], got {target}")
 
     console = stderr_console()
     runs = []
     for path in collect_runs(paths, say=console.print):
         try:
-            runs.append(summarise_run(path, target))
+            runs.append(summarise_run(path, target, metric))
         except CheckpointError as error:  # no evaluation yet, an older run: noted, not fatal
             console.print(f"left out {error}")
     if not runs:
         raise ConfigError("none of these runs has an evaluation yet")
-    common = add_common_target(runs, target)
+    common = add_common_target(runs, target, metric)
+    if not higher and common is None and target is None:
+        raise ConfigError(f"--metric {metric}: give --target (the {metric} to reach) or a "
+                          "backprop run, whose final value is the target then")  # fmt: skip
     rows, warnings = group_runs(runs)
     columns = ("flops_to_target", "flops_to_common", "flops_to_bp_final")
     scale, unit = flop_unit([r[k] for r in rows for k in columns if r[k]])
-    table = Table(title=f"compute to {target:.0%} of final accuracy ({len(runs)} runs, "
-                  f"{len(rows)} settings)",
-                  caption="a row: runs alike but for the seed; final accuracy: mean of the "
+    goal = (f"{target:.0%} of final {metric}" if higher
+            else f"{metric} <= {target if target is not None else round(common, 4)}")  # fmt: skip
+    table = Table(title=f"compute to {goal} ({len(runs)} runs, {len(rows)} settings)",
+                  caption=f"a row: runs alike but for the seed; final {metric}: mean of the "
                   "last 3 evaluations, ± sd over seeds; compute columns: mean ± standard "
                   "error")  # fmt: skip
 
@@ -144,20 +167,24 @@ def runs_flops(paths: list[Path], target: float, json_out: bool, plot: Path | No
         )
 
     # column -> its cell; the reference and BP columns only where a row has something there
+    own = "own target" if higher else "target"
     cells = {
         "recipe": lambda row: row["recipe"], "rule": lambda row: row["rule"],
         "r": lambda row: str(row["rank"] or "-"), "setting": lambda row: row["setting"] or "-",
-        "seeds": lambda row: str(row["seeds"]), "final acc ± sd": _accuracy_cell,
+        "seeds": lambda row: str(row["seeds"]),
+        f"final {metric} ± sd": lambda row: _final_cell(row, metric),
         "reference": lambda row: _reference_cell(row["reference"]),
-        f"{unit} to own target": lambda row: fmt(row, "flops_to_target", scale),
-        "s to own target": lambda row: fmt(row, "time_to_target", 1, 1),
+        f"{unit} to {own}": lambda row: fmt(row, "flops_to_target", scale),
+        f"s to {own}": lambda row: fmt(row, "time_to_target", 1, 1),
         f"{unit} to BP target": lambda row: fmt(row, "flops_to_common", scale),
         f"{unit} to BP final": lambda row: fmt(row, "flops_to_bp_final", scale),
     }  # fmt: skip
     if not any(row["reference"] for row in rows):
         del cells["reference"]
+    if common is None or not higher:  # (lower is better: the target is one level already)
+        del cells[f"{unit} to BP target"]
     if common is None:
-        del cells[f"{unit} to BP target"], cells[f"{unit} to BP final"]
+        del cells[f"{unit} to BP final"]
     for col in cells:
         widest = max(len(row["setting"] or "") for row in rows) if col == "setting" else 0
         table.add_column(
@@ -174,12 +201,16 @@ def runs_flops(paths: list[Path], target: float, json_out: bool, plot: Path | No
     for row in rows:
         if row["reference"]:
             console.print(f"reference of {row['recipe']}: {row['reference']['source']}")
-    if common is not None:
-        console.print(f"BP target: {target:.0%} of BP's mean final accuracy = {common:.4f}; "
+    if common is not None and higher:
+        console.print(f"BP target: {target:.0%} of BP's mean final {metric} = {common:.4f}; "
                       f"BP final: {common / target:.4f} (runs that never reach it are left "
                       "out of the mean, the column says how many did)")  # fmt: skip
+    elif common is not None:
+        console.print(f"target: {metric} <= {common:.4f} ({'given' if target else 'BP'}'s "
+                      "final); runs that never reach it are left out of the mean, the column "
+                      "says how many did")  # fmt: skip
     if plot is not None:
-        plot_compute(rows, plot, target, common=common is not None)
+        plot_compute(rows, plot, target, common=common is not None and higher, metric=metric)
         console.print(f"wrote {plot}")
     if json_out:
         print(json.dumps({"target": target, "bp_target_acc": common, "groups": rows,
@@ -205,8 +236,15 @@ def flops(
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Recipe mode: batch."),
     device: str = typer.Option("cpu", "--device", help="Recipe mode: auto, cpu, cuda, mps."),
     target: float = typer.Option(
-        0.9, "--target", min=0.0, max=1.0, help="Run mode: fraction of final accuracy."
+        None,
+        "--target",
+        min=0.0,
+        help="Run mode: a fraction of the final accuracy (default 0.9); for a lower-is-better "
+        "--metric the value to reach (default: backprop's final value).",
     ),  # fmt: skip
+    metric: str = typer.Option(
+        "acc", "--metric", help="Run mode: acc or top5; bpc, ppl or loss (language models)."
+    ),
     plot: Path = typer.Option(None, "--plot", help="Run mode: write the Fig. 3c-style PNG."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
 ) -> None:
@@ -215,4 +253,9 @@ def flops(
     if _recipe_mode(targets):
         recipe_flops(targets[0], targets[1:], batch_size, device, json_out)
     else:
-        runs_flops([Path(t) for t in targets], target, json_out, plot)
+        from ldfa_cli.analysis.compute import HIGHER_IS_BETTER
+
+        if metric not in HIGHER_IS_BETTER:
+            raise ConfigError(f"--metric must be one of {', '.join(HIGHER_IS_BETTER)}, got "
+                              f"'{metric}'")  # fmt: skip
+        runs_flops([Path(t) for t in targets], target, json_out, plot, metric)

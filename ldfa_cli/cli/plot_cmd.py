@@ -91,6 +91,9 @@ def plot(
         False, "--alignment", help="Draw the alignment of B with W^T over training instead."
     ),  # fmt: skip
     out: Path = typer.Option(Path("curves.png"), "--out", help="PNG to write."),
+    metric: str = typer.Option(
+        None, "--metric", help="acc or top5; bpc or ppl (a language model's default: bpc)."
+    ),
 ) -> None:
     """Test accuracy and loss curves of several runs against epoch, FLOPs or time; or, with
     --alignment, each layer's angle, norm ratio and gradient cosine over training."""
@@ -110,6 +113,7 @@ def plot(
         raise ConfigError(f"--x must be epoch, flops or time, got '{x}'")
     key, scale, xlabel = X_KEYS[x]
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    shown = metric or "acc"
     for run in runs:
         _check_run(run)
         evals = [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "eval"]
@@ -117,11 +121,16 @@ def plot(
             continue
         if key not in evals[0]:
             raise CheckpointError(f"{run}: its metrics have no '{key}' (an older run?)")
+        shown = metric or ("bpc" if "bpc" in evals[0] else "acc")
+        if shown not in evals[0]:
+            raise CheckpointError(f"{run}: its evaluations have no '{shown}' (acc for a "
+                                  "classifier, bpc or ppl for a language model)")  # fmt: skip
+        percent = 100 if shown in ("acc", "top5") else 1
         xs = [e[key] * scale for e in evals]
         label = _label(run)
-        acc_ax.plot(xs, [100 * e["acc"] for e in evals], marker=".", label=label)
+        acc_ax.plot(xs, [percent * e[shown] for e in evals], marker=".", label=label)
         loss_ax.plot(xs, [e["loss"] for e in evals], marker=".", label=label)
-    acc_ax.set(xlabel=xlabel, ylabel="test accuracy (%)")
+    acc_ax.set(xlabel=xlabel, ylabel=f"test {shown}" + (" (%)" if percent == 100 else ""))
     loss_ax.set(xlabel=xlabel, ylabel="test loss")
     acc_ax.legend(fontsize=7)
     _save(fig, out)

@@ -48,7 +48,8 @@ def rf(
     on = pick_device(device)
     for run in runs:
         _, _, recipe, model = load_trained(run, checkpoint, on)
-        channels, size, _ = dataset_shape(recipe.data)
+        shape = dataset_shape(recipe.data)
+        channels, size = shape.channels, shape.size
         shape = (channels, size, size)
         name = layer or default_layer(model)
         if name not in dict(model.named_modules()):

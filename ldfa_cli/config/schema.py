@@ -185,7 +185,8 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    """``normalise``: ``channel`` standardises each channel by its training-set mean and std;
+    """``text`` reads a UTF-8 file or folder (``root``) for a language model (keys below).
+    ``normalise``: ``channel`` standardises each channel by its training-set mean and std;
     ``pixel`` each pixel by its own; ``symmetric`` maps [0, 1] to [-1, 1] (torchvision's
     Normalize(0.5, 0.5), the authors' MNIST code). ``imagefolder`` streams ``train/`` and
     ``val/`` under ``root`` (ImageNet's layout; Tiny-ImageNet's too) from disk through
@@ -193,7 +194,7 @@ class DataConfig(Section):
     lives on the training device as one uint8 tensor."""
 
     dataset: Literal["cifar10", "cifar100", "fashion_mnist", "mnist", "digits",
-                     "imagefolder"] = "digits"  # fmt: skip
+                     "imagefolder", "text"] = "digits"  # fmt: skip
     root: str = "data"
     download: bool = True
     normalise: Literal["channel", "pixel", "symmetric"] = "channel"
@@ -214,6 +215,13 @@ class DataConfig(Section):
     crop_pct: Annotated[float, Field(gt=0.0, le=1.0)] = 0.875  # evaluation's centre crop
     class_list: str | None = None  # a file naming the class folders to use (ImageNet-100)
     workers: Annotated[int, Field(ge=0)] | None = None  # loader processes; null: every core
+    # text only (dataset: text; root: a UTF-8 file or a folder of them): tokens by character
+    # (a vocabulary from the training split) or by byte; windows of block_size tokens; the
+    # last test_fraction of the text is the test split, the val_fraction before it validation
+    tokenizer: Literal["char", "byte"] = "char"
+    block_size: PositiveInt = 128
+    test_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    eval_windows: PositiveInt | None = None  # evaluate this many windows, evenly spread
 
 
 # ------------------------------------------------------------------------ train/output

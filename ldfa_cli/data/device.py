@@ -13,6 +13,7 @@ from torchvision.transforms.v2.functional import resize as resize_image
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from ldfa_cli.errors import DataError
+from ldfa_cli.shapes import InputShape
 
 from .sources import RawDataset, Split, read_dataset
 
@@ -171,6 +172,13 @@ class DeviceData:
     @property
     def has_val(self) -> bool:
         return self.val is not None
+
+    @property
+    def input_shape(self) -> InputShape:
+        return InputShape(self.channels, self.size, self.classes)
+
+    def run_files(self) -> dict[str, str]:
+        return {}
 
     def describe(self) -> str:
         """Where the data lives and what it takes, for --dry-run."""

@@ -32,6 +32,7 @@ from torch.utils.data import (
 from torchvision import datasets
 
 from ldfa_cli.errors import DataError
+from ldfa_cli.shapes import InputShape
 
 from .device import _mix, held_out
 
@@ -166,6 +167,13 @@ class FolderData:
     @property
     def has_val(self) -> bool:
         return self.holdout_set is not None
+
+    @property
+    def input_shape(self) -> InputShape:
+        return InputShape(self.channels, self.size, self.classes)
+
+    def run_files(self) -> dict[str, str]:
+        return {}
 
     @property
     def classes(self) -> int:

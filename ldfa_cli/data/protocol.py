@@ -9,6 +9,8 @@ from typing import Protocol
 
 import torch
 
+from ldfa_cli.shapes import InputShape
+
 Batch = tuple[torch.Tensor, torch.Tensor]  # normalised images, labels (on the device)
 
 
@@ -22,6 +24,11 @@ class TrainingData(Protocol):
 
     @property
     def device(self) -> torch.device: ...
+
+    @property
+    def input_shape(self) -> InputShape:
+        """What a model for this data is built for."""
+        ...
 
     @property
     def has_val(self) -> bool:
@@ -53,6 +60,10 @@ class TrainingData(Protocol):
 
     def probe(self, n: int, split: str = "train") -> Batch:
         """The first n images of a split as evaluation sees them, with their labels."""
+        ...
+
+    def run_files(self) -> dict[str, str]:
+        """Files a run's folder keeps beside its config: name -> text (a tokenizer)."""
         ...
 
     def describe(self) -> str:

@@ -10,7 +10,8 @@ from torch import nn
 from ldfa_cli.data import TrainingData, dataset_shape
 from ldfa_cli.errors import ConfigError
 from ldfa_cli.feedback import convert, feedback_parameters
-from ldfa_cli.models import InputShape, build_model
+from ldfa_cli.models import build_model
+from ldfa_cli.shapes import InputShape
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -40,42 +41,39 @@ def set_deterministic(enabled: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def input_shape(data: TrainingData) -> InputShape:
-    return InputShape(channels=data.channels, size=data.size, classes=data.classes)
-
-
 def build_network(recipe, data: TrainingData, device: torch.device) -> nn.Module:
     """The recipe's model on ``device`` (seeded, so every rank builds the same one), with
     its layers converted to the recipe's feedback rule. ``bp`` leaves the model as it is."""
     torch.manual_seed(recipe.train.seed)
-    model = build_model(recipe.model, input_shape(data)).to(device)
+    model = build_model(recipe.model, data.input_shape).to(device)
     return convert_as_recipe(model, recipe.feedback, data.example(2))
 
 
-def shaped_network(recipe, device: torch.device, example: torch.Tensor | None = None):
-    """The recipe's model (seeded, converted) for its dataset's shape, built without reading
-    the data; ``example`` (default: zeros) is the batch that probes the conversion."""
-    channels, size, classes = dataset_shape(recipe.data)
+def shaped_network(recipe, device: torch.device, example: torch.Tensor | None = None,
+                   shape: InputShape | None = None):  # fmt: skip
+    """The recipe's model (seeded, converted) for its dataset's shape (or ``shape``), built
+    without loading the data; ``example`` (default: a blank input) is the batch that probes
+    the conversion."""
+    shape = shape or dataset_shape(recipe.data)
     if example is None:
-        example = torch.zeros(2, channels, size, size, device=device)
+        example = shape.blank().to(device)
     torch.manual_seed(recipe.train.seed)
-    model = build_model(recipe.model, InputShape(channels, size, classes)).to(device)
+    model = build_model(recipe.model, shape).to(device)
     return convert_as_recipe(model, recipe.feedback, example[:2])
 
 
 def synthetic_network(recipe, batch_size: int, device: torch.device):
     """The recipe's model (converted) and a random batch of its dataset's shape: for FLOP
     counts and timings, which need no real data."""
-    channels, size, classes = dataset_shape(recipe.data)
     generator = torch.Generator().manual_seed(recipe.train.seed)
-    x = torch.randn(batch_size, channels, size, size, generator=generator).to(device)
-    y = torch.randint(0, classes, (batch_size,), generator=generator).to(device)
-    return shaped_network(recipe, device, x), x, y
+    x, y = dataset_shape(recipe.data).random_batch(batch_size, generator)
+    return shaped_network(recipe, device, x.to(device)), x.to(device), y.to(device)
 
 
-def load_trained(target, which: str, device: torch.device):
+def load_trained(target, which: str, device: torch.device, shape: InputShape | None = None):
     """(checkpoint path, its state, its recipe, the model with its weights) of a run folder
-    (``checkpoints/<which>.pt``) or a checkpoint file; the dataset is not read."""
+    (``checkpoints/<which>.pt``) or a checkpoint file; the dataset is not read (but for an
+    image folder's classes or a text's vocabulary, unless ``shape`` says them)."""
     from ldfa_cli.config import validate
     from ldfa_cli.errors import CheckpointError
 
@@ -84,7 +82,7 @@ def load_trained(target, which: str, device: torch.device):
     path = find_checkpoint(target, f"{which}.pt")
     state = load_checkpoint(path, map_location=device)
     recipe = validate(state.get("config") or {}, source=f"{path} (its config)")
-    model = shaped_network(recipe, device)
+    model = shaped_network(recipe, device, shape=shape)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as error:

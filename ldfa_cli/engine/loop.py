@@ -10,6 +10,7 @@ checkpoint. A Ctrl-C stops at a step boundary with ``last.pt`` written.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +28,13 @@ from ldfa_cli.feedback.model import ddp_ignored
 
 from . import distributed
 from .build import build_network, parameter_counts, pick_device, set_deterministic
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .evaluate import evaluate
 from .interrupt import GracefulStop, StopRequested
 from .metering import FlopMeter
@@ -50,7 +57,8 @@ class RunState:
     batch_in_epoch: int = 0  # batches of that epoch already taken
     images_seen: int = 0
     elapsed_s: float = 0.0
-    best_acc: float = -1.0  # on the validation set where there is one (best.pt's)
+    best_acc: float = -1.0  # best.pt's accuracy (validation set's where there is one)
+    best_score: float = -math.inf  # what best.pt is chosen on: accuracy, or minus the loss
     train_flops: float = 0.0  # cumulative, all ranks together
 
 
@@ -129,6 +137,8 @@ class Trainer:
             self.optimizers.load_state_dict(checkpoint)
             set_rng_state(checkpoint["rng"], self.device)
             self.state = RunState(**checkpoint["progress"])
+            if "best_score" not in checkpoint["progress"]:  # (saved before it existed)
+                self.state.best_score = self.state.best_acc
         except (KeyError, ValueError, RuntimeError, TypeError) as error:
             raise CheckpointError(
                 f"{path} does not fit the resumed recipe ({type(error).__name__}: "
@@ -183,6 +193,8 @@ class Trainer:
         try:
             write_run_files(self.run_dir, self.recipe, describe_device(self.device),
                             self.world.size, resumed=False, recipe_name=recipe_name)  # fmt: skip
+            for name, text in self.data.run_files().items():  # (a text's tokenizer)
+                atomic_write_text(self.run_dir / name, text)
             self.metrics = MetricsLog(self.run_dir, self.recipe.output.tensorboard)
         except BaseException:  # (a full disk, say): nothing of the new run stays
             self.folder.undo(started=False)
@@ -212,7 +224,7 @@ class Trainer:
                         state.step += 1
                         state.batch_in_epoch += 1
                         state.images_seen += len(y) * world.size
-                        window.add(out.loss, out.correct, len(y))
+                        window.add(out.loss, out.correct, out.predictions, len(y))
                         bar.advance()
                         end_of_epoch = state.batch_in_epoch == self.steps_per_epoch
                         if cfg.log_alignment_every and state.step % cfg.log_alignment_every == 0:
@@ -283,24 +295,23 @@ class Trainer:
         if self.ema is not None:  # the averaged weights, evaluated beside the raw ones
             averaged = evaluate(self.ema.module, self.data, size, self.world, self.autocast)
             result.update({f"ema_{k}": averaged[k] for k in ("loss", "acc", "top5")})
-        held_out = {}
+        held_out, chosen = {}, result
         if self.data.has_val:
-            val = evaluate(self.model, self.data, size, self.world, self.autocast, split="val")
-            held_out = {"val_loss": val["loss"], "val_acc": val["acc"]}
+            chosen = evaluate(self.model, self.data, size, self.world, self.autocast,
+                              split="val")  # fmt: skip
+            held_out = {f"val_{k}": chosen[k] for k in ("loss", "acc", "bpc", "ppl") if k in chosen}
         epochs_done = round(state.step / self.steps_per_epoch, 4)
         self.log({"event": "eval", "epoch": epochs_done, "step": state.step, "split": "test",
                   "loss": result["loss"], "acc": result["acc"], "top5": result["top5"],
+                  **{k: result[k] for k in ("bpc", "ppl") if k in result},
                   **{k: v for k, v in result.items() if k.startswith("ema_")}, **held_out,
                   "per_class_acc": result["per_class_acc"], "lr": self.optimizers.lr,
                   "images_seen": state.images_seen, "train_flops": state.train_flops,
                   "time_s": self.elapsed()})  # fmt: skip
-        val_text = f"val acc {held_out['val_acc']:.4f}, " if held_out else ""
-        self.say(f"epoch {epochs_done:g}: {val_text}test loss {result['loss']:.4f} "
-                 f"acc {result['acc']:.4f}")  # fmt: skip
+        self.say(f"epoch {epochs_done:g}: {_describe(result, held_out)}")
         state.elapsed_s = self.elapsed()
-        chosen_on = held_out.get("val_acc", result["acc"])
-        if chosen_on > state.best_acc:
-            state.best_acc = chosen_on
+        if chosen["score"] > state.best_score:
+            state.best_score, state.best_acc = chosen["score"], chosen["acc"]
             if self.recipe.output.save_best:
                 self.save("best.pt")
         return result
@@ -341,13 +352,17 @@ class Trainer:
         state, seconds = self.state, self.elapsed()
         took = f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
         accuracy = f"test accuracy {last_eval['acc']:.4f}" if last_eval else "no evaluation"
+        best = (f"best {'validation' if self.data.has_val else 'test'} "
+                + (f"bpc {-state.best_score / math.log(2):.4f}" if "bpc" in (last_eval or {})
+                   else f"accuracy {state.best_acc:.4f}"))  # fmt: skip
+        if last_eval and "bpc" in last_eval:
+            accuracy = f"test bpc {last_eval['bpc']:.4f}"
         if stopped_early:
             self.say(f"stopped after epoch {state.epoch} of {self.cfg.epochs} (--stop-after), "
                      f"{accuracy}; continue with: ldfa train --resume {self.run_dir}")  # fmt: skip
         else:
             self.say(f"done: {state.epoch} epochs, {state.step} steps in {took}; "
-                     f"{accuracy} (best {'validation' if self.data.has_val else 'test'} "
-                     f"accuracy {state.best_acc:.4f}, best.pt); run folder "
+                     f"{accuracy} ({best}, best.pt); run folder "
                      f"{self.run_dir}")  # fmt: skip
 
     def log(self, event: dict) -> None:
@@ -409,6 +424,15 @@ class Trainer:
             self.metrics.close()
         with contextlib.suppress(Exception):
             distributed.stop(self.world)
+
+
+def _describe(test: dict, held_out: dict) -> str:
+    """An evaluation's line: bits per token for a language model, else accuracy."""
+    if "bpc" in test:
+        val = f"val bpc {held_out['val_bpc']:.4f}, " if "val_bpc" in held_out else ""
+        return f"{val}test bpc {test['bpc']:.4f} (loss {test['loss']:.4f})"
+    val = f"val acc {held_out['val_acc']:.4f}, " if held_out else ""
+    return f"{val}test loss {test['loss']:.4f} acc {test['acc']:.4f}"
 
 
 def _every(step: int, period: int | None) -> bool:

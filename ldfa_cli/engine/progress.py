@@ -51,11 +51,14 @@ class LogWindow:
             self.waited += time.perf_counter() - start
             yield item
 
-    def add(self, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
-        self.sums[0] += loss.double() * n
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, predictions: int,
+            images: int) -> None:  # fmt: skip
+        """A step's mean loss over its ``predictions`` (examples, or tokens), its correct
+        ones, and its ``images`` (examples: images or sequences) on this rank."""
+        self.sums[0] += loss.double() * predictions
         self.sums[1] += correct
-        self.sums[2] += n
-        self.images += n * self.world.size
+        self.sums[2] += predictions
+        self.images += images * self.world.size
 
     def close(self, stop_requested: bool) -> WindowSummary:
         """The window's summary (its sums agreed over ranks), and a new window."""

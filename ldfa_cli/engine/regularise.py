@@ -37,16 +37,28 @@ def mix_batch(mixer, x: torch.Tensor, y: torch.Tensor, seed: int):
 
 
 def task_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float):
-    """Cross-entropy with class indices (label smoothing) or soft target rows (Mixup)."""
+    """Cross-entropy with class indices (label smoothing) or soft target rows (Mixup); for a
+    language model's (batch, length, vocabulary) logits, the mean over every token."""
+    if logits.dim() == 3:  # next-token prediction: every position is a prediction
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                               label_smoothing=label_smoothing)  # fmt: skip
     if targets.dim() == 2:
         return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
 def correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Correct predictions; a soft target's class is its largest entry."""
+    """Correct predictions (every token of a sequence one); a soft target's class is its
+    largest entry."""
+    if logits.dim() == 3:
+        return (logits.argmax(-1) == targets).sum()
     labels = targets.argmax(1) if targets.dim() == 2 else targets
     return (logits.argmax(1) == labels).sum()
+
+
+def predictions(logits: torch.Tensor, targets: torch.Tensor) -> int:
+    """How many predictions a batch makes: its examples, or every token of a sequence."""
+    return targets.numel() if logits.dim() == 3 else len(targets)
 
 
 def make_ema(model: nn.Module, decay: float | None):

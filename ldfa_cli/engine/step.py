@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ldfa_cli.feedback import accounting, backward_with_rules, reset_due, set_feedback_targets
 from ldfa_cli.feedback.model import needs_targets
 
-from .regularise import correct, make_mixup, mix_batch, task_loss
+from .regularise import correct, make_mixup, mix_batch, predictions, task_loss
 
 _NO_PHASE = contextlib.nullcontext()
 
@@ -40,6 +40,11 @@ class StepOutput:
     def correct(self) -> Tensor:
         """Correct predictions in the batch (for the logs: not part of the step's work)."""
         return correct(self.logits, self.targets)
+
+    @property
+    def predictions(self) -> int:
+        """How many predictions the loss averages: examples, or every token of a sequence."""
+        return predictions(self.logits, self.targets)
 
 
 def mix_seed(seed: int, index: int) -> int:

@@ -18,7 +18,10 @@ layer's own weight gradient is the usual one, from the broadcast error at its ou
 
 Shapes. A layer receives e through a dense map from the flattened source error to its
 flattened input ("dense"), or, when both are feature maps of the same height and width,
-through a 1x1 map at every pixel ("pixel": m_src -> r -> n channels).
+through a 1x1 map at every pixel ("pixel": m_src -> r -> n channels), or, when both are
+sequences of the same length (a language model's tokens), through one map at every position
+("token": the error at a position reaches the layer's input at that position, as in Launay
+et al. 2020's DFA for transformers).
 """
 
 from __future__ import annotations
@@ -100,11 +103,21 @@ class Broadcast(Rule):
                 and self.input_shape[1:] == self.source_shape[1:])  # fmt: skip
 
     @property
+    def token(self) -> bool:
+        """Both sequences of one length: one map at every position."""
+        return (len(self.input_shape) == 2 and len(self.source_shape) == 2
+                and self.input_shape[0] == self.source_shape[0])  # fmt: skip
+
+    @property
     def source_width(self) -> int:
+        if self.token:
+            return self.source_shape[-1]
         return self.source_shape[0] if self.pixel else math.prod(self.source_shape)
 
     @property
     def input_width(self) -> int:
+        if self.token:
+            return self.input_shape[-1]
         return self.input_shape[0] if self.pixel else math.prod(self.input_shape)
 
     def plan(self, selection: Selection) -> ConversionPlan:
@@ -156,7 +169,10 @@ class Broadcast(Rule):
                                    source_shape=source["output"][1:])  # fmt: skip
 
     def broadcast_rows(self, batch: int) -> int:
-        """Rows of the broadcast's products: the batch (dense map) or every pixel (1x1)."""
+        """Rows of the broadcast's products: the batch (dense map), every pixel (1x1) or
+        every position (token)."""
+        if self.token:
+            return batch * self.source_shape[0]
         return batch * (math.prod(self.source_shape[1:]) if self.pixel else 1)
 
     def rank_limits(self, layer) -> tuple[int, int]:
@@ -174,17 +190,17 @@ class Broadcast(Rule):
                 "must come after this layer in the forward pass"
             )
         error = error.to(g.dtype)
-        return error if self.pixel else error.reshape(error.shape[0], -1)
+        return error if self.pixel or self.token else error.reshape(error.shape[0], -1)
 
     def spread(self, z: Tensor, M: Tensor, x_shape) -> Tensor:
         """z (samples x k) or (N, k, H, W) through M (input width x k) to the input's shape."""
         if self.pixel:
             return F.conv2d(z, M[:, :, None, None])
-        return z.mm(M.t()).view(x_shape)
+        return z.matmul(M.t()).view(x_shape)
 
     def gather(self, e: Tensor, M: Tensor) -> Tensor:
         """e through M (k x source width): the k-dimensional signal per sample or pixel."""
-        return F.conv2d(e, M[:, :, None, None]) if self.pixel else e.mm(M.t())
+        return F.conv2d(e, M[:, :, None, None]) if self.pixel else e.matmul(M.t())
 
 
 @register

@@ -129,6 +129,7 @@ class ConversionRow:
     note: str
     groups: int = 1
     asked: int | None = None  # the rank asked for, where it was above full rank (clipped)
+    tied_to: str | None = None  # another module whose weight is this layer's (a tied head)
 
 
 class ConversionReport:
@@ -163,7 +164,10 @@ class ConversionReport:
             if r.rank is not None and r.groups > 1:
                 rank += f" x {r.groups} groups"
             kind = r.kind + (f" g={r.groups}" if r.groups > 1 else "")
-            table.add_row(r.name, kind, str(r.n), str(r.m), rank, r.rule, r.note)
+            note = r.note if r.tied_to is None else (
+                f"{r.note}; weight tied to {r.tied_to}: its own feedback, which learns "
+                "from that shared matrix")  # fmt: skip
+            table.add_row(r.name, kind, str(r.n), str(r.m), rank, r.rule, note)
         return table
 
     def clipped_note(self) -> str | None:
@@ -184,11 +188,23 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+EMBEDDING_NOTE = ("kept: looked up by token id (its input needs no gradient, its weight's is a "
+                  "scatter): no W^T g to replace")  # fmt: skip
+
+
 def conversion_report(model: nn.Module) -> ConversionReport:
     """Rows for every Linear/Conv layer of the model: converted layers with their rule and
     rank, the others (plain autograd, i.e. backprop) with the reason they were kept."""
     rows = []
+    owners: dict[int, list[str]] = {}  # a weight Parameter -> the modules holding it
     for name, module in model.named_modules():
+        if isinstance(getattr(module, "weight", None), nn.Parameter):
+            owners.setdefault(id(module.weight), []).append(name)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            rows.append(ConversionRow(name, "Embedding", module.num_embeddings,
+                                      module.embedding_dim, None, module.embedding_dim, "bp",
+                                      EMBEDDING_NOTE))  # fmt: skip
         if not isinstance(module, CONVERTIBLE):
             continue
         conv = isinstance(module, nn.Conv1d | nn.Conv2d)
@@ -197,9 +213,11 @@ def conversion_report(model: nn.Module) -> ConversionReport:
         m = module.out_channels if conv else module.out_features
         groups = module.groups if conv else 1
         if isinstance(module, FeedbackLayer):
+            tied = [o for o in owners.get(id(getattr(module, "weight", None)), []) if o != name]
             rows.append(ConversionRow(name, kind, n, m, module.rank, module.full_rank,
                                       module.rule.name, "converted", groups,
-                                      module.rank_clipped_from))  # fmt: skip
+                                      module.rank_clipped_from,
+                                      tied[0] if tied else None))  # fmt: skip
         else:
             note = getattr(module, "ldfa_note", "kept: not converted")
             m_g = m // groups

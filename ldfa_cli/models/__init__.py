@@ -3,10 +3,17 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from torch import nn
 
-from . import mlp, vgg, vit, retina, timm_any, lenet, resnet_cifar  # noqa: F401  # isort: skip  (registers, in order)
 from .registry import MODELS, InputShape, register_model
+
+# Every module of this folder is imported, so that a model registers itself by having its
+# file here: adding a model is one file.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def build_model(config, shape: InputShape) -> nn.Module:
@@ -14,7 +21,8 @@ def build_model(config, shape: InputShape) -> nn.Module:
     architecture cannot take (too small for its downsampling) is a one-line config error
     now rather than a crash in the first step."""
     model = MODELS[config.name].build(config, shape)
-    check_forward(model, shape, f"model {config.name!r} at {shape.size}x{shape.size}")
+    size = f"{shape.size} tokens" if shape.tokens else f"{shape.size}x{shape.size}"
+    check_forward(model, shape, f"model {config.name!r} at {size}")
     return model
 
 
@@ -30,7 +38,7 @@ def check_forward(model: nn.Module, shape: InputShape, where: str) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(2, shape.channels, shape.size, shape.size))
+            model(shape.blank())
     except (RuntimeError, AssertionError, ValueError) as error:
         raise ConfigError(
             f"{where} cannot run: {first_line(error)}; pad or resize the "

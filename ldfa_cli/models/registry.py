@@ -10,13 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ldfa_cli.sections import Section
-
-
-@dataclass(frozen=True)
-class InputShape:
-    channels: int
-    size: int  # square images
-    classes: int
+from ldfa_cli.shapes import InputShape
 
 
 @dataclass(frozen=True)
