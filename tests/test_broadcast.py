@@ -159,6 +159,12 @@ def test_broadcast_needs_an_example_and_a_known_source():
         convert(_mlp(), "dfa")
     with pytest.raises(FeedbackConfigError, match="not a module the forward pass reaches"):
         convert(_mlp(), "dldfa", rank=2, source="nope", example_input=torch.randn(2, 4))
+    with pytest.raises(FeedbackConfigError, match="points must be layers or blocks"):
+        convert(_mlp(), "dfa", points="block", example_input=torch.randn(2, 4))
+    with pytest.raises(FeedbackConfigError, match="name them with blocks:"):
+        convert(_mlp(), "dfa", points="blocks", example_input=torch.randn(2, 4))
+    with pytest.raises(FeedbackConfigError, match="set points: blocks"):
+        convert(_mlp(), "dfa", blocks="blocks.*", example_input=torch.randn(2, 4))
 
 
 def test_dldfa_rank_above_the_source_width_embeds_the_error_isometrically():

@@ -172,3 +172,49 @@ def test_a_language_model_resumes_mid_epoch_exactly(capsys, tmp_path):
                 for e in read_metrics(run / "metrics.jsonl") if e["event"] == "eval"]  # fmt: skip
 
     assert evals(broken) == evals(whole)
+
+
+def test_dfa_at_the_blocks_sends_b_e_to_each_block_output_and_backprop_inside(tmp_path):
+    """Launay et al.'s transformer DFA: block l's output gradient is B_l e (e = dL/dlogits
+    at each position), the gradient from above dropped; the block's weights get backprop
+    of that signal; the head gets the true gradient."""
+    torch.manual_seed(0)
+    shape = dataset_shape(validate({"data": data_config(tmp_path)}).data)
+    model = build_model(validate({"model": {**TINY, "tie_weights": False}}).model, shape)
+    x = torch.randint(0, shape.classes, (3, 16))
+    y = torch.randint(0, shape.classes, (3, 16))
+    convert(model, "dfa", points="blocks", example_input=x[:2])
+    rows = {row.name: row for row in conversion_report(model).rows}
+    assert [n for n, r in rows.items() if r.note == "converted"] == ["blocks.0", "blocks.1"]
+    assert "inside block 'blocks.1'" in rows["blocks.1.mlp.fc"].note
+    inputs = {}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach()))
+    logits = model(x)
+    logits.retain_grad()
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+    e = logits.grad
+    head_ref = torch.einsum("btv,btn->vn", e, model.ln_f(model.blocks[1](inputs[1])).detach())
+    torch.testing.assert_close(model.head.weight.grad, head_ref, rtol=1e-5, atol=1e-7)
+    for i, block in enumerate(model.blocks):
+        block.broadcast_point.enabled = False
+        params = [p for n, p in block.named_parameters() if "broadcast" not in n]
+        signal = e @ block.broadcast_point.feedback_B.t()  # B_l e at every position
+        ref = torch.autograd.grad(block(inputs[i]), params, signal)
+        for p, r in zip(params, ref, strict=True):
+            torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-7)
+
+
+def test_dfa_at_the_blocks_counts_its_broadcast_and_has_backprop_as_reference(tmp_path):
+    config = validate({"model": TINY, "data": data_config(tmp_path),
+                       "feedback": {"rule": "dfa", "options": {"points": "blocks"}}})  # fmt: skip
+    model, x, y = synthetic_network(config, 4, torch.device("cpu"))
+    report = flops_report(model, x, y)
+    rows = {row["layer"]: row for row in report.layers}
+    n, t, v = 16, x.shape[1], dataset_shape(config.data).classes
+    for block in ("blocks.0", "blocks.1"):
+        assert rows[block]["broadcast"] == 2 * len(x) * t * v * n
+        assert rows[block]["bp_broadcast"] == 0
+    bp = flops_report(*synthetic_network(validate({**config.model_dump(), "feedback": {
+        "rule": "bp"}}), 4, torch.device("cpu")))  # fmt: skip
+    assert report.reference.total == pytest.approx(bp.rule.total, rel=1e-9)

@@ -26,6 +26,7 @@ from ldfa_cli.engine.metering import count_step
 from ldfa_cli.engine.optim import build_optimizers
 from ldfa_cli.engine.step import TrainStep
 from ldfa_cli.feedback import Rule, convert, feedback_layers, forward_parameters
+from ldfa_cli.feedback.blocks import broadcast_points
 from ldfa_cli.measure.flops import ALL_PHASES, StepFlops
 
 OMITTED = ("data movement (copies, views, indexing, concatenation, padding), random-number "
@@ -55,8 +56,11 @@ def backprop_twin(model: nn.Module, only_plain: bool = False) -> nn.Module:
     """A copy of ``model`` whose feedback layers (with ``only_plain``, those of rule ``bp``,
     which run plain autograd) compute backprop inside the feedback Function, where the
     counter can split their backward into input and weight gradients; a layer that holds
-    its weight otherwise (SVD form) is replaced by the dense layer it stands for."""
+    its weight otherwise (SVD form) is replaced by the dense layer it stands for; DFA's
+    points on block outputs let the gradient through."""
     twin = copy.deepcopy(model)
+    for _, point in [] if only_plain else broadcast_points(twin):
+        point.enabled = False  # backprop passes through a block's output
     for name, layer in feedback_layers(twin):
         if not only_plain and (dense := layer.dense_twin()) is not None:
             layer = dense
@@ -149,6 +153,7 @@ def flops_report(
     rule = count_step(make_step(backprop_twin(model, only_plain=True)), x, y, optimizers[0])
     reference = count_step(make_step(backprop_twin(model)), x, y, optimizers[1])
     layers_by_name = dict(feedback_layers(model))
+    points = dict(broadcast_points(model))
     rows, warnings = [], []
     names = [n for n in rule.layers if n != "(other)"]
     for name in [*names, "(other)"]:
@@ -156,10 +161,15 @@ def flops_report(
         for phase in ALL_PHASES:
             row[phase] = rule.get(name, phase)
             row[f"bp_{phase}"] = reference.get(name, phase)
+        expected = None
+        if name in points:
+            row.update(rule=points[name].rule.name, rank=None)
+            expected = points[name].analytic_flops(len(x))
         if name in layers_by_name:
             layer = layers_by_name[name]
             row.update(rule=layer.rule.name, rank=layer.rank, samples=rule.samples.get(name))
             expected = layer.rule.analytic_flops(layer, rule.samples[name], rule.batches[name])
+        if expected is not None:
             row["analytic"] = expected
             measured, predicted = rule.layer_total(name), sum(expected.values())
             if predicted and abs(measured - predicted) > 0.01 * predicted:
@@ -172,12 +182,15 @@ def flops_report(
 
 def recipe_report(recipe, batch_size: int, device, steps_per_epoch: int | None) -> FlopsReport:
     """:func:`flops_report` of a recipe's model on a synthetic batch of its dataset's
-    shape, with the recipe's step and optimizers (``bp``: its layers converted to ``bp``,
-    so that backprop's backward is split per layer as well)."""
+    shape, with the recipe's step and optimizers (``bp``, and the layers inside blocks
+    whose output has a feedback point, converted to ``bp``, so that backprop's backward is
+    split per layer as well)."""
     model, x, y = synthetic_network(recipe, batch_size, device)
     fb = recipe.feedback
     if fb.rule == "bp":
         convert(model, "bp", include=fb.include, exclude=fb.exclude, example_input=x[:2])
+    elif points := broadcast_points(model):
+        convert(model, "bp", include=[f"{name}.*" for name, _ in points], example_input=x[:2])
     plan = build_optimizers(recipe, model, steps_per_epoch or 1).flop_plan(model)
     forward = sum(p.numel() for p in forward_parameters(model))
     classes = dataset_shape(recipe.data).classes

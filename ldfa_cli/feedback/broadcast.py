@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import accounting
+from .blocks import block_plan
 from .factors import store
 from .local import oja_grad
 from .ops import ConvOps, LinearOps
@@ -123,15 +124,7 @@ class Broadcast(Rule):
     def plan(self, selection: Selection) -> ConversionPlan:
         """The selected layers up to the source, in forward order, each with this rule for
         its shapes (:meth:`for_layer`); the source's hook attached once they are swapped."""
-        if selection.example_input is None:
-            raise FeedbackConfigError(
-                f"rule {self.name!r} needs example_input= (a batch) to size its feedback"
-            )
-        model, candidates = selection.model, selection.candidates
-        names = list(dict.fromkeys([*candidates, *dict(model.named_modules())]))
-        seen = probe(model, selection.example_input, names)
-        source = self._source_name(sorted((n for n in candidates if n in seen),
-                                          key=lambda n: seen[n]["order"]), seen)  # fmt: skip
+        seen, source = self.locate_source(selection)
         channel = BroadcastChannel()
         layers = []
         for name, module in selection.chosen:
@@ -143,6 +136,19 @@ class Broadcast(Rule):
             else:
                 layers.append((name, module, rule))
         return ConversionPlan(layers, lambda m: channel.attach(m.get_submodule(source)))
+
+    def locate_source(self, selection: Selection) -> tuple[dict, str]:
+        """What a probe on the example batch saw of every module, and the source's name."""
+        if selection.example_input is None:
+            raise FeedbackConfigError(
+                f"rule {self.name!r} needs example_input= (a batch) to size its feedback"
+            )
+        model, candidates = selection.model, selection.candidates
+        names = list(dict.fromkeys([*candidates, *dict(model.named_modules())]))
+        seen = probe(model, selection.example_input, names)
+        source = self._source_name(sorted((n for n in candidates if n in seen),
+                                          key=lambda n: seen[n]["order"]), seen)  # fmt: skip
+        return seen, source
 
     def _source_name(self, order: list[str], seen: dict) -> str:
         """The source module's name: the last (output) or second-to-last (penultimate)
@@ -203,20 +209,48 @@ class Broadcast(Rule):
         return F.conv2d(e, M[:, :, None, None]) if self.pixel else e.matmul(M.t())
 
 
+def _placement(layer) -> dict:
+    """Where a layer's (or a block's feedback point's) feedback tensors go."""
+    factory = getattr(layer, "factory", None)
+    return factory or {"device": layer.weight.device, "dtype": layer.weight.dtype}
+
+
 @register
 @dataclass(frozen=True)
 class DirectFeedbackAlignment(Broadcast):
-    """DFA: delta_l = (B_l e) * f'(a_l), B_l fixed and random (input width x source width)."""
+    """DFA: delta_l = (B_l e) * f'(a_l), B_l fixed and random (input width x source width).
+
+    ``points: layers`` (the default, Noekland's DFA) sends e to every layer's input;
+    ``points: blocks`` to every residual block's output, backprop inside the block (Launay
+    et al. 2020's DFA for transformers; ``blocks`` a glob naming the blocks, by default the
+    children of the model's ModuleLists; see ``feedback/blocks.py``)."""
 
     name: ClassVar[str] = "dfa"
     summary: ClassVar[str] = "direct feedback alignment: source error through fixed random B"
-    equations: ClassVar[str] = "Sec. 5.3 (Noekland 2016)"
+    equations: ClassVar[str] = "Sec. 5.3 (Noekland 2016; points: blocks, Launay et al. 2020)"
+
+    points: str = "layers"
+    blocks: str | None = None
+
+    def __post_init__(self):
+        check(self.points in ("layers", "blocks"),
+              f"rule 'dfa': points must be layers or blocks, got {self.points!r}")  # fmt: skip
+        check(
+            self.blocks is None or self.points == "blocks",
+            "rule 'dfa': blocks names the blocks of points: blocks; set points: blocks",
+        )
+
+    def plan(self, selection: Selection) -> ConversionPlan:
+        if self.points == "layers":
+            return super().plan(selection)
+        seen, source = self.locate_source(selection)
+        return block_plan(self, selection, source, seen[source]["output"][1:],
+                          BroadcastChannel())  # fmt: skip
 
     def create_feedback(self, layer) -> None:
         bound = 1.0 / math.sqrt(self.source_width)
-        B = torch.empty(self.input_width, self.source_width, device=layer.weight.device,
-                        dtype=layer.weight.dtype).uniform_(-bound, bound)  # fmt: skip
-        store(layer, "feedback_B", B, learned=False)
+        B = torch.empty(self.input_width, self.source_width, **_placement(layer))
+        store(layer, "feedback_B", B.uniform_(-bound, bound), learned=False)
 
     def feedback_tensors(self, layer):
         return (layer.feedback_B,)

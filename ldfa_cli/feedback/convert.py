@@ -15,6 +15,7 @@ from fnmatch import fnmatch
 
 from torch import Tensor, nn
 
+from .blocks import BLOCK_NOTE, BroadcastPoint
 from .layers import FeedbackLayer
 from .rule import FeedbackConfigError, Rule, Selection, make_rule
 
@@ -103,7 +104,7 @@ def convert(
             chosen.append((name, module))
     plan = base_rule.plan(Selection(model, chosen, [n for n, _ in _candidates(model)],
                                     example_input))  # fmt: skip
-    if not plan.layers:
+    if not plan.layers and not plan.points:
         raise FeedbackConfigError(
             f"no Linear or Conv layer matched include={include} exclude={exclude} (or each "
             "was kept: conversion_report tells why)"
@@ -120,9 +121,9 @@ def convert(
 @dataclass(frozen=True)
 class ConversionRow:
     name: str
-    kind: str  # Linear | Conv1d | Conv2d
-    n: int  # input features / channels
-    m: int  # output features / channels
+    kind: str  # Linear | Conv1d | Conv2d | Block (a feedback point on a block's output)
+    n: int  # input features / channels (a block: its width)
+    m: int  # output features / channels (a block: the source's width)
     rank: int | None  # feedback rank (per group); None for a full-rank or transpose feedback
     full_rank: int
     rule: str
@@ -167,6 +168,8 @@ class ConversionReport:
             note = r.note if r.tied_to is None else (
                 f"{r.note}; weight tied to {r.tied_to}: its own feedback, which learns "
                 "from that shared matrix")  # fmt: skip
+            if r.kind == "Block":
+                note = f"{r.note}: {BLOCK_NOTE}"
             table.add_row(r.name, kind, str(r.n), str(r.m), rank, r.rule, note)
         return table
 
@@ -201,6 +204,10 @@ def conversion_report(model: nn.Module) -> ConversionReport:
         if isinstance(getattr(module, "weight", None), nn.Parameter):
             owners.setdefault(id(module.weight), []).append(name)
     for name, module in model.named_modules():
+        if isinstance(module, BroadcastPoint):  # DFA at the blocks: a row for the block
+            rows.append(ConversionRow(module.point_name, "Block", module.width,
+                                      module.rule.source_width, None, module.width,
+                                      module.rule.name, "converted"))  # fmt: skip
         if isinstance(module, nn.Embedding):
             rows.append(ConversionRow(name, "Embedding", module.num_embeddings,
                                       module.embedding_dim, None, module.embedding_dim, "bp",

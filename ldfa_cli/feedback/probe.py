@@ -9,12 +9,15 @@ from torch import nn
 
 def probe(model: nn.Module, example_input, names) -> dict[str, dict]:
     """For each named module reached by a forward pass on ``example_input``: its call
-    order, whether its input needs a gradient, and its input and output shapes."""
+    order, whether its input needs a gradient, and its input and output shapes (of a
+    tuple's first element: a Hugging Face block returns its hidden states in a tuple)."""
     found: dict[str, dict] = {}
     modules = dict(model.named_modules())
 
     def hook_for(name):
         def hook(module, args, out):
+            if isinstance(out, tuple) and out:
+                out = out[0]
             if name not in found and args and isinstance(out, torch.Tensor):
                 found[name] = {
                     "order": len(found),

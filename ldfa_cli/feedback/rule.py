@@ -72,10 +72,12 @@ class Selection:
 @dataclass
 class ConversionPlan:
     """The layers to convert, each with the rule it gets, and what to do once they are
-    swapped (``finish(model)``; a broadcast rule attaches its source hook there)."""
+    swapped (``finish(model)``; a broadcast rule attaches its source hook there, and DFA at
+    the blocks the feedback points of the modules named in ``points``)."""
 
     layers: list[tuple[str, nn.Module, Rule]]
     finish: Callable[[nn.Module], None] | None = field(default=None, repr=False)
+    points: list[str] = field(default_factory=list)
 
 
 def phase_flops(**counts: float) -> dict[str, float]:
