@@ -33,6 +33,11 @@ def tiny_overrides(recipe) -> list[str]:
         return ["model.depth=8"]
     if model.name == "gpt":
         return ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "data.block_size=16"]
+    if model.name == "hf":  # the shipped ones are Llama configurations
+        tiny = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                "num_attention_heads": 2, "num_key_value_heads": 2,
+                "max_position_embeddings": 16}  # fmt: skip
+        return [*(f"model.config.{k}={v}" for k, v in tiny.items()), "data.block_size=16"]
     if model.name == "timm" and model.architecture.startswith("vit_"):
         return [f"model.kwargs.{key}={value}" for key, value in TINY_VIT.items()]
     return []  # lenet, and timm's convnets at Fashion-MNIST's 28x28

@@ -174,27 +174,34 @@ def test_a_language_model_resumes_mid_epoch_exactly(capsys, tmp_path):
     assert evals(broken) == evals(whole)
 
 
-def test_dfa_at_the_blocks_sends_b_e_to_each_block_output_and_backprop_inside(tmp_path):
-    """Launay et al.'s transformer DFA: block l's output gradient is B_l e (e = dL/dlogits
-    at each position), the gradient from above dropped; the block's weights get backprop
-    of that signal; the head gets the true gradient."""
+@pytest.mark.parametrize("source", ["output", "ln_f"])
+def test_dfa_at_the_blocks_sends_b_e_to_each_block_and_backprop_inside(tmp_path, source):
+    """Launay et al.'s transformer DFA: block l's output gradient is B_l e (e = dL/dlogits,
+    or dL/d ln_f's output as in their code, at each position), the gradient from above
+    dropped; the block's weights get backprop of that signal; the head (and ln_f after the
+    source) get the true gradient."""
     torch.manual_seed(0)
     shape = dataset_shape(validate({"data": data_config(tmp_path)}).data)
     model = build_model(validate({"model": {**TINY, "tie_weights": False}}).model, shape)
     x = torch.randint(0, shape.classes, (3, 16))
     y = torch.randint(0, shape.classes, (3, 16))
-    convert(model, "dfa", points="blocks", example_input=x[:2])
+    convert(model, "dfa", points="blocks", source=source, example_input=x[:2])
     rows = {row.name: row for row in conversion_report(model).rows}
     assert [n for n, r in rows.items() if r.note == "converted"] == ["blocks.0", "blocks.1"]
     assert "inside block 'blocks.1'" in rows["blocks.1.mlp.fc"].note
+    assert ("after the broadcast source" in rows["head"].note) == (source == "ln_f")
     inputs = {}
     for i, block in enumerate(model.blocks):
         block.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach()))
+    top = {}
+    model.ln_f.register_forward_hook(lambda m, a, out: top.setdefault("out", out))
     logits = model(x)
     logits.retain_grad()
+    top["out"].retain_grad()
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
-    e = logits.grad
-    head_ref = torch.einsum("btv,btn->vn", e, model.ln_f(model.blocks[1](inputs[1])).detach())
+    e = logits.grad if source == "output" else top["out"].grad
+    assert e.shape[-1] == (shape.classes if source == "output" else TINY["n_embd"])
+    head_ref = torch.einsum("btv,btn->vn", logits.grad, top["out"].detach())
     torch.testing.assert_close(model.head.weight.grad, head_ref, rtol=1e-5, atol=1e-7)
     for i, block in enumerate(model.blocks):
         block.broadcast_point.enabled = False

@@ -9,8 +9,10 @@ backward it drops the gradient arriving from above and returns B_l e instead, e 
 error at the same position. Inside the block, backprop carries that signal to the block's
 weights and on to the block's input, where the point of the block below drops it again: no
 W^T reaches from one block to the next, while every layer inside a block trains on the
-gradient of its own block's broadcast. The output layer (the source) trains on e itself.
-This is Launay et al.'s "simple" DFA for transformers (one feedback point per block).
+gradient of its own block's broadcast. The source (``source: output``, the last layer, or
+a module named outright) and whatever follows it train by backprop from the loss. This is
+Launay et al.'s "simple" DFA for transformers (one feedback point per block), whose e is the
+gradient at the top of the encoder, before the vocabulary projection: ``source: ln_f``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from . import accounting
 from .probe import probe
 from .rule import ConversionPlan, FeedbackConfigError, phase_flops
 
-BLOCK_NOTE = ("the block's output gradient is B e (the output error at each position, "
+BLOCK_NOTE = ("the block's output gradient is B e (the source's error at each position, "
               "through a fixed random B); backprop inside the block")  # fmt: skip
 
 
@@ -108,13 +110,14 @@ def find_blocks(model: nn.Module, example_input, pattern: str | None) -> dict[st
     return dict(sorted(blocks.items(), key=lambda item: item[1]["order"]))
 
 
-def block_plan(rule, selection, source: str, source_shape: tuple, channel) -> ConversionPlan:
+def block_plan(rule, selection, seen: dict, source: str, channel) -> ConversionPlan:
     """The plan of ``dfa`` with ``points: blocks``: no layer swapped (each keeps backprop,
-    with the reason), a point on every block before the source (its output per sample of
-    ``source_shape``), the source hook."""
-    model = selection.model
+    with the reason), a point on every block that finishes before the source does (``seen``:
+    the probe of every module, so the orders compare; a block holding the source finishes
+    after it), the source hook."""
+    model, source_shape = selection.model, seen[source]["output"][1:]
     blocks = find_blocks(model, selection.example_input, rule.blocks)
-    blocks = {n: i for n, i in blocks.items() if not source.startswith(f"{n}.")}
+    blocks = {n: i for n, i in blocks.items() if seen[n]["order"] < seen[source]["order"]}
     if not blocks:
         hint = f"blocks '{rule.blocks}' matched" if rule.blocks else "no nn.ModuleList child"
         raise FeedbackConfigError(
@@ -127,7 +130,11 @@ def block_plan(rule, selection, source: str, source_shape: tuple, channel) -> Co
         module.ldfa_note = (f"kept: backprop inside block '{block}' from its feedback point"
                             if block else "kept: outside the blocks (points: blocks)")  # fmt: skip
         if name == source:
-            module.ldfa_note = "kept: the broadcast source (trains on the output error e)"
+            module.ldfa_note = (
+                "kept: the broadcast source (backprop from the loss; e is its output gradient)"
+            )
+        elif seen.get(name, {"order": -1})["order"] > seen[source]["order"]:
+            module.ldfa_note = f"kept: after the broadcast source '{source}' (backprop)"
     like = next(model.parameters())
 
     def finish(model: nn.Module) -> None:

@@ -244,8 +244,7 @@ class DirectFeedbackAlignment(Broadcast):
         if self.points == "layers":
             return super().plan(selection)
         seen, source = self.locate_source(selection)
-        return block_plan(self, selection, source, seen[source]["output"][1:],
-                          BroadcastChannel())  # fmt: skip
+        return block_plan(self, selection, seen, source, BroadcastChannel())
 
     def create_feedback(self, layer) -> None:
         bound = 1.0 / math.sqrt(self.source_width)

@@ -16,6 +16,7 @@ from fnmatch import fnmatch
 from torch import Tensor, nn
 
 from .blocks import BLOCK_NOTE, BroadcastPoint
+from .conv1d import linearise_conv1d
 from .layers import FeedbackLayer
 from .rule import FeedbackConfigError, Rule, Selection, make_rule
 
@@ -72,7 +73,8 @@ def convert(
     force_grouped: bool = False,
     **options,
 ) -> nn.Module:
-    """Swap every ``nn.Linear`` / ``nn.Conv2d`` whose qualified name matches a glob in
+    """Swap every ``nn.Linear`` / ``nn.Conv2d`` (and transformers' ``Conv1D``, first made
+    the nn.Linear it is) whose qualified name matches a glob in
     ``include`` (default all) and none in ``exclude`` for a feedback layer running ``rule``
     (its options as keywords), and return the model (changed in place).
 
@@ -89,6 +91,7 @@ def convert(
     :func:`conversion_report` tells what was swapped.
     """
     base_rule = make_rule(rule, **options)
+    linearise_conv1d(model)  # GPT-2's Conv1D: the same layer as an nn.Linear
     include = ["*"] if include is None else list(include)
     exclude = list(exclude or [])
     chosen = []
@@ -112,7 +115,10 @@ def convert(
     for name, module, layer_rule in plan.layers:
         spec = _rank_for(name, module, rank, ranks, rank_scale)
         kind = layer_rule.layer_class or FeedbackLayer
-        model.set_submodule(name, kind.replacing(module, name, layer_rule, spec))
+        layer = kind.replacing(module, name, layer_rule, spec)
+        if hasattr(module, "ldfa_was"):  # the report says what it was (GPT-2's Conv1D)
+            layer.ldfa_was = module.ldfa_was
+        model.set_submodule(name, layer)
     if plan.finish is not None:  # after the swap: it may refer to swapped layers
         plan.finish(model)
     return model
@@ -216,6 +222,8 @@ def conversion_report(model: nn.Module) -> ConversionReport:
             continue
         conv = isinstance(module, nn.Conv1d | nn.Conv2d)
         kind = next(c.__name__ for c in CONVERTIBLE if isinstance(module, c))
+        if getattr(module, "ldfa_was", None):
+            kind += f" (was {module.ldfa_was})"
         n = module.in_channels if conv else module.in_features
         m = module.out_channels if conv else module.out_features
         groups = module.groups if conv else 1
