@@ -10,7 +10,8 @@ import yaml
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "summarise-runs"
 
 
-def _run(folder: Path, seed: int, accs: list[float], epochs: int = 2, rank: int = 8) -> None:
+def _run(folder: Path, seed: int, accs: list[float], epochs: int = 2, rank: int = 8,
+         **last_eval) -> None:  # fmt: skip
     folder.mkdir(parents=True)
     config = {"feedback": {"rule": "ldfa", "rank": rank}, "train": {"epochs": epochs, "seed": seed}}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
@@ -20,6 +21,7 @@ def _run(folder: Path, seed: int, accs: list[float], epochs: int = 2, rank: int 
                        "train_flops": 1e12 * epoch, "time_s": 5.0 * epoch})  # fmt: skip
         events.append({"event": "eval", "epoch": float(epoch), "step": 10 * epoch, "acc": acc,
                        "time_s": 5.0 * epoch + 1})  # fmt: skip
+    events[-1].update(last_eval)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
 
 
@@ -38,3 +40,14 @@ def test_rows_group_seeds_and_skip_unfinished_runs(tmp_path):
     assert "| 11 | 2.00 |" in two_seeds  # wall time of the last event, TFLOPs after the last step
     archived = tmp_path / "archive" / "s" / "seed=1"
     assert sorted(p.name for p in archived.iterdir()) == ["config.yaml", "metrics.jsonl"]
+
+
+def test_a_lower_is_better_metric_with_its_validation_column(tmp_path):
+    _run(tmp_path / "t" / "seed=0", 0, [0.3, 0.5], bpc=1.80, val_bpc=1.70)
+    _run(tmp_path / "t" / "seed=1", 1, [0.3, 0.5], bpc=1.90, val_bpc=1.72)
+    runs = sorted((tmp_path / "t").iterdir())
+    done = subprocess.run([sys.executable, SCRIPT, *runs, "--metric", "bpc"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert "| test bpc | per seed | val bpc |" in done.stdout
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| `"))
+    assert "| 1.850 ± 0.071 | 1.800, 1.900 | 1.710 ± 0.014 |" in row
