@@ -28,10 +28,6 @@ def result():
 def test_theory_and_simulation_agree(result, mode, rank):
     curves = result[(mode, rank)]
     gap = np.abs(curves.simulation - curves.theory)
-    if (mode, rank) == ("oja", 8):
-        # With r < d the Oja subspace keeps turning to the largest residual and never
-        # settles, so small differences grow: compare while the dominant modes are learned.
-        gap = gap[curves.steps <= 160]
     assert gap.max() < BOUND
 
 
@@ -101,8 +97,14 @@ def test_the_readme_states_the_gaps_measured_here(result):
     from pathlib import Path
 
     stated = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
-    assert "at most 0.036 at the defaults for every mode and rank but Oja at r = 8" in stated
+    assert "at most 0.036 at the defaults for every mode and rank" in stated
     for key, curves in result.items():
-        if key != ("oja", 8):
-            assert round(curves.discrepancy, 3) <= 0.036, key
-    assert f"{result[('oja', 8)].discrepancy:.2f} at the defaults" in stated
+        assert round(curves.discrepancy, 3) <= 0.036, key
+
+
+def test_oja_settles_on_the_top_modes(result):
+    """Fig. 4a: Oja on the target covariance (eq. A57) learns modes 1..r and keeps them."""
+    sim = result[("oja", 8)].simulation
+    assert sim[-1][:8].min() > 0.95 and sim[-1][8:].max() < 0.05
+    late = sim[result[("oja", 8)].steps >= 1000]
+    assert (late.max(0) - late[-1])[:8].max() < 0.01  # learned modes stay learned

@@ -14,8 +14,15 @@ place of W2^T. Modes of learning (each feedback rule with its own learning rate)
 * ``learn_q``:   P fixed, Q learned as in Akrout et al. (Kolen-Pollack projected on Q, the
                  Hebbian rule of eq. A43): Delta Q = eta_q W1 (Sigma_io - W2 W1 Sigma_ii)^T P^T.
 * ``normative``: Q and P by eq. 9: Delta P = Q^T (W2^T - QP), Delta Q = (W2^T - QP) P^T.
-* ``oja``:       P by eq. 15 with the batch error covariance C = <e e^T>, Q fixed:
-                 Delta P = eta_p [P C (I - P^T P) - lambda P].
+* ``oja``:       P by Oja's rule, Q fixed (Sec. 5.1):
+                 Delta P = eta_p [P (C / gamma) (I - P^T P) - lambda P], gamma = max diag C
+                 (Algorithm 2). C is the covariance of the targets, Sigma_oo = <y y^T>, by
+                 default (``oja_signal="targets"``: eqs. A36, A41, A44, A57, and Algorithm 2's
+                 use_targets, the case of an output layer), or of the error, <e e^T>
+                 (``"error"``, eqs. 15-16). The error-driven rule has no stable fixed point
+                 when more than r directions carry error (here d = 16 > r = 8): the subspace
+                 it learns is the one whose error vanishes, so P turns away, W1 (confined to
+                 range Q, rank r) overwrites learned modes, and Lambda oscillates for good.
 
 Simulation: full-batch gradient descent with these updates on the p samples (eq. 4), or
 minibatch SGD. Theory: the rotated mean dynamics, integrated numerically (RK45) from the same
@@ -26,7 +33,8 @@ A32, A35, A49, A54):
     dW1b = eta Q Pb E (bp: W2b^T E),   dW2b = eta E W1b^T,
     learn_q:   dQ  = eta_q W1b E^T Pb^T,
     normative: dPb = eta_n Q^T (W2b^T - Q Pb),   dQ = eta_n (W2b^T - Q Pb) Pb^T,
-    oja:       dPb = eta_o [Pb (E E^T + N) (I - Pb^T Pb) - lambda Pb],
+    oja:       dPb = eta_o [Pb (C / gamma) (I - Pb^T Pb) - lambda Pb],
+               C = S S^T + N (targets, eq. A57) or E E^T + N (error, eq. 16),
 
 time in steps. N = U^T (Sigma_oo - Sigma_io Sigma_io^T) U is the noise part of the error
 covariance; eq. 16 as printed omits it (isotropic in expectation, it only adds to the
@@ -64,6 +72,8 @@ class TheoryConfig:
     lr_normative: float = 0.01
     lr_oja: float = 0.01
     oja_decay: float = 0.0
+    oja_signal: str = "targets"  # targets: C = Sigma_oo (eq. A44); error: C = <e e^T> (eq. 16)
+    oja_gamma: bool = True  # C / max(diag(C)) (Algorithm 2)
     s_max: float = 3.0
     s_min: float = 1.0
     init_scale: float = 1e-3  # std of the initial W1, W2 entries (small: Saxe-like curves)
@@ -133,7 +143,7 @@ def mode_overlaps(W1, W2, task: Task, d: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------- simulation
-def _updates(mode, st: State, sigma_io, sigma_ii, sigma_oo, decay):
+def _updates(mode, st: State, sigma_io, sigma_ii, sigma_oo, decay, signal="targets", gamma=True):
     """The increments of eq. 4 and of each feedback rule (before learning rates);
     ``sigma_ii`` None stands for whitened inputs (the identity)."""
     M = st.W2 @ st.W1
@@ -148,8 +158,13 @@ def _updates(mode, st: State, sigma_io, sigma_ii, sigma_oo, decay):
         R = st.W2.T - st.Q @ st.P
         d_p, d_q = st.Q.T @ R, R @ st.P.T
     elif mode == "oja":
-        MS = M @ sigma_io.T
-        C = sigma_oo - MS - MS.T + M_ii @ M.T  # <e e^T>
+        if signal == "targets":
+            C = sigma_oo  # <y y^T>
+        else:
+            MS = M @ sigma_io.T
+            C = sigma_oo - MS - MS.T + M_ii @ M.T  # <e e^T>
+        if gamma:
+            C = C / np.max(np.diag(C))
         PC = st.P @ C
         d_p = PC - (PC @ st.P.T) @ st.P - decay * st.P
     return d_w1, d_w2, d_q, d_p
@@ -166,7 +181,8 @@ def simulate(cfg: TheoryConfig, task: Task, mode: str, start: State, rng) -> np.
             x, y = task.X[:, idx], task.Y[:, idx]
             b = cfg.batch_size
             sigmas = (y @ x.T / b, x @ x.T / b, y @ y.T / b)
-        d_w1, d_w2, d_q, d_p = _updates(mode, st, *sigmas, cfg.oja_decay)
+        d_w1, d_w2, d_q, d_p = _updates(mode, st, *sigmas, cfg.oja_decay, cfg.oja_signal,
+                                        cfg.oja_gamma)  # fmt: skip
         st.W1 += eta * d_w1
         st.W2 += eta * d_w2
         if d_q is not None:
@@ -208,7 +224,10 @@ def theory(cfg: TheoryConfig, task: Task, mode: str, start: State) -> np.ndarray
             R = W2b.T - Q @ Pb
             d_p, d_q = eta_fb * (Q.T @ R), eta_fb * (R @ Pb.T)
         elif mode == "oja":
-            PC = Pb @ (E @ E.T + noise)
+            C = (S @ S.T if cfg.oja_signal == "targets" else E @ E.T) + noise
+            if cfg.oja_gamma:  # max diag of C in the unrotated basis, U C U^T
+                C = C / np.max(np.einsum("ij,jk,ik->i", task.U, C, task.U))
+            PC = Pb @ C
             d_p = eta_fb * (PC - (PC @ Pb.T) @ Pb - cfg.oja_decay * Pb)
         parts = (eta * (B @ E), eta * (E @ W1b.T), d_q, d_p)
         return np.concatenate([p.ravel() for p in parts])

@@ -20,7 +20,7 @@ TITLES = {
     "fixed": "fixed low-rank B = QP",
     "learn_q": "learn Q, P fixed",
     "normative": "normative Q, P (eq. 9)",
-    "oja": "Oja P (eq. 15), Q fixed",
+    "oja": "Oja P (eqs. 15, A44), Q fixed",
 }
 
 

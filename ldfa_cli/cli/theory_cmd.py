@@ -35,6 +35,8 @@ def theory(
     lr_normative: float = typer.Option(0.01, min=0.0, help="Feedback lr of normative."),
     lr_oja: float = typer.Option(0.01, min=0.0, help="Feedback lr of oja."),
     oja_decay: float = typer.Option(0.0, min=0.0, help="Decay lambda of eq. 15."),
+    oja_signal: str = typer.Option("targets", help="Oja on 'targets' (A44) or 'error' (16)."),
+    oja_gamma: bool = typer.Option(True, help="Normalise C by gamma = max diag C (Alg. 2)."),
     modes: str = typer.Option("bp,fixed,learn_q,normative,oja", help="Modes to run."),
     batch_size: int = typer.Option(None, min=1, help="Minibatch SGD (default: full batch)."),
     whiten: bool = typer.Option(True, help="Whiten the sample inputs (eq. A4)."),
@@ -52,6 +54,8 @@ def theory(
     if unknown or not chosen:
         raise ConfigError(f"unknown mode '{unknown[0] if unknown else modes}'; modes: "
                           f"{', '.join(MODES)}")  # fmt: skip
+    if oja_signal not in ("targets", "error"):
+        raise ConfigError(f"--oja-signal takes 'targets' or 'error', got '{oja_signal}'")
     rank_list = _int_list(ranks, "--ranks")
     if max(rank_list) > min(k, m):
         raise ConfigError(f"--ranks: a rank cannot exceed min(k, m) = {min(k, m)}")
@@ -63,7 +67,8 @@ def theory(
         raise ConfigError(f"--batch-size {batch_size} exceeds --p {p}")
     cfg = TheoryConfig(n=n, k=k, m=m, d=d, ranks=rank_list, p=p, steps=steps,
                        record_every=record_every, lr=lr, lr_q=lr_q, lr_normative=lr_normative,
-                       lr_oja=lr_oja, oja_decay=oja_decay, batch_size=batch_size,
+                       lr_oja=lr_oja, oja_decay=oja_decay, oja_signal=oja_signal,
+                       oja_gamma=oja_gamma, batch_size=batch_size,
                        whiten=whiten, seed=seed, modes=chosen)  # fmt: skip
     console = stderr_console()
     start = time.perf_counter()
