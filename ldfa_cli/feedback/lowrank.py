@@ -9,7 +9,15 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from .factors import RANDOM_INITS, init_factors, random_factors, store
+from .factors import (
+    RANDOM_INITS,
+    init_factors,
+    load_factors,
+    lowrank_svd_factors,
+    random_factors,
+    store,
+    svd_factors,
+)
 from .ops import like
 from .rule import Rule, check, phase_flops, resolve_rank
 
@@ -105,6 +113,42 @@ class LowRankRule(Rule):
     def thin_input_grad_flops(layer, samples: int) -> float:
         """P g then Q z, per group: 2 T r (m_g + N)."""
         return layer.groups * 2 * samples * layer.rank * (layer.group_out + layer.patch_size)
+
+
+@dataclass(frozen=True)
+class SVDInitialised(LowRankRule):
+    """A low-rank rule whose factors may start from W's truncated SVD (``init: svd``, the
+    authors' code), W^T ~ Q P; ``svd``: ``exact`` (``torch.linalg.svd`` in float64) or
+    ``lowrank`` (``torch.svd_lowrank`` with ``svd_niter`` power iterations in the weight's
+    dtype, as the authors' code; seeded from the layer and step, so the training RNG is
+    untouched)."""
+
+    inits: ClassVar[tuple[str, ...]] = (*RANDOM_INITS, "svd")
+
+    svd: str = "exact"
+    svd_niter: int = 10
+
+    def __post_init__(self):
+        super().__post_init__()
+        rule = f"rule {self.name!r}"
+        check(self.svd in ("exact", "lowrank"),
+              f"{rule}: svd must be 'exact' or 'lowrank', got {self.svd!r}")  # fmt: skip
+        check(self.svd_niter >= 0, f"{rule}: svd_niter must be >= 0, got {self.svd_niter}")
+
+    def draw_factors(self, layer) -> None:
+        if self.init == "svd":
+            self.load_svd(layer)
+        else:
+            super().draw_factors(layer)
+
+    def load_svd(self, layer, seed: int = 0) -> None:
+        """Set the layer's Q, P to the truncated SVD of its current W^T, in place; ``svd``
+        says how (``lowrank`` draws its random start from ``seed``)."""
+        if self.svd == "lowrank":
+            Q, P = lowrank_svd_factors(layer, self.svd_niter, seed)
+        else:
+            Q, P = svd_factors(layer)
+        load_factors(layer, Q, P)
 
 
 def dense_is_cheaper(ops, g: Tensor, Q: Tensor, P: Tensor) -> bool:

@@ -25,15 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from . import accounting
-from .factors import RANDOM_INITS, load_factors, lowrank_svd_factors, svd_factors
-from .lowrank import LowRankRule
+from .lowrank import SVDInitialised
 from .ops import grouped
 from .rule import check, register
 
 
 @register
 @dataclass(frozen=True)
-class Normative(LowRankRule):
+class Normative(SVDInitialised):
     """Learned rank-r feedback tracking W^T (Algorithm 1).
 
     Options: ``init`` ``matched`` (the default: random directions with ||QP||_F that of
@@ -45,10 +44,8 @@ class Normative(LowRankRule):
     ``reset_svd_every`` (steps) or ``reset_svd_every_epochs`` (a fraction of an epoch, floored
     to steps as the authors' ``len(loader) // 2``; both off by default): reset Q, P to the SVD
     of W, as the authors' code does every half epoch. That reset reads W's singular vectors
-    (weight transport), so it is partly an oracle. ``svd``: ``exact`` (``torch.linalg.svd``
-    in float64) or ``lowrank`` (``torch.svd_lowrank`` with ``svd_niter`` power iterations
-    in the weight's dtype, as the authors' code; seeded from the layer and step, so the
-    training RNG is untouched).
+    (weight transport), so it is partly an oracle. ``svd`` and ``svd_niter``: how the SVD is
+    taken (:class:`~ldfa_cli.feedback.lowrank.SVDInitialised`).
     """
 
     name: ClassVar[str] = "ldfa"
@@ -56,19 +53,13 @@ class Normative(LowRankRule):
     equations: ClassVar[str] = "eqs. 8-9, 12, 14; Alg. 1"
     p_is_parameter: ClassVar[bool] = True
     q_is_parameter: ClassVar[bool] = True
-    inits: ClassVar[tuple[str, ...]] = (*RANDOM_INITS, "svd")
 
     interval: int = 1
     reset_svd_every: int | None = None
     reset_svd_every_epochs: float | None = None
-    svd: str = "exact"
-    svd_niter: int = 10
 
     def __post_init__(self):
         super().__post_init__()
-        check(self.svd in ("exact", "lowrank"),
-              f"rule 'ldfa': svd must be 'exact' or 'lowrank', got {self.svd!r}")  # fmt: skip
-        check(self.svd_niter >= 0, f"rule 'ldfa': svd_niter must be >= 0, got {self.svd_niter}")
         check(self.reset_svd_every is None or self.reset_svd_every_epochs is None,
               "rule 'ldfa': give reset_svd_every (steps) or reset_svd_every_epochs, not "
               "both")  # fmt: skip
@@ -80,21 +71,6 @@ class Normative(LowRankRule):
             self.reset_svd_every is None or self.reset_svd_every >= 1,
             f"rule 'ldfa': reset_svd_every must be >= 1 or null, got {self.reset_svd_every}",
         )
-
-    def draw_factors(self, layer) -> None:
-        if self.init == "svd":
-            self.load_svd(layer)
-        else:
-            super().draw_factors(layer)
-
-    def load_svd(self, layer, seed: int = 0) -> None:
-        """Set the layer's Q, P to the truncated SVD of its current W^T, in place; ``svd``
-        says how (``lowrank`` draws its random start from ``seed``)."""
-        if self.svd == "lowrank":
-            Q, P = lowrank_svd_factors(layer, self.svd_niter, seed)
-        else:
-            Q, P = svd_factors(layer)
-        load_factors(layer, Q, P)
 
     @classmethod
     def after_backward(cls, layers: list, step: int | None) -> None:
