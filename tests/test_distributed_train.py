@@ -82,12 +82,12 @@ def test_two_nodes_on_localhost_keep_every_tensor_identical(capsys, tmp_path, fe
     {"rule": "bp"},
     {"rule": "ldfa", "rank": 4},
     {"rule": "dfa"},
-    {"rule": "svd_dfa", "rank": 8, "options": {"align": 0}},  # + its orthogonality loss
+    {"rule": "svd_dfa", "rank": 8},  # + its orthogonality loss and cosine alignment
 ])  # fmt: skip
 def test_torchrun_matches_single_process(capsys, tmp_path, feedback):
     """These rules depend on the batch only through the mean loss (svd_dfa's orthogonality
-    term not at all), so two ranks each taking half of every global batch reproduce the
-    single-process run."""
+    term not at all, its cosine alignment through a mean over samples), so two ranks each
+    taking half of every global batch reproduce the single-process run."""
     recipe = _recipe(tmp_path / "r.yaml", feedback)
     assert run_cli(capsys, "train", recipe, "--out", tmp_path / "one", "--device", "cpu")[0] == 0
     _torchrun(recipe, tmp_path / "two")
@@ -100,11 +100,11 @@ def test_torchrun_matches_single_process(capsys, tmp_path, feedback):
 @pytest.mark.parametrize("feedback", [
     {"rule": "ldfa_local", "rank": 4, "options": {"learn_q": True}},
     {"rule": "dldfa", "rank": 4},
-    {"rule": "svd_dfa", "rank": 8},
+    {"rule": "svd_dfa", "rank": 8, "options": {"align_loss": "subspace"}},
 ])  # fmt: skip
 def test_torchrun_per_batch_rules_first_step_equal_then_close(capsys, tmp_path, feedback):
     """Oja's update uses each rank's own centred covariance and gamma, and svd_dfa's
-    alignment term each rank's own ||g||^2; DDP averages the resulting gradients (see README,
+    subspace alignment each rank's own ||g||^2; DDP averages the resulting gradients (see README,
     'Distributed'): the first step is the single-process step; later ones stay close but
     need not be equal."""
     recipe = _recipe(tmp_path / "r.yaml", feedback)

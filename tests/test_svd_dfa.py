@@ -69,11 +69,24 @@ def _project(delta, U):
     return delta @ U @ U.t()
 
 
+def _cosine_pull(layer, x, delta):
+    """d/dy of mean_i [1 - cos(y_i, -delta_i)], y the layer's output without its bias, a
+    sample a row (Linear) or a whole map (conv), by autograd (item 4, align_loss cosine)."""
+    y = (layer(x) - (layer.bias.view(-1, 1, 1) if x.dim() == 4 else layer.bias)).detach()
+    y.requires_grad_()
+    n = len(y)
+    (1 - F.cosine_similarity(y.reshape(n, -1), -delta.reshape(n, -1), dim=1)).mean().backward()
+    return y.grad
+
+
 def _check_layer(layer, x, delta, align):
     U = layer.svd_U.detach()
     received = _project(delta, U) if layer.rule.project else delta
-    gu, gs, gv, gb = _expected_factor_grads(layer, x, received)
-    if align:
+    gb = _expected_factor_grads(layer, x, received)[3]
+    if align and layer.rule.align_loss == "cosine":
+        received = received + align * _cosine_pull(layer, x, delta)
+    gu, gs, gv, _ = _expected_factor_grads(layer, x, received)
+    if align and layer.rule.align_loss == "subspace":
         gu = gu + align * _alignment_grad(U, delta)
     torch.testing.assert_close(layer.svd_U.grad, gu)
     torch.testing.assert_close(layer.svd_s.grad, gs)
@@ -111,9 +124,11 @@ def test_low_rank_has_fewer_parameters_and_truncates_the_svd():
 
 @pytest.mark.parametrize("project", [False, True])
 @pytest.mark.parametrize("align", [0.0, 0.5])
-def test_mlp_gradients_equal_hand_computation(project, align):
+@pytest.mark.parametrize("align_loss", ["cosine", "subspace"])
+def test_mlp_gradients_equal_hand_computation(project, align, align_loss):
     model, x, target = _mlp(), torch.randn(7, 4), torch.randn(7, 3)
-    convert(model, "svd_dfa", rank=2, example_input=x, project=project, align=align, orth=0.0)
+    convert(model, "svd_dfa", rank=2, example_input=x, project=project, align=align,
+            align_loss=align_loss, orth=0.0)  # fmt: skip
     out = model(x)
     ((out - target) ** 2).sum().div(2).backward()
     e = out.detach() - target  # the source error
@@ -126,9 +141,10 @@ def test_mlp_gradients_equal_hand_computation(project, align):
     _check_layer(model[0], x, delta1, align)
 
 
-def test_conv_gradients_equal_hand_computation():
+@pytest.mark.parametrize("options", [{}, {"align_loss": "subspace", "project": True}])
+def test_conv_gradients_equal_hand_computation(options):
     cnn, x = _cnn(), torch.randn(2, 3, 8, 8)
-    convert(cnn, "svd_dfa", rank=3, example_input=x, align=0.3, orth=0.0)
+    convert(cnn, "svd_dfa", rank=3, example_input=x, align=0.3, orth=0.0, **options)
     out = cnn(x)
     out.square().sum().div(2).backward()
     e = out.detach()
@@ -195,9 +211,46 @@ def test_orthogonality_term_keeps_factors_orthonormal_and_they_drift_without_it(
     assert min(off) > 1.0, off
 
 
+def test_feedback_in_svd_form_is_dfa_s_draw_truncated_to_the_layer_rank():
+    model, x = _mlp(), torch.randn(7, 4)
+    torch.manual_seed(3)
+    convert(model, "svd_dfa", rank=2, example_input=x, feedback_form="dense")
+    svd = _mlp()
+    torch.manual_seed(3)
+    convert(svd, "svd_dfa", rank=2, example_input=x)
+    for dense, truncated in ((model[2].feedback_B, svd[2].feedback_B),
+                             (model[4].feedback_B, svd[4].feedback_B)):  # fmt: skip
+        U, S, Vh = torch.linalg.svd(dense.double())
+        torch.testing.assert_close(truncated.double(), (U[:, :2] * S[:2]) @ Vh[:2])
+        assert torch.linalg.matrix_rank(truncated) == 2
+
+
+def test_cosine_alignment_turns_the_layer_output_toward_the_descent_direction():
+    """align_loss cosine: the factors learn from the pull alone (no task gradient) and the
+    output of every sample turns toward -g, the error it receives (cos -> -1)."""
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(5, 8))
+    x = torch.randn(32, 5)
+    convert(layer, "svd_dfa", rank=4, example_input=x, align=1.0, orth=0.0)
+    optimizer = torch.optim.Adam(forward_parameters(layer), lr=0.02)
+    error = torch.randn(32, 8)
+
+    def mean_cos() -> float:
+        y = layer[0](x).detach() - layer[0].bias.detach()
+        return float(F.cosine_similarity(y, error, dim=1).mean())
+
+    start = mean_cos()
+    for _ in range(300):
+        optimizer.zero_grad()
+        backward_with_rules(layer, (layer(x) * error).sum() * 1e-6)  # dL/dy ~ 0: the pull
+        optimizer.step()
+    assert start > -0.5 and mean_cos() < start - 0.3
+
+
 def test_alignment_turns_u_toward_the_received_error():
-    """With projection on, U's span turns only through the alignment term: fed a fixed error
-    from a 2-dimensional subspace, L_align falls toward 0 with it and stays put without."""
+    """The first reading (align_loss subspace, project on): U's span turns only through the
+    alignment term: fed a fixed error from a 2-dimensional subspace, L_align falls toward 0
+    with it and stays put without."""
     torch.manual_seed(0)
     basis = torch.linalg.qr(torch.randn(8, 2))[0]
 
@@ -205,7 +258,8 @@ def test_alignment_turns_u_toward_the_received_error():
         torch.manual_seed(1)
         layer = nn.Sequential(nn.Linear(5, 8))
         x = torch.randn(64, 5)
-        convert(layer, "svd_dfa", rank=2, example_input=x, align=align, orth=1.0)
+        convert(layer, "svd_dfa", rank=2, example_input=x, align=align, orth=1.0,
+                align_loss="subspace", project=True)  # fmt: skip
         optimizer = torch.optim.SGD([layer[0].svd_U], lr=0.05)  # U alone: its span
         error = torch.randn(64, 2) @ basis.t()
         fraction = []
@@ -227,7 +281,7 @@ def test_alignment_turns_u_toward_the_received_error():
 
 def test_svd_flops_measured_equal_analytic():
     for make, x in ((_mlp, torch.randn(5, 4)), (_cnn, torch.randn(2, 3, 8, 8))):
-        for options in ({}, {"project": False, "align": 0.0}):
+        for options in ({}, {"align": 0.0}, {"project": True, "align_loss": "subspace"}):
             model = make()
             convert(model, "svd_dfa", rank=2, example_input=x, **options)
             report = flops_report(model, x, torch.randint(0, 3, (len(x),)))

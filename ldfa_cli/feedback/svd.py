@@ -1,53 +1,70 @@
 """``svd_dfa``: direct feedback alignment on low-rank SVD manifolds (Roy, Apolinario, Das
-Biswas & Roy 2025, arXiv 2510.25594; the second seed).
+Biswas & Roy 2025, arXiv 2510.25594, "Feedback Alignment Meets Low-Rank Manifolds"; the
+second seed; earlier version "Unlocking SVD-Space for Feedback Aligned Local Training",
+ICLR 2025 submission, OpenReview 8Agcic0csh).
 
-The public text is an abstract. This is the reading implemented here, term by term; every
-term has a switch, so each ablation is a recipe override.
+No code of theirs is public and only the abstract is in the seeds. The reading here, term by
+term, with where each choice comes from ([paper]: the abstract of 2510.25594v1; [reviews]:
+the five public reviews of the earlier version, which quote its equations; [summary]:
+third-party summaries of v1 (themoonlight.io); [guess]: not found, chosen here). Every term
+has a switch, so each ablation is a recipe override; the first reading (options
+``align_loss: subspace``, ``project: true``, ``feedback_form: dense``) stays available.
 
-1. **Forward in SVD form.** A converted layer holds W = U diag(s) V^T of rank k, with
-   U (m x k), s (k), V (N x k), N = n kh kw; the dense W is never stored. U, s, V start
-   from the truncated SVD of the layer's initial weight. A Linear layer computes
-   y = ((x V) * s) U^T + b; a conv layer runs two convolutions: a kh x kw conv with the
-   kernel V^T reshaped to (k, n, kh, kw) and the layer's stride, padding and dilation,
-   then a 1x1 conv with U (plus bias), the k channels scaled by s in between (the same
-   function as U s^1/2 after s^1/2 V^T). Trainable parameters: k (m + N + 1) + m instead of
-   m N + m.
+1. **Forward in SVD form** [paper, summary: "W_i = U_i S_i V_i^T ... U_i, V_i orthogonal, S_i
+   diagonal", "decompose weight matrices into their SVD components before training"]. A
+   converted layer holds W = U diag(s) V^T of rank k, U (m x k), s (k), V (N x k),
+   N = n kh kw; the dense W is never stored; U, s, V start from the truncated SVD of the
+   layer's initial weight and all three train [paper: "updates the SVD components"]. A
+   Linear layer computes y = ((x V) * s) U^T + b; a conv layer a kh x kw conv with V^T as
+   its kernel, then a 1x1 conv with U [guess: the paper splits the kernel spatially, an
+   H x 1 then a 1 x W conv (summary); not done here yet].
 
-2. **Direct feedback.** As ``dfa``: the source error e (default the output's) reaches each
-   layer's input through a fixed random B_l, so autograd hands layer l the error
-   g_l = (B_{l+1} e) * f'(a_l) at its output; no W^T product exists anywhere.
+2. **Direct feedback** [paper: "leverages Direct Feedback Alignment"; reviews: the error is
+   the output's y_predict - y_label]. As ``dfa``: the source error e reaches each layer's
+   input through a fixed random B_l, so autograd hands layer l the error
+   g_l = (B_{l+1} e) * f'(a_l) at its output; no W^T product exists anywhere. With
+   ``feedback_form: svd`` (the default) [paper: "feedback matrices are constructed to match
+   the SVD structure"; reviews: "(B_U B_S B_V^T)^T e"] B_l is the truncated SVD, at the
+   receiving layer's rank k, of dfa's random draw [guess: how B's factors are drawn, and
+   that B stays fixed (a reviewer asks about "initializing" it)]. With k at least the
+   source's width (10 classes, k = 32 in the recipes) the truncation keeps all of B.
 
-3. **Feedback that matches the factors** (``project``, default on). The layer learns from
-   the part of g_l inside its own output subspace, g^_l = U U^T g_l: the error reaches the
-   layer's parameters only through its k-dimensional manifold. Local gradients, with
-   a = x V (per sample), h = a * s and z = g^ U:
+3. **Local gradients** [paper]. With a = x V (per sample), h = a * s and z = g U:
 
-       dL/dU = g^T h,   dL/ds = sum_samples z * a,   dL/dV = x^T (z * s),   dL/db = g^.
+       dL/dU = g^T h,   dL/ds = sum_samples z * a,   dL/dV = x^T (z * s),   dL/db = g,
 
-   These are exactly the gradients of W = U diag(s) V^T (and its bias) for the output
-   gradient g^, so ``project: false`` gives the unstructured DFA gradients of the factors.
+   exactly the gradients of W = U diag(s) V^T (and its bias) for the output gradient g.
+   ``project: true`` (the first reading; no source describes it [reviews, summary]) uses
+   g^ = g U U^T in place of g, the error inside the layer's output subspace.
 
-4. **Subspace alignment** (``align`` = lambda_align, 0 switches it off). For every layer
-   the fraction of the received error outside the layer's output subspace,
+4. **Alignment** (``align`` = lambda_align, 0 switches it off). ``align_loss: cosine`` (the
+   default) [reviews: "Equation (5) defines a cosine similarity between layer_output =
+   layer_input (U S V^T) and the feedback signal (B_U B_S B_V^T)^T e"; "aligning the output
+   of the layer with its estimated gradient"]: for every sample i,
 
-       L_align,l = || g_l (I - U U^T) ||_F^2 / || g_l ||_F^2,
+       L_align,l = mean_i [1 - cos(y_i, -g_i)],   y = (x V * s) U^T (no bias),
 
-   with g_l held fixed (it is the teaching signal, not a function of U). Its gradient,
-   -2 [G (I - U U^T) + (I - U U^T) G] U / tr G with G = g_l^T g_l, is added to U.grad
-   inside the backward: it turns U toward the dominant directions of the error the layer
-   receives, so that the projection in 3 keeps them. (With 3 on and 4 off, the subspace
-   spanned by U never turns: U's CE gradient lies in that span.)
+   g held fixed (the teaching signal). Its gradient reaches U, s and V through y
+   (:func:`cosine_alignment_grad`, added to the output gradient those three see, not the
+   bias's). [guess: the sign, -g being the descent direction (with +g it would pull against
+   the DFA step); a conv's sample is its whole flattened map; the mean over samples.]
+   ``align_loss: subspace`` (the first reading): || g_l (I - U U^T) ||_F^2 / || g_l ||_F^2,
+   its gradient -2 [G (I - U U^T) + (I - U U^T) G] U / tr G (G = g_l^T g_l) added to U.grad.
 
-5. **Orthogonality** (``orth`` = lambda_orth, 0 switches it off):
+5. **Orthogonality** (``orth`` = lambda_orth) [paper: "orthogonality constraints"; reviews:
+   "preserve orthogonality of the U and V matrices"; guess: the form and the weight]:
 
        L_orth = sum_l ||U_l^T U_l - I||_F^2 + ||V_l^T V_l - I||_F^2,
 
    an ordinary loss term: the training loop adds lambda_orth L_orth to the cross-entropy
-   (:func:`ldfa_cli.feedback.auxiliary_loss`) and autograd differentiates it. It keeps
-   the factors a true SVD, so s carries the scale and 3-4 measure what they claim.
+   (:func:`ldfa_cli.feedback.auxiliary_loss`) and autograd differentiates it.
 
-Loss: L = CE + lambda_align sum_l L_align,l + lambda_orth L_orth. Every gradient is local to
-a layer: its own factors, its input and the broadcast error.
+Loss: L = CE + lambda_align sum_l L_align,l + lambda_orth L_orth; the weights are the
+paper's alpha-epsilon, "chosen by cross-validation" [reviews]; their values were not found
+(0.1 and 0.1 here [guess]). Not implemented yet: the rank reduced during training (an epoch
+schedule with an energy threshold on s, and a Hoyer sparsity term on s in the earlier
+version [reviews, paper]), and the spatial conv split. Every gradient is local to a layer:
+its own factors, its input and the broadcast error.
 """
 
 from __future__ import annotations
@@ -82,6 +99,20 @@ def orthogonality_error(factor: Tensor) -> Tensor:
     """||F^T F - I||_F^2 for a factor F with orthonormal columns as its goal."""
     gram = factor.t() @ factor
     return (gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)).square().sum()
+
+
+def cosine_alignment_grad(y: Tensor, g: Tensor, channel_dim: int) -> Tensor:
+    """d/dy of L_align = mean_i [1 + cos(y_i, g_i)] = mean_i [1 - cos(y_i, -g_i)], g held
+    fixed (item 4): the output of every sample (a row of a Linear's input, an image of a
+    conv, flattened) turned toward the descent direction -g_i of the error it received,
+    (g_i/|g_i| - cos_i y_i/|y_i|) / (|y_i| T) for T samples."""
+    rows = y.reshape(-1, y.shape[-1]) if channel_dim == -1 else y.reshape(y.shape[0], -1)
+    yf, gf = rows.float(), g.reshape(rows.shape).float()
+    y_norm = yf.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    g_norm = gf.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos = (yf * gf).sum(1, keepdim=True) / (y_norm * g_norm)
+    grad = (gf / g_norm - cos * yf / y_norm) / (y_norm * rows.shape[0])
+    return grad.reshape(y.shape).to(g.dtype)
 
 
 def _alignment_grad(ops_u, g: Tensor, z_raw: Tensor, U: Tensor, UtU: Tensor) -> Tensor:
@@ -153,20 +184,30 @@ def _make_svd_function(device_type: str) -> type[torch.autograd.Function]:
             x, a = ops_v.prepare(x.to(g.dtype)), a.to(g.dtype)
             U, s = U.to(g.dtype), s.to(g.dtype)
             z_raw = ops_u.project(g, U.t())  # g U: the error's coordinates in U
-            UtU = U.t() @ U if (rule.project or rule.align) else None
+            UtU = U.t() @ U if rule.needs_gram else None
             if rule.project:  # item 3: g^ = g U U^T, z = g^ U
                 g_used, z = ops_u.project(z_raw, U), ops_u.project(z_raw, UtU)
             else:
                 g_used, z = g, z_raw
+            grad_b = _sample_sum(g_used, dim) if need_b else None
             u_shape = (*U.shape, *geo.u_kernel_dims)
-            grad_u, grad_b = ops_u.weight_grad(_scale(a, s, dim), g_used, u_shape, need_b)
+            u_weight = U.view(u_shape)
+            if rule.align and rule.align_loss == "cosine":  # item 4: through y to U, s, V
+                if counting:
+                    accounting.set_phase("feedback_update")
+                y = ops_u.forward(_scale(a, s, dim), u_weight, None)
+                pull = rule.align * cosine_alignment_grad(y, g, dim)
+                g_used, z = g_used + pull, z + ops_u.project(pull, U.t())
+                if counting:
+                    accounting.set_phase("weight_grad")
+            grad_u = ops_u.weight_grad(_scale(a, s, dim), g_used, u_shape, False)[0]
             grad_u = grad_u.reshape(U.shape)
             grad_s = _sample_sum(z * a, dim) if need_s else None
             grad_v = None
             if need_v:
                 grad_v = ops_v.weight_grad(x, _scale(z, s, dim), geo.v_shape, False)[0]
                 grad_v = grad_v.reshape(geo.v_shape[0], -1).t()  # (k, N) -> V's N x k
-            if rule.align and need_u:  # item 4
+            if rule.align and rule.align_loss == "subspace" and need_u:  # item 4
                 if counting:
                     accounting.set_phase("feedback_update")
                 grad_u = grad_u + rule.align * _alignment_grad(ops_u, g, z_raw, U, UtU)
@@ -330,13 +371,27 @@ class SVDDirectFeedback(DirectFeedbackAlignment):
     internal: ClassVar[tuple] = (*DirectFeedbackAlignment.internal, "sends")
 
     align: float = 0.1
+    align_loss: str = "cosine"
     orth: float = 0.1
-    project: bool = True
+    project: bool = False
+    feedback_form: str = "svd"
     sends: bool = True  # False for a layer whose input needs no gradient (no B is made)
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.align >= 0, f"rule 'svd_dfa': align must be >= 0, got {self.align}")
         check(self.orth >= 0, f"rule 'svd_dfa': orth must be >= 0, got {self.orth}")
+        check(self.align_loss in ("cosine", "subspace"),
+              f"rule 'svd_dfa': align_loss must be cosine or subspace, got "
+              f"{self.align_loss!r}")  # fmt: skip
+        check(self.feedback_form in ("svd", "dense"),
+              f"rule 'svd_dfa': feedback_form must be svd or dense, got "
+              f"{self.feedback_form!r}")  # fmt: skip
+
+    @property
+    def needs_gram(self) -> bool:
+        """U^T U is used by the projection and by the subspace alignment's gradient."""
+        return self.project or (bool(self.align) and self.align_loss == "subspace")
 
     def kept_because(self, module: nn.Module, rank, force_grouped: bool) -> str | None:
         if isinstance(module, nn.Conv1d) or getattr(module, "groups", 1) > 1:
@@ -354,9 +409,13 @@ class SVDDirectFeedback(DirectFeedbackAlignment):
         (g U)(U^T U), the gradients of U and V; alignment g^T (g U), (g U)^T (g U) and two
         m x k x k products; the broadcast as dfa's."""
         T, k, m, N = samples, layer.rank, layer.fan_out, layer.patch_size
-        gram = 2 * m * k * k if (self.project or self.align) else 0  # U^T U
+        gram = 2 * m * k * k if self.needs_gram else 0  # U^T U
         projection = 2 * T * m * k + 2 * T * k * k if self.project else 0
-        align = 2 * T * m * k + 2 * T * k * k + 4 * m * k * k if self.align else 0
+        align = 0
+        if self.align and self.align_loss == "subspace":
+            align = 2 * T * m * k + 2 * T * k * k + 4 * m * k * k
+        elif self.align:  # y = (a s) U^T again, and the pull's coordinates pull U
+            align = 4 * T * m * k
         broadcast = 2 * self.broadcast_rows(batch) * self.source_width * self.input_width
         return phase_flops(
             forward=2 * T * k * (N + m),
@@ -366,8 +425,16 @@ class SVDDirectFeedback(DirectFeedbackAlignment):
         )
 
     def create_feedback(self, layer) -> None:
-        if self.sends:
-            super().create_feedback(layer)
+        """dfa's fixed random B; with ``feedback_form: svd`` truncated to the receiving
+        layer's rank k, B = B_U diag(b_s) B_V^T (stored as the product)."""
+        if not self.sends:
+            return
+        super().create_feedback(layer)
+        if self.feedback_form == "svd":
+            B = layer.feedback_B
+            U, S, Vh = torch.linalg.svd(B.double(), full_matrices=False)
+            k = layer.rank
+            B.copy_(((U[:, :k] * S[:k]) @ Vh[:k]).to(B.dtype))
 
     def feedback_tensors(self, layer):
         return (layer.feedback_B,) if self.sends else ()
