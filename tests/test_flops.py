@@ -419,6 +419,16 @@ def test_bench_on_a_tiny_model(capsys, tmp_path):
     assert data["rows"][1]["gap_floor"] == pytest.approx(
         1 - bp["input_grad"] / data["rows"][0]["median_ms"] - data["rows"][1]["flop_ratio"]
     )
+    # dispatches: ATen ops of one eager step; the rule adds its eq. 9 products and the
+    # second optimizer's step, so it dispatches more, the difference per converted layer
+    rows = {r["variant"]: r for r in data["rows"]}
+    bp_ops, rule_ops = rows["bp"]["dispatches"], rows["ldfa r=2"]["dispatches"]
+    assert rule_ops > bp_ops > 0 and "dispatches_per_layer" not in rows["bp"]
+    layers = 1  # the tiny MLP's output layer (the first one's input needs no gradient)
+    assert rows["ldfa r=2"]["dispatches_per_layer"] == pytest.approx((rule_ops - bp_ops) / layers)
+    by_phase = data["dispatches_by_phase"]["ldfa r=2"]
+    assert sum(by_phase.values()) == rule_ops and by_phase["feedback_update"] > 0
+    assert "dispatches: the ATen ops of one eager step" in " ".join(err.split())
 
 
 def test_gap_floor_is_backprop_without_its_input_gradient_against_the_flops():

@@ -5,7 +5,9 @@ the training step itself (``engine/step.py``: the recipe's precision, compile mo
 targets and both optimizers; resets given in epochs are left out, as the batch is not an
 epoch's). After warm-up the variants take turns, one step each per round, so that drifts
 of the machine hit them alike; the median step time is reported beside the FLOP ratio,
-and a profile by op shows where the time that the FLOPs do not explain goes.
+and a profile by op shows where the time that the FLOPs do not explain goes. The ATen ops
+one eager step dispatches (by phase) say what the step asks of the host: on a GPU, where a
+small step waits on its launches, they rather than the FLOPs set its time.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ class PhaseTimer(accounting.Marking, TorchDispatchMode):
     def __init__(self, device: torch.device):
         super().__init__()
         self.seconds: dict[str, float] = defaultdict(float)
+        self.dispatches: dict[str, int] = defaultdict(int)  # ATen ops by row
         self.cuda = device.type == "cuda"
         self.products = {*flop_counter.flop_registry, *attention_formulas(),
                          *costs.decomposition_formulas()}  # fmt: skip
@@ -116,7 +119,24 @@ class PhaseTimer(accounting.Marking, TorchDispatchMode):
         else:
             row = "data movement"
         self.seconds[row] += elapsed
+        self.dispatches[row] += 1
         return out
+
+
+def count_dispatches(variant: Variant, device, step: callable = None) -> dict[str, float]:
+    """ATen ops dispatched in one eager step of ``variant`` (or of ``step``), by
+    :class:`PhaseTimer`'s rows, averaged over a period. On a GPU most of them launch a
+    kernel, and each costs host time whatever its size."""
+    timer = PhaseTimer(device)
+    with timer:
+        variant.run_period(step)
+    return {row: timer.dispatches[row] / variant.period
+            for row in PHASE_ORDER if timer.dispatches.get(row)}  # fmt: skip
+
+
+def converted_layers(model: nn.Module) -> int:
+    """Layers whose rule is not backprop: the denominator of the dispatches per layer."""
+    return sum(1 for _, layer in feedback_layers(model) if layer.rule.name != "bp")
 
 
 def flop_rows(step: StepFlops) -> dict[str, float]:
@@ -352,8 +372,18 @@ def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int
             row["kernel_ratio"] = row["kernel_ms"] / busy[base.label]
     profiles = {v.label: profile_summary(v, device) for v in (variants[0], variants[1])}
     flops = {v.label: flop_rows(v.flops) for v in variants}
-    phases = gaps = None
+    phases = gaps = dispatches = None
     if not recipe.train.compile:  # a dispatch mode sees no op inside a compiled graph
+        # the totals from each variant's own step (plain autograd for backprop), the rows
+        # from the step the phase table times (backprop's split twin)
+        totals = {v.label: sum(count_dispatches(v, device).values()) for v in variants}
+        dispatches = {v.label: count_dispatches(v, device, v.phase_step) for v in variants}
+        bp_total = totals[base.label]
+        for row, v in zip(rows, variants, strict=True):
+            row["dispatches"] = totals[v.label]
+            layers = converted_layers(v.model)
+            if v is not base and layers:
+                row["dispatches_per_layer"] = (row["dispatches"] - bp_total) / layers
         phases = phase_times(variants, device)
         gaps = {v.label: gap_by_row(phases[v.label], flops[v.label], phases["bp"],
                                     flops["bp"]) for v in variants[1:]}  # fmt: skip
@@ -365,4 +395,4 @@ def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int
             "rows": rows, "profile": profiles,
             "phases_ms": phases, "phases_gflops": {k: {r: f / 1e9 for r, f in v.items()}
                                                    for k, v in flops.items()},
-            "gap_by_phase": gaps}  # fmt: skip
+            "gap_by_phase": gaps, "dispatches_by_phase": dispatches}  # fmt: skip

@@ -52,17 +52,25 @@ def bench(
                   f"(median of {steps}, interleaved)")  # fmt: skip
     kernels = "kernel_ms" in result["rows"][0]  # on a GPU
     floors = result["phases_ms"] is not None
+    counted = "dispatches" in result["rows"][0]  # eager steps only
     columns = ("variant", "ms / step", "time / BP", "FLOPs / BP", "gap",
                *(("floor",) if floors else ()), "GFLOPs / step",
+               *(("dispatches", "/ BP", "+ per layer") if counted else ()),
                *(("kernel ms", "kernel / BP") if kernels else ()))  # fmt: skip
     for col in columns:
         table.add_column(col, justify="left" if col == "variant" else "right")
+    bp_dispatches = result["rows"][0].get("dispatches")
     for row in result["rows"]:
         kernel = (f"{row['kernel_ms']:.2f}", f"{row['kernel_ratio']:.3f}") if kernels else ()
         floor = (f"{row['gap_floor']:+.3f}" if "gap_floor" in row else "",) if floors else ()
+        dispatch = ()
+        if counted:
+            per_layer = row.get("dispatches_per_layer")
+            dispatch = (f"{row['dispatches']:.0f}", f"{row['dispatches'] / bp_dispatches:.2f}",
+                        "" if per_layer is None else f"{per_layer:+.1f}")  # fmt: skip
         table.add_row(row["variant"], f"{row['median_ms']:.2f}", f"{row['time_ratio']:.3f}",
                       f"{row['flop_ratio']:.3f}", f"{row['gap']:+.3f}", *floor,
-                      f"{row['gflops_per_step']:.3f}", *kernel)  # fmt: skip
+                      f"{row['gflops_per_step']:.3f}", *dispatch, *kernel)  # fmt: skip
     console.print(table)
     console.print("gap: time / BP - FLOPs / BP (every FLOP of the step counted, both "
                   "optimizers included; 0 where wall-clock follows the FLOPs)")  # fmt: skip
@@ -72,6 +80,11 @@ def bench(
                           f"steps, so each timed sample is {row['steps_per_sample']} steps "
                           "and ms / step their mean, as the FLOPs count its amortised "
                           "share")  # fmt: skip
+    if counted:
+        console.print("dispatches: the ATen ops of one eager step (forward, backward with the "
+                      "rules' work, both optimizers); + per layer: the difference from "
+                      "backprop's per converted layer. On a GPU most launch a kernel and each "
+                      "costs host time, whatever its FLOPs")  # fmt: skip
     if floors:
         bp = result["phases_ms"]["bp"]
         share = bp.get("input_grad", 0.0) / sum(bp.values())
@@ -106,8 +119,9 @@ def _phase_table(result: dict) -> Table:
     from ldfa_cli.analysis.bench import PHASE_ORDER
 
     ms, gflops, gaps = result["phases_ms"], result["phases_gflops"], result["gap_by_phase"]
-    table = Table(title="where the time goes, by phase: ms / step (GFLOPs / step), and each "
-                  "row's share of the gap")  # fmt: skip
+    ops = result["dispatches_by_phase"]
+    table = Table(title="where the time goes, by phase: ms / step (GFLOPs / step) [ATen ops "
+                  "/ step], and each row's share of the gap")  # fmt: skip
     table.add_column("phase")
     for label in ms:
         table.add_column(label, justify="right")
@@ -119,8 +133,10 @@ def _phase_table(result: dict) -> Table:
         for label in ms:
             flops = gflops[label].get(row)
             time = ms[label].get(row)
+            count = ops[label].get(row)
             cells.append(("-" if time is None else f"{time:.2f}")
-                         + ("" if flops is None else f" ({flops:.3f})"))  # fmt: skip
+                         + ("" if flops is None else f" ({flops:.3f})")
+                         + ("" if count is None else f" [{count:.0f}]"))  # fmt: skip
             if label in gaps:
                 cells.append(f"{gaps[label].get(row, 0.0):+.3f}")
         table.add_row(row, *cells)

@@ -1,0 +1,46 @@
+"""ATen ops dispatched by one eager training step (after 3 warm-up steps) under backprop
+and under lowrank_fa, ldfa and ldfa_local at one rank, counted as ``ldfa bench`` counts
+them (forward, backward with the rules' work, both optimizers), and the difference per
+converted layer. Deterministic: it needs no idle machine.
+
+    python benchmarks/dispatches.py fmnist_mlp_ldfa_r10 8 32    # recipe, rank, batch
+    python benchmarks/dispatches.py fmnist_vit_r16 8 8
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ldfa_cli.analysis import bench
+from ldfa_cli.config import load_recipe
+
+RULES = ("lowrank_fa", "ldfa", "ldfa_local")
+
+
+def dispatch_counts(recipe: str, rule: str, rank: int, batch: int) -> tuple[dict, int]:
+    """({variant label: ATen ops per step}, converted layers) for backprop and ``rule``."""
+    config, _ = load_recipe(recipe, [f"feedback.rule={rule}", "feedback.options={}"])
+    device = torch.device("cpu")
+    variants = bench.build_variants(config, [rank], batch, device)
+    for variant in variants:
+        for _ in range(3):
+            variant.step()
+    counts = {v.label: sum(bench.count_dispatches(v, device).values()) for v in variants}
+    return counts, bench.converted_layers(variants[1].model)
+
+
+def main(recipe: str, rank: str, batch: str) -> None:
+    for index, rule in enumerate(RULES):
+        counts, layers = dispatch_counts(recipe, rule, int(rank), int(batch))
+        bp = counts.pop("bp")
+        if index == 0:
+            print(f"{recipe}, batch {batch}: bp {bp:.0f}")
+        ((label, ops),) = counts.items()
+        print(f"  {label}: {ops:.0f} ({ops / bp:.2f}x, {(ops - bp) / layers:+.1f} per layer, "
+              f"{layers} converted layers)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
