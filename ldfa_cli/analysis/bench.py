@@ -136,7 +136,7 @@ def count_dispatches(variant: Variant, device, step: callable = None) -> dict[st
 
 def converted_layers(model: nn.Module) -> int:
     """Layers whose rule is not backprop: the denominator of the dispatches per layer."""
-    return sum(1 for _, layer in feedback_layers(model) if layer.rule.name != "bp")
+    return sum(1 for _, layer in feedback_layers(model) if not layer.rule.plain_autograd)
 
 
 def flop_rows(step: StepFlops) -> dict[str, float]:
