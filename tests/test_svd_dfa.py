@@ -3,6 +3,7 @@ computation of every term (broadcast, projection, alignment), no factor of the f
 pathway is read to send the error down, the orthogonality term keeps U and V orthonormal
 (and without it they drift), FLOPs measured equal analytic."""
 
+import itertools
 import json
 
 import pytest
@@ -333,3 +334,70 @@ def test_svd_dfa_under_bf16_autocast_and_compile(capsys, tmp_path):
     assert code == 0, err
     final = json.loads(out)["final"]
     assert 0.0 <= final["acc"] <= 1.0 and final["loss"] == final["loss"]
+
+
+def test_energy_rank_keeps_the_fewest_values_holding_the_energy():
+    from ldfa_cli.feedback.svd import energy_rank
+
+    s = torch.tensor([3.0, 0.1, -4.0, 0.0])  # squares 9, 0.01, 16, 0 of 25.01
+    assert energy_rank(s, 0.99, 1) == 2  # 16 + 9 = 99.96%
+    assert energy_rank(s, 0.5, 1) == 1 and energy_rank(s, 0.5, 3) == 3
+    assert energy_rank(s, 1.0, 1) == 3  # the zero adds nothing
+
+
+def test_a_rank_cut_keeps_the_largest_triplets_and_cuts_the_optimizer_state():
+    from ldfa_cli.feedback.svd import cut_rank
+
+    model, x = _mlp(), torch.randn(7, 4)
+    convert(model, "svd_dfa", example_input=x, orth=0.0)
+    layer = model[2]  # 6 -> 5, rank 5
+    optimizer = torch.optim.Adam(forward_parameters(model), lr=1e-3)
+    backward_with_rules(model, model(x).square().sum())
+    optimizer.step()
+    U, s, V = (t.detach().clone() for t in (layer.svd_U, layer.svd_s, layer.svd_V))
+    moments = optimizer.state[layer.svd_U]["exp_avg"].clone()
+    keep = s.abs().topk(2).indices.sort().values
+    cut_rank(layer, keep, [optimizer])
+    assert layer.rank == 2 and tuple(layer.svd_V.shape) == (6, 2)
+    torch.testing.assert_close(layer.weight.detach(), (U[:, keep] * s[keep]) @ V[:, keep].t())
+    torch.testing.assert_close(optimizer.state[layer.svd_U]["exp_avg"], moments[:, keep])
+    assert optimizer.state[layer.svd_s]["exp_avg_sq"].shape == (2,)
+    backward_with_rules(model, model(x).square().sum())  # it trains on at its new rank
+    optimizer.step()
+    assert layer.svd_U.grad.shape == (5, 2)
+
+
+def test_rank_reduction_in_training_logs_ranks_counts_less_and_resumes_bit_for_bit(
+    capsys, tmp_path
+):
+    feedback = {"rule": "svd_dfa", "rank": 12,
+                "options": {"reduce_at_epochs": [1], "energy": 0.5}}  # fmt: skip
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "mlp", "widths": [32, 32]}, feedback,
+                          train={"epochs": 2, "deterministic": True, "log_every": 1})  # fmt: skip
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run_cli(capsys, "train", recipe, "--out", whole, "--device", "cpu")[0] == 0
+    events = read_metrics(whole / "metrics.jsonl")
+    (cut,) = [e for e in events if e["event"] == "ranks"]
+    assert cut["epoch"] == 1 and all(r < 12 for r in cut["ranks"].values() if r < 32)
+    train = [(e["step"], e["train_flops"]) for e in events if e["event"] == "train"]
+    per_step = [(b - a) / (t - s) for (s, a), (t, b) in itertools.pairwise(train)]
+    assert per_step[-1] < per_step[0]  # the second epoch's steps count the cut ranks
+    assert run_cli(capsys, "train", recipe, "--out", parts, "--device", "cpu",
+                   "--stop-after", "1")[0] == 0  # fmt: skip
+    code, _, err = run_cli(capsys, "train", "--resume", parts, "--device", "cpu")
+    assert code == 0, err
+
+    def losses(run):
+        return [(e["event"], e["step"], e.get("loss")) for e in read_metrics(run / "metrics.jsonl")]
+
+    assert losses(whole) == losses(parts)
+    code, out, err = run_cli(capsys, "eval", whole, "--json", "--device", "cpu")
+    assert code == 0, err
+
+
+def test_rank_reduction_with_an_ema_is_a_one_line_error(capsys, tmp_path):
+    feedback = {"rule": "svd_dfa", "rank": 8, "options": {"reduce_at_epochs": [1]}}
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "mlp", "widths": [16]}, feedback,
+                          train={"ema_decay": 0.9})  # fmt: skip
+    code, _, err = run_cli(capsys, "train", recipe, "--out", tmp_path / "run", "--device", "cpu")
+    assert code == 2 and "reduce_at_epochs" in err and len(err.strip().splitlines()) == 1

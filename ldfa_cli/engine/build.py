@@ -9,7 +9,7 @@ from torch import nn
 
 from ldfa_cli.data import TrainingData, dataset_shape
 from ldfa_cli.errors import ConfigError
-from ldfa_cli.feedback import convert, feedback_parameters
+from ldfa_cli.feedback import convert, feedback_parameters, fit_to_state
 from ldfa_cli.models import build_model
 from ldfa_cli.shapes import InputShape
 
@@ -84,6 +84,7 @@ def load_trained(target, which: str, device: torch.device, shape: InputShape | N
     recipe = validate(state.get("config") or {}, source=f"{path} (its config)")
     model = shaped_network(recipe, device, shape=shape)
     try:
+        fit_to_state(model, state["model"])  # a rank cut in training
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as error:
         first = str(error).splitlines()[0][:160]

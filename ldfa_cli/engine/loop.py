@@ -22,8 +22,15 @@ from torch import nn
 from ldfa_cli.config.schema import compile_mode
 from ldfa_cli.console import stderr_console
 from ldfa_cli.data import load_data
-from ldfa_cli.errors import CheckpointError
-from ldfa_cli.feedback import alignment_diagnostics, conversion_report
+from ldfa_cli.errors import CheckpointError, ConfigError
+from ldfa_cli.feedback import (
+    alignment_diagnostics,
+    changes_shape,
+    conversion_report,
+    epoch_end,
+    feedback_layers,
+    fit_to_state,
+)
 from ldfa_cli.feedback.model import ddp_ignored
 
 from . import distributed
@@ -133,6 +140,7 @@ class Trainer:
         checkpoint = load_checkpoint(path, map_location=self.device)
         _check_same_optimizers(self.recipe, checkpoint["config"])
         try:
+            fit_to_state(self.model, checkpoint["model"])  # a rank cut in training
             self.model.load_state_dict(checkpoint["model"])
             self.optimizers.load_state_dict(checkpoint)
             set_rng_state(checkpoint["rng"], self.device)
@@ -150,6 +158,12 @@ class Trainer:
     def _setup_step(self, checkpoint: dict | None) -> None:
         """The EMA (after the resume, so that it starts from the model), the model wrapped
         for DDP and compiled as asked, the training step and its FLOP meter."""
+        if changes_shape(self.model) and (self.cfg.ema_decay or self.world.distributed):
+            raise ConfigError(
+                "the rule cuts its layers' ranks in training (svd_dfa reduce_at_epochs), which "
+                "neither an EMA copy (train.ema_decay) nor torchrun's DDP follows yet; drop "
+                "one of them"
+            )
         self.ema = make_ema(self.model, self.cfg.ema_decay)
         if self.ema is not None and checkpoint is not None and checkpoint.get("ema") is not None:
             self.ema.module.load_state_dict(checkpoint["ema"])
@@ -245,6 +259,7 @@ class Trainer:
                     if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                         last_eval = self.evaluate_and_log()
                     state.epoch, state.batch_in_epoch = epoch + 1, 0
+                    self.between_epochs()
                     self.save("last.pt")
                     if state.epoch < last_epoch:  # a Ctrl-C after the last epoch changes nothing
                         self.stop_here()  # (under torchrun the epoch's last log already agreed)
@@ -268,6 +283,19 @@ class Trainer:
         self.say_where_it_ended(last_eval, stopped_early=last_epoch < cfg.epochs)
         return RunResult(str(self.run_dir), state.epoch, state.step, last_eval, state.best_acc,
                          stopped_early=last_epoch < cfg.epochs)  # fmt: skip
+
+    def between_epochs(self) -> None:
+        """The rules' work once an epoch is done (svd_dfa's rank cut); where a layer changed
+        shape, its new ranks are logged and the step's FLOPs counted again."""
+        optimizers = [optimizer for optimizer, _, _ in self.optimizers.pairs()]
+        if not epoch_end(self.model, self.state.epoch, optimizers):
+            return
+        self.flops = FlopMeter(self.step, self.optimizers.flop_plan(self.model), self.world.size)
+        ranks = {name: layer.rank for name, layer in feedback_layers(self.model)}
+        self.log({"event": "ranks", "epoch": self.state.epoch, "step": self.state.step,
+                  "ranks": ranks})  # fmt: skip
+        self.say(f"ranks after epoch {self.state.epoch}: "
+                 + ", ".join(f"{n} {r}" for n, r in ranks.items()))  # fmt: skip
 
     def dry_run(self) -> RunResult:
         """The layer table, the parameters, the data and one step; nothing written."""

@@ -74,12 +74,37 @@ def auxiliary_loss(model: nn.Module) -> Tensor | None:
 def after_backward(model: nn.Module, step: int | None = None) -> None:
     """Every rule's :meth:`~ldfa_cli.feedback.rule.Rule.after_backward` over its layers
     (eq. 9 into Q.grad and P.grad where due at ``step``; every periodic update when None)."""
+    for rule_class, layers in _by_rule(model, "after_backward").items():
+        rule_class.after_backward(layers, step)
+
+
+def _by_rule(model: nn.Module, hook: str) -> dict[type, list]:
+    """The feedback layers whose rule overrides ``hook``, grouped by rule class."""
     groups: dict[type, list] = {}
     for _, layer in feedback_layers(model):
-        if overrides(layer.rule, "after_backward"):
+        if overrides(layer.rule, hook):
             groups.setdefault(type(layer.rule), []).append(layer)
-    for rule_class, layers in groups.items():
-        rule_class.after_backward(layers, step)
+    return groups
+
+
+def epoch_end(model: nn.Module, epochs_done: int, optimizers: list) -> bool:
+    """Every rule's :meth:`~ldfa_cli.feedback.rule.Rule.at_epoch_end` over its layers; True
+    when a layer changed shape."""
+    changed = False
+    for rule_class, layers in _by_rule(model, "at_epoch_end").items():
+        changed = rule_class.at_epoch_end(layers, epochs_done, optimizers) or changed
+    return changed
+
+
+def changes_shape(model: nn.Module) -> bool:
+    return any(layer.rule.changes_shape for _, layer in feedback_layers(model))
+
+
+def fit_to_state(model: nn.Module, state: dict) -> None:
+    """Shape every feedback layer as ``state`` (a saved ``model.state_dict()``) has it,
+    before ``model.load_state_dict(state)``: a rule that cut a layer's rank in training."""
+    for name, layer in feedback_layers(model):
+        layer.rule.fit_to_state(layer, state, f"{name}." if name else "")
 
 
 def backward_with_rules(model: nn.Module, loss: Tensor, step: int | None = None):

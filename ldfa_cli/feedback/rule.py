@@ -14,6 +14,8 @@ the rule's own file; the converter, the training step and the analyses only call
   :meth:`Rule.after_backward` (work over all the rule's layers once the backward is done,
   eq. 9), :attr:`Rule.update_every`, :meth:`Rule.reset_every` and :meth:`Rule.reset` (a
   periodic reset after the optimizer step);
+* between epochs: :meth:`Rule.at_epoch_end` (e.g. a rank cut, with the optimizers' state)
+  and :meth:`Rule.fit_to_state` (a layer shaped as a checkpoint's before it loads);
 * distributed training: :meth:`Rule.ddp_ignored`;
 * measurement: :meth:`Rule.analytic_flops`, :meth:`Rule.feedback_matrix`,
   :meth:`Rule.layer_measures`.
@@ -176,6 +178,24 @@ class Rule:
     def reset(self, layer, seed: int) -> None:
         """The periodic reset of the layer's feedback, run after the optimizer step when
         :meth:`reset_every` divides the steps taken; ``seed`` for any random draw."""
+
+    # -------------------------------------------------------------------- between epochs
+    @classmethod
+    def at_epoch_end(cls, layers: list, epochs_done: int, optimizers: list) -> bool:
+        """Work over all of this rule's layers once ``epochs_done`` epochs are done (after
+        their evaluation, before the checkpoint), with the training's optimizers; True when
+        a layer's tensors changed shape (the step's FLOPs are counted again)."""
+        return False
+
+    @property
+    def changes_shape(self) -> bool:
+        """Whether :meth:`at_epoch_end` may change a layer's tensors' shapes (which DDP's
+        buckets and an EMA copy do not follow)."""
+        return False
+
+    def fit_to_state(self, layer, state: dict, prefix: str) -> None:
+        """Shape the layer's tensors as a saved state dict's (``prefix`` its key prefix)
+        before that state is loaded into a freshly built model."""
 
     # -------------------------------------------------------------------- distributed
     def ddp_ignored(self, layer) -> tuple[str, ...]:
