@@ -46,7 +46,11 @@ def _expected_factor_grads(layer, x, delta):
     b = layer.bias.detach().clone().requires_grad_()
     rows = (U * s) @ V.t()
     if isinstance(layer, SVDConv2d):
-        W = rows.reshape(layer.out_channels, layer.in_channels, *layer.kernel_size)
+        m, n, (kh, kw) = layer.out_channels, layer.in_channels, layer.kernel_size
+        if layer.split == "spatial":  # rows (n', w) x (c, h): K'[(n', w), (c, h)] = K[n', c, h, w]
+            W = rows.reshape(m, kw, n, kh).permute(0, 2, 3, 1)
+        else:
+            W = rows.reshape(m, n, kh, kw)
         y = F.conv2d(x, W, b, layer.stride, layer.padding, layer.dilation)
     else:
         y = F.linear(x, rows, b)
@@ -142,7 +146,10 @@ def test_mlp_gradients_equal_hand_computation(project, align, align_loss):
     _check_layer(model[0], x, delta1, align)
 
 
-@pytest.mark.parametrize("options", [{}, {"align_loss": "subspace", "project": True}])
+@pytest.mark.parametrize("options", [
+    {}, {"conv_split": "channel"},
+    {"align_loss": "subspace", "project": True, "conv_split": "channel"},
+])  # fmt: skip
 def test_conv_gradients_equal_hand_computation(options):
     cnn, x = _cnn(), torch.randn(2, 3, 8, 8)
     convert(cnn, "svd_dfa", rank=3, example_input=x, align=0.3, orth=0.0, **options)
@@ -282,7 +289,12 @@ def test_alignment_turns_u_toward_the_received_error():
 
 def test_svd_flops_measured_equal_analytic():
     for make, x in ((_mlp, torch.randn(5, 4)), (_cnn, torch.randn(2, 3, 8, 8))):
-        for options in ({}, {"align": 0.0}, {"project": True, "align_loss": "subspace"}):
+        for options in (
+            {},
+            {"align": 0.0},
+            {"conv_split": "channel"},
+            {"project": True, "align_loss": "subspace", "conv_split": "channel"},
+        ):
             model = make()
             convert(model, "svd_dfa", rank=2, example_input=x, **options)
             report = flops_report(model, x, torch.randint(0, 3, (len(x),)))
@@ -401,3 +413,30 @@ def test_rank_reduction_with_an_ema_is_a_one_line_error(capsys, tmp_path):
                           train={"ema_decay": 0.9})  # fmt: skip
     code, _, err = run_cli(capsys, "train", recipe, "--out", tmp_path / "run", "--device", "cpu")
     assert code == 2 and "reduce_at_epochs" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_spatial_split_is_an_h_by_1_then_a_1_by_w_conv_of_the_nw_by_ch_kernel():
+    cnn, x = _cnn(), torch.randn(2, 3, 8, 8)
+    W = cnn[0].weight.detach().clone()  # 4 x 3 x 3 x 3, stride 2, padding 1
+    convert(cnn, "svd_dfa", rank=2, example_input=x)
+    layer = cnn[0]
+    assert layer.full_rank == min(4 * 3, 3 * 3)
+    assert tuple(layer.svd_U.shape) == (4 * 3, 2) and tuple(layer.svd_V.shape) == (3 * 3, 2)
+    U, S, Vh = torch.linalg.svd(W.permute(0, 3, 1, 2).reshape(12, 9))
+    K = ((U[:, :2] * S[:2]) @ Vh[:2]).reshape(4, 3, 3, 3).permute(0, 2, 3, 1)
+    torch.testing.assert_close(layer.weight.detach(), K)
+    a = F.conv2d(x, layer.geometry.v_kernel(layer.svd_V), None, (2, 1), (1, 0))  # H x 1
+    assert a.shape == (2, 2, 4, 8)
+    y = F.conv2d(a * layer.svd_s.view(-1, 1, 1), layer.geometry.u_kernel(layer.svd_U),
+                 layer.bias, (1, 2), (0, 1))  # 1 x W  # fmt: skip
+    torch.testing.assert_close(layer(x), y)
+    torch.testing.assert_close(layer(x), F.conv2d(x, K, layer.bias, 2, 1))
+    assert svd_parameter_count(layer) == (2 * (12 + 9 + 1) + 4, 4 * 27 + 4)
+
+
+def test_the_first_reading_s_options_on_a_spatial_split_are_a_one_line_error(capsys, tmp_path):
+    feedback = {"rule": "svd_dfa", "rank": 0.5, "options": {"project": True}}
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "vgg", "width_multiplier": 0.0625},
+                          feedback)  # fmt: skip
+    code, _, err = run_cli(capsys, "train", recipe, "--out", tmp_path / "run", "--device", "cpu")
+    assert code == 2 and "conv_split: channel" in err and len(err.strip().splitlines()) == 1

@@ -16,8 +16,12 @@ has a switch, so each ablation is a recipe override; the first reading (options
    N = n kh kw; the dense W is never stored; U, s, V start from the truncated SVD of the
    layer's initial weight and all three train [paper: "updates the SVD components"]. A
    Linear layer computes y = ((x V) * s) U^T + b; a conv layer a kh x kw conv with V^T as
-   its kernel, then a 1x1 conv with U [guess: the paper splits the kernel spatially, an
-   H x 1 then a 1 x W conv (summary); not done here yet].
+   its kernel, then a 1x1 conv with U (``conv_split: channel``); with ``conv_split:
+   spatial`` (the default) [summary: "a kernel K in R^{N x C x H x W} is reshaped into a 2D
+   matrix K' in R^{NW x CH}, decomposed as K' = U Sigma V^T, and then reshaped into two
+   convolutional kernels", an H x 1 and a 1 x W one; guess: which stage carries the stride
+   and padding (each its own axis's)] the kernel as K'[(n, w), (c, h)], run as an H x 1
+   conv to k channels and a 1 x W conv.
 
 2. **Direct feedback** [paper: "leverages Direct Feedback Alignment"; reviews: the error is
    the output's y_predict - y_label]. As ``dfa``: the source error e reaches each layer's
@@ -72,8 +76,8 @@ has a switch, so each ablation is a recipe override; the first reading (options
 Loss: L = CE + lambda_align sum_l L_align,l + lambda_orth L_orth; the weights are the
 paper's alpha-epsilon, "chosen by cross-validation" [reviews]; their values were not found
 (0.1 and 0.1 here [guess]). Not implemented: the earlier version's Hoyer sparsity term on s
-[reviews] and the paper's spatial conv split (H x 1 then 1 x W [summary]). Every gradient is
-local to a layer: its own factors, its input and the broadcast error.
+[reviews]. Every gradient is local to a layer: its own factors, its input and the broadcast
+error.
 """
 
 from __future__ import annotations
@@ -135,23 +139,53 @@ def _alignment_grad(ops_u, g: Tensor, z_raw: Tensor, U: Tensor, UtU: Tensor) -> 
 
 @dataclass(frozen=True)
 class Geometry:
-    """What the autograd Function needs to know of an SVD layer (a constant, hashable)."""
+    """What the autograd Function needs to know of an SVD layer (a constant, hashable): the
+    two stages x -> a = x V (kernel V^T, ``ops_v``) and h = a s -> y = h U^T (kernel U,
+    ``ops_u``), and how U and V sit in those kernels. ``split``: ``channel`` (a Linear
+    layer; a conv as a kh x kw conv to k channels, then 1x1) or ``spatial`` (a conv as an
+    H x 1 conv to k channels, then a 1 x W conv: the kernel as NW x CH, item 1)."""
 
     name: str
-    ops_v: LinearOps | ConvOps  # the n -> k product with V^T (the layer's own conv)
-    ops_u: LinearOps | ConvOps  # the k -> m product with U (1x1 at every pixel)
-    v_shape: tuple[int, ...]  # V^T as a weight: (k, n) or (k, n, kh, kw)
+    ops_v: LinearOps | ConvOps
+    ops_u: LinearOps | ConvOps
+    v_shape: tuple[int, ...]  # V^T as a kernel: (k, n), (k, n, kh, kw) or (k, C, H, 1)
+    u_shape: tuple[int, ...]  # U as a kernel: (m, k), (m, k, 1, 1) or (N, k, 1, W)
     channel_dim: int  # -1 for Linear, 1 for Conv2d
+    split: str = "channel"
 
-    @property
-    def u_kernel_dims(self) -> tuple[int, ...]:
-        return () if self.channel_dim == -1 else (1, 1)
+    def v_kernel(self, V: Tensor) -> Tensor:
+        return V.t().reshape(self.v_shape)
+
+    def u_kernel(self, U: Tensor) -> Tensor:
+        if self.split == "spatial":  # U's rows are (n, w) pairs: kernel[n, j, 0, w]
+            N, k, _, W = self.u_shape
+            return U.reshape(N, W, k).permute(0, 2, 1).unsqueeze(2)
+        return U.view(self.u_shape)
+
+    def u_from_kernel(self, grad: Tensor) -> Tensor:
+        if self.split == "spatial":
+            N, k, _, W = grad.shape
+            return grad.squeeze(2).permute(0, 2, 1).reshape(N * W, k)
+        return grad.reshape(grad.shape[0], grad.shape[1])
+
+    def v_from_kernel(self, grad: Tensor) -> Tensor:
+        return grad.reshape(grad.shape[0], -1).t()
+
+    def to_inner(self, g: Tensor, U: Tensor, a_shape) -> Tensor:
+        """An output gradient carried back to h = a s: g U (through the 1 x W conv's
+        transpose for the spatial split)."""
+        if self.split == "spatial":
+            return self.ops_u.through(g, self.u_kernel(U), a_shape)
+        return self.ops_u.project(g, U.t())
 
     def forward(self, x: Tensor, U: Tensor, s: Tensor, V: Tensor, bias) -> tuple[Tensor, Tensor]:
         """(y, a): a = x V, y = (a * s) U^T + b."""
-        a = self.ops_v.forward(x, V.t().reshape(self.v_shape), None)
-        u_weight = U.view(*U.shape, *self.u_kernel_dims)
-        return self.ops_u.forward(_scale(a, s, self.channel_dim), u_weight, bias), a
+        a = self.ops_v.forward(x, self.v_kernel(V), None)
+        return self.ops_u.forward(_scale(a, s, self.channel_dim), self.u_kernel(U), bias), a
+
+    def with_rank(self, k: int) -> Geometry:
+        u = self.u_shape
+        return dataclasses.replace(self, v_shape=(k, *self.v_shape[1:]), u_shape=(u[0], k, *u[2:]))
 
 
 def _scale(t: Tensor, s: Tensor, channel_dim: int) -> Tensor:
@@ -192,30 +226,29 @@ def _make_svd_function(device_type: str) -> type[torch.autograd.Function]:
             g = ops_v.prepare(g)
             x, a = ops_v.prepare(x.to(g.dtype)), a.to(g.dtype)
             U, s = U.to(g.dtype), s.to(g.dtype)
-            z_raw = ops_u.project(g, U.t())  # g U: the error's coordinates in U
+            z_raw = geo.to_inner(g, U, a.shape)  # g U: the error's coordinates in U
             UtU = U.t() @ U if rule.needs_gram else None
             if rule.project:  # item 3: g^ = g U U^T, z = g^ U
                 g_used, z = ops_u.project(z_raw, U), ops_u.project(z_raw, UtU)
             else:
                 g_used, z = g, z_raw
             grad_b = _sample_sum(g_used, dim) if need_b else None
-            u_shape = (*U.shape, *geo.u_kernel_dims)
-            u_weight = U.view(u_shape)
+            u_weight = geo.u_kernel(U)
             if rule.align and rule.align_loss == "cosine":  # item 4: through y to U, s, V
                 if counting:
                     accounting.set_phase("feedback_update")
                 y = ops_u.forward(_scale(a, s, dim), u_weight, None)
                 pull = rule.align * cosine_alignment_grad(y, g, dim)
-                g_used, z = g_used + pull, z + ops_u.project(pull, U.t())
+                g_used, z = g_used + pull, z + geo.to_inner(pull, U, a.shape)
                 if counting:
                     accounting.set_phase("weight_grad")
-            grad_u = ops_u.weight_grad(_scale(a, s, dim), g_used, u_shape, False)[0]
-            grad_u = grad_u.reshape(U.shape)
+            grad_u = ops_u.weight_grad(_scale(a, s, dim), g_used, u_weight.shape, False)[0]
+            grad_u = geo.u_from_kernel(grad_u)
             grad_s = _sample_sum(z * a, dim) if need_s else None
             grad_v = None
             if need_v:
                 grad_v = ops_v.weight_grad(x, _scale(z, s, dim), geo.v_shape, False)[0]
-                grad_v = grad_v.reshape(geo.v_shape[0], -1).t()  # (k, N) -> V's N x k
+                grad_v = geo.v_from_kernel(grad_v)  # (k, N) -> V's N x k
             if rule.align and rule.align_loss == "subspace" and need_u:  # item 4
                 if counting:
                     accounting.set_phase("feedback_update")
@@ -253,7 +286,7 @@ class SVDLayer(FeedbackLayer):
         self.rank = resolve_rank(rank, name=name, m=self.fan_out, full_rank=self.full_rank)
         self.rank_asked = rank
         k = self.rank
-        U, S, Vh = torch.linalg.svd(weight.detach().reshape(self.fan_out, -1).double(),
+        U, S, Vh = torch.linalg.svd(self.matrix_of(weight.detach()).double(),
                                     full_matrices=False)  # fmt: skip
         like = dict(device=weight.device, dtype=weight.dtype)
         self.svd_U = nn.Parameter(U[:, :k].to(**like).contiguous())
@@ -261,9 +294,17 @@ class SVDLayer(FeedbackLayer):
         self.svd_V = nn.Parameter(Vh[:k].t().to(**like).contiguous())
         self.bias = bias
         self.feedback_targets = None
-        self.geometry = Geometry(name, self.ops, self.ops_u, (k, self.fan_in, *self.kernel),
-                                 self.channel_dim)  # fmt: skip
+        self.geometry = self.make_geometry(name, k)
         rule.create_feedback(self)
+
+    def matrix_of(self, weight: Tensor) -> Tensor:
+        """The matrix factorised as U diag(s) V^T: W as m x (n kh kw)."""
+        return weight.reshape(self.fan_out, -1)
+
+    def make_geometry(self, name: str, k: int) -> Geometry:
+        u_shape = (self.fan_out, k, *((1, 1) if self.channel_dim == 1 else ()))
+        return Geometry(name, self.ops, self.ops_u, (k, self.fan_in, *self.kernel), u_shape,
+                        self.channel_dim)  # fmt: skip
 
     @property
     def weight(self) -> Tensor:
@@ -310,7 +351,11 @@ class SVDLinear(LinearShape, SVDLayer, nn.Linear):
 
 
 class SVDConv2d(ConvShape, SVDLayer, nn.Conv2d):
-    """An ``nn.Conv2d`` held in SVD form: a kh x kw conv to k channels, then a 1x1 conv."""
+    """An ``nn.Conv2d`` held in SVD form: with ``conv_split: spatial`` (the default, the
+    paper's) the kernel N x C x H x W as the NW x CH matrix K'[(n, w), (c, h)], run as an
+    H x 1 conv to k channels (stride, padding and dilation along H) and then a 1 x W conv
+    (along W); with ``channel`` as the N x CHW matrix, a kh x kw conv to k channels then a
+    1x1 conv."""
 
     channel_dim: ClassVar[int] = 1
     _CONV_FIELDS = ("in_channels", "out_channels", "kernel_size", "stride", "padding",
@@ -322,10 +367,49 @@ class SVDConv2d(ConvShape, SVDLayer, nn.Conv2d):
         padding = conv_padding(conv, name)
         for field_name in self._CONV_FIELDS:
             setattr(self, field_name, getattr(conv, field_name))
-        self.ops = ConvOps(tuple(conv.stride), padding, tuple(conv.dilation))
-        self.ops_u = _PIXELWISE
+        self.split = rule.conv_split
+        if self.split == "spatial" and rule.needs_gram:
+            raise FeedbackConfigError(
+                f"layer {name!r}: svd_dfa's project and align_loss subspace read U as a map of "
+                "channels; set conv_split: channel with them"
+            )
+        if self.split == "spatial":
+            (sh, sw), (ph, pw), (dh, dw) = conv.stride, padding, conv.dilation
+            self.ops = ConvOps((sh, 1), (ph, 0), (dh, 1))  # H x 1, C -> k
+            self.ops_u = ConvOps((1, sw), (0, pw), (1, dw))  # 1 x W, k -> N
+        else:
+            self.ops = ConvOps(tuple(conv.stride), padding, tuple(conv.dilation))
+            self.ops_u = _PIXELWISE
         self._setup_svd(conv.weight, conv.bias, rule, rank, name)
         self.train(conv.training)
+
+    @property
+    def full_rank(self) -> int:
+        if self.split == "spatial":
+            (kh, kw), n, m = self.kernel, self.in_channels, self.out_channels
+            return min(m * kw, n * kh)
+        return super().full_rank
+
+    def matrix_of(self, weight: Tensor) -> Tensor:
+        if self.split == "spatial":  # K'[(n, w), (c, h)] = K[n, c, h, w]
+            m, n, kh, kw = weight.shape
+            return weight.permute(0, 3, 1, 2).reshape(m * kw, n * kh)
+        return super().matrix_of(weight)
+
+    def make_geometry(self, name: str, k: int) -> Geometry:
+        if self.split == "spatial":
+            (kh, kw), n, m = self.kernel, self.in_channels, self.out_channels
+            return Geometry(name, self.ops, self.ops_u, (k, n, kh, 1), (m, k, 1, kw), 1,
+                            "spatial")  # fmt: skip
+        return super().make_geometry(name, k)
+
+    @property
+    def weight(self) -> Tensor:
+        if self.split != "spatial":
+            return super().weight
+        (kh, kw), n, m = self.kernel, self.in_channels, self.out_channels
+        rows = (self.svd_U * self.svd_s) @ self.svd_V.t()  # (m kw) x (n kh)
+        return rows.reshape(m, kw, n, kh).permute(0, 2, 3, 1)
 
     def dense_twin(self) -> nn.Module:
         """The dense layer this one replaces (rule bp, W = U diag(s) V^T): for references."""
@@ -378,15 +462,14 @@ def cut_rank(layer: SVDLayer, keep: Tensor, optimizers: list = ()) -> None:
         _cut(layer.svd_s, 0, keep, optimizers)
         _cut(layer.svd_V, 1, keep, optimizers)
     layer.rank = len(keep)
-    geometry = layer.geometry
-    layer.geometry = dataclasses.replace(geometry, v_shape=(layer.rank, *geometry.v_shape[1:]))
+    layer.geometry = layer.geometry.with_rank(layer.rank)
 
 
 def svd_parameter_count(layer: SVDLayer) -> tuple[int, int]:
     """(trainable parameters in SVD form, in the dense layer it replaces)."""
     k, m, N = layer.rank, layer.fan_out, layer.patch_size
     bias = m if layer.bias is not None else 0
-    return k * (m + N + 1) + bias, m * N + bias
+    return k * (layer.svd_U.shape[0] + layer.svd_V.shape[0] + 1) + bias, m * N + bias
 
 
 def factor_measures(layer: SVDLayer) -> dict:
@@ -420,6 +503,7 @@ class SVDDirectFeedback(DirectFeedbackAlignment):
     orth: float = 0.1
     project: bool = False
     feedback_form: str = "svd"
+    conv_split: str = "spatial"
     reduce_at_epochs: tuple[int, ...] = ()
     energy: float = 0.99
     min_rank: int = 1
@@ -433,6 +517,10 @@ class SVDDirectFeedback(DirectFeedbackAlignment):
               f"{list(self.reduce_at_epochs)}")  # fmt: skip
         check(0 < self.energy <= 1, f"rule 'svd_dfa': energy must be in (0, 1], got {self.energy}")
         check(self.min_rank >= 1, f"rule 'svd_dfa': min_rank must be >= 1, got {self.min_rank}")
+        check(self.conv_split in ("spatial", "channel"),
+              f"rule 'svd_dfa': conv_split must be spatial or channel, got "
+              f"{self.conv_split!r}")  # fmt: skip
+
         check(self.align >= 0, f"rule 'svd_dfa': align must be >= 0, got {self.align}")
         check(self.orth >= 0, f"rule 'svd_dfa': orth must be >= 0, got {self.orth}")
         check(self.align_loss in ("cosine", "subspace"),
@@ -462,6 +550,8 @@ class SVDDirectFeedback(DirectFeedbackAlignment):
         """Forward x V then (a s) U^T; backward g U, the projection (g U) U^T and
         (g U)(U^T U), the gradients of U and V; alignment g^T (g U), (g U)^T (g U) and two
         m x k x k products; the broadcast as dfa's."""
+        if getattr(layer, "split", "channel") == "spatial":
+            return self._spatial_flops(layer, samples, batch)
         T, k, m, N = samples, layer.rank, layer.fan_out, layer.patch_size
         gram = 2 * m * k * k if self.needs_gram else 0  # U^T U
         projection = 2 * T * m * k + 2 * T * k * k if self.project else 0
@@ -475,6 +565,25 @@ class SVDDirectFeedback(DirectFeedbackAlignment):
             forward=2 * T * k * (N + m),
             weight_grad=2 * T * m * k + gram + projection + 2 * T * m * k + 2 * T * N * k,
             feedback_update=align,
+            broadcast=broadcast if self.sends else 0,
+        )
+
+    def _spatial_flops(self, layer, samples: int, batch: int) -> dict[str, float]:
+        """The spatial split: the H x 1 stage at every position of its output (the input's
+        width, the output's height), the 1 x W stage at the output's; the backward carries g
+        back through the 1 x W stage, and takes both stages' kernel gradients; the cosine
+        alignment recomputes y and carries its pull back (one 1 x W product each)."""
+        (kh, kw), n, m, k = layer.kernel, layer.in_channels, layer.fan_out, layer.rank
+        (sh, _), (ph, _), (dh, _) = layer.ops.stride, layer.ops.padding, layer.ops.dilation
+        _, h_in, w_in = self.input_shape
+        rows = (h_in + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        stage_v = 2 * batch * rows * w_in * k * n * kh
+        stage_u = 2 * samples * m * k * kw
+        broadcast = 2 * self.broadcast_rows(batch) * self.source_width * self.input_width
+        return phase_flops(
+            forward=stage_v + stage_u,
+            weight_grad=2 * stage_u + stage_v,
+            feedback_update=2 * stage_u if self.align else 0,
             broadcast=broadcast if self.sends else 0,
         )
 
