@@ -440,3 +440,21 @@ def test_the_first_reading_s_options_on_a_spatial_split_are_a_one_line_error(cap
                           feedback)  # fmt: skip
     code, _, err = run_cli(capsys, "train", recipe, "--out", tmp_path / "run", "--device", "cpu")
     assert code == 2 and "conv_split: channel" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_hoyer_term_is_the_formula_and_concentrates_s():
+    model, x = _mlp(), torch.randn(7, 4)
+    convert(model, "svd_dfa", rank=3, example_input=x, orth=0.0, sparsity=0.5)
+    expected = sum(0.5 * layer.svd_s.abs().sum() / layer.svd_s.norm()
+                   for _, layer in feedback_layers(model))  # fmt: skip
+    torch.testing.assert_close(auxiliary_loss(model), expected)
+    layer = model[2]
+    optimizer = torch.optim.SGD([layer.svd_s], lr=0.05)
+    s = layer.svd_s.detach
+    ratio = [float(s().abs().sum() / s().norm())]
+    for _ in range(50):  # the term alone: s toward one large value (ratio toward 1)
+        optimizer.zero_grad()
+        auxiliary_loss(model).backward()
+        optimizer.step()
+    ratio.append(float(s().abs().sum() / s().norm()))
+    assert ratio[1] < ratio[0] - 0.1

@@ -73,11 +73,16 @@ has a switch, so each ablation is a recipe override; the first reading (options
    optimizer moments (:func:`cut_rank`); the step's FLOPs are counted again. The feedback B
    keeps its rank. Off by default (no epochs listed).
 
-Loss: L = CE + lambda_align sum_l L_align,l + lambda_orth L_orth; the weights are the
-paper's alpha-epsilon, "chosen by cross-validation" [reviews]; their values were not found
-(0.1 and 0.1 here [guess]). Not implemented: the earlier version's Hoyer sparsity term on s
-[reviews]. Every gradient is local to a layer: its own factors, its input and the broadcast
-error.
+7. **Sparsity** (``sparsity`` = lambda_sparsity, 0 by default) [reviews of the earlier
+   version: "a Hoyer regularizer ... sparsifies singular values"; guess: the form
+   ||s||_1 / ||s||_2 and its weight; the v1 abstract lists no sparsity term]: added to the
+   loss as the orthogonality term is; it drives s toward few large values, which the rank
+   reduction (6) then cuts.
+
+Loss: L = CE + lambda_align sum_l L_align,l + lambda_orth L_orth (+ lambda_sparsity sum_l
+||s_l||_1/||s_l||_2); the weights are the paper's alpha-epsilon, "chosen by
+cross-validation" [reviews]; their values were not found (0.1 and 0.1 here [guess]). Every
+gradient is local to a layer: its own factors, its input and the broadcast error.
 """
 
 from __future__ import annotations
@@ -112,6 +117,11 @@ def orthogonality_error(factor: Tensor) -> Tensor:
     """||F^T F - I||_F^2 for a factor F with orthonormal columns as its goal."""
     gram = factor.t() @ factor
     return (gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)).square().sum()
+
+
+def hoyer(s: Tensor) -> Tensor:
+    """||s||_1 / ||s||_2, the Hoyer measure: 1 for one nonzero value, sqrt(k) for k equal."""
+    return s.abs().sum() / s.norm().clamp_min(1e-12)
 
 
 def cosine_alignment_grad(y: Tensor, g: Tensor, channel_dim: int) -> Tensor:
@@ -504,6 +514,7 @@ class SVDDirectFeedback(DirectFeedbackAlignment):
     project: bool = False
     feedback_form: str = "svd"
     conv_split: str = "spatial"
+    sparsity: float = 0.0
     reduce_at_epochs: tuple[int, ...] = ()
     energy: float = 0.99
     min_rank: int = 1
@@ -523,6 +534,7 @@ class SVDDirectFeedback(DirectFeedbackAlignment):
 
         check(self.align >= 0, f"rule 'svd_dfa': align must be >= 0, got {self.align}")
         check(self.orth >= 0, f"rule 'svd_dfa': orth must be >= 0, got {self.orth}")
+        check(self.sparsity >= 0, f"rule 'svd_dfa': sparsity must be >= 0, got {self.sparsity}")
         check(self.align_loss in ("cosine", "subspace"),
               f"rule 'svd_dfa': align_loss must be cosine or subspace, got "
               f"{self.align_loss!r}")  # fmt: skip
@@ -631,10 +643,15 @@ class SVDDirectFeedback(DirectFeedbackAlignment):
             cut_rank(layer, torch.arange(saved.shape[0]))
 
     def auxiliary_loss(self, layer) -> Tensor | None:
-        """lambda_orth (||U^T U - I||^2 + ||V^T V - I||^2), item 5."""
-        if not self.orth:
-            return None
-        return self.orth * (orthogonality_error(layer.svd_U) + orthogonality_error(layer.svd_V))
+        """lambda_orth (||U^T U - I||^2 + ||V^T V - I||^2) (item 5) + lambda_sparsity
+        ||s||_1 / ||s||_2 (item 7)."""
+        terms = []
+        if self.orth:
+            U, V = layer.svd_U, layer.svd_V
+            terms.append(self.orth * (orthogonality_error(U) + orthogonality_error(V)))
+        if self.sparsity:
+            terms.append(self.sparsity * hoyer(layer.svd_s))
+        return sum(terms[1:], terms[0]) if terms else None
 
     def layer_measures(self, layer) -> dict:
         return factor_measures(layer)
