@@ -153,6 +153,27 @@ def test_a_language_model_trains_logs_bpc_samples_and_counts_compute_to_bp(capsy
     assert groups["bp"]["flops_to_target"] is not None  # it reaches its own final value
 
 
+def test_plot_draws_the_validation_split_where_asked(capsys, tmp_path, monkeypatch):
+    from ldfa_cli.cli import plot_cmd
+
+    code, _, err = run_cli(capsys, "train", recipe(tmp_path), "--out", tmp_path / "run",
+                           "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    evals = [e for e in read_metrics(tmp_path / "run" / "metrics.jsonl") if e["event"] == "eval"]
+    drawn = {}
+    monkeypatch.setattr(plot_cmd, "_save", lambda fig, out: drawn.__setitem__(out.stem, fig))
+    for split in ("test", "val"):
+        code, _, err = run_cli(capsys, "plot", tmp_path / "run", "--split", split, "--out",
+                               tmp_path / f"{split}.png")  # fmt: skip
+        assert code == 0, err
+    for split, key in (("test", "bpc"), ("val", "val_bpc")):
+        curve, losses = (ax.get_lines()[0] for ax in drawn[split].axes)
+        assert list(curve.get_ydata()) == [e[key] for e in evals]
+        assert drawn[split].axes[0].get_ylabel() == f"{split} bpc"
+    code, _, err = run_cli(capsys, "plot", tmp_path / "run", "--split", "train")
+    assert code == 2 and "--split must be test or val" in err
+
+
 def test_sample_refuses_a_run_that_is_not_a_language_model(capsys, tmp_path):
     (tmp_path / "run").mkdir()
     code, _, err = run_cli(capsys, "sample", tmp_path / "run")

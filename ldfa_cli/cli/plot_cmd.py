@@ -94,8 +94,10 @@ def plot(
     metric: str = typer.Option(
         None, "--metric", help="acc or top5; bpc or ppl (a language model's default: bpc)."
     ),
+    split: str = typer.Option("test", "--split", help="test or val (the validation split)."),
 ) -> None:
-    """Test accuracy and loss curves of several runs against epoch, FLOPs or time; or, with
+    """Test (or validation) accuracy or bpc and loss curves of several runs against epoch,
+    FLOPs or time; or, with
     --alignment, each layer's angle, norm ratio and gradient cosine over training."""
     import matplotlib
 
@@ -111,6 +113,9 @@ def plot(
         return
     if x not in X_KEYS:
         raise ConfigError(f"--x must be epoch, flops or time, got '{x}'")
+    if split not in ("test", "val"):
+        raise ConfigError(f"--split must be test or val, got '{split}'")
+    prefix = "val_" if split == "val" else ""
     key, scale, xlabel = X_KEYS[x]
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     shown = metric or "acc"
@@ -125,12 +130,15 @@ def plot(
         if shown not in evals[0]:
             raise CheckpointError(f"{run}: its evaluations have no '{shown}' (acc for a "
                                   "classifier, bpc or ppl for a language model)")  # fmt: skip
+        if prefix + shown not in evals[0]:
+            raise CheckpointError(f"{run}: its evaluations have no validation split "
+                                  "(data.val_fraction 0); plot --split test")  # fmt: skip
         percent = 100 if shown in ("acc", "top5") else 1
         xs = [e[key] * scale for e in evals]
         label = _label(run)
-        acc_ax.plot(xs, [percent * e[shown] for e in evals], marker=".", label=label)
-        loss_ax.plot(xs, [e["loss"] for e in evals], marker=".", label=label)
-    acc_ax.set(xlabel=xlabel, ylabel=f"test {shown}" + (" (%)" if percent == 100 else ""))
-    loss_ax.set(xlabel=xlabel, ylabel="test loss")
+        acc_ax.plot(xs, [percent * e[prefix + shown] for e in evals], marker=".", label=label)
+        loss_ax.plot(xs, [e[prefix + "loss"] for e in evals], marker=".", label=label)
+    acc_ax.set(xlabel=xlabel, ylabel=f"{split} {shown}" + (" (%)" if percent == 100 else ""))
+    loss_ax.set(xlabel=xlabel, ylabel=f"{split} loss")
     acc_ax.legend(fontsize=7)
     _save(fig, out)
