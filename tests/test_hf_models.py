@@ -82,6 +82,8 @@ def test_gpt2_conv1d_becomes_the_linear_layer_it_is(tmp_path):
     ({**LLAMA, "vocab_size": 50}, "must be the data's vocabulary"),
     ({**LLAMA, "max_position_embeddings": 8}, "allows 8 positions"),
     ({"model_type": "no_such_model"}, "model.config:"),
+    ({**LLAMA, "hidden_size": 18}, "model.config:"),  # 18 not divisible by 4 heads
+    ({**GPT2, "n_embd": 18}, "model.config:"),
 ])  # fmt: skip
 def test_a_config_that_cannot_be_built_is_a_one_line_error(capsys, tmp_path, config, words):
     path = tmp_path / "r.yaml"

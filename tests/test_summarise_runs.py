@@ -51,3 +51,11 @@ def test_a_lower_is_better_metric_with_its_validation_column(tmp_path):
     assert "| test bpc | per seed | val bpc |" in done.stdout
     row = next(line for line in done.stdout.splitlines() if line.startswith("| `"))
     assert "| 1.850 ± 0.071 | 1.800, 1.900 | 1.710 ± 0.014 |" in row
+
+
+def test_a_metric_the_runs_lack_is_one_line(tmp_path):
+    _run(tmp_path / "s" / "seed=0", 0, [0.5, 0.8])
+    done = subprocess.run([sys.executable, SCRIPT, tmp_path / "s" / "seed=0", "--metric", "bpc"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode != 0 and "have no 'bpc'" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -33,10 +33,12 @@ def _mlp():
 
 
 def _cnn():
+    """Two convs whose stride, padding and dilation differ between H and W (so that the
+    spatial split's two stages cannot swap them unseen), then a Linear layer."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, stride=2), nn.ReLU(),
-                         nn.Conv2d(4, 6, 3, padding=2, dilation=2), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(6 * 4 * 4, 3))  # fmt: skip
+    return nn.Sequential(nn.Conv2d(3, 4, (3, 2), padding=(1, 2), stride=(2, 1)), nn.ReLU(),
+                         nn.Conv2d(4, 6, 3, padding=(2, 1), dilation=(2, 1), stride=(1, 3)),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))  # fmt: skip
 
 
 def _expected_factor_grads(layer, x, delta):
@@ -390,7 +392,8 @@ def test_rank_reduction_in_training_logs_ranks_counts_less_and_resumes_bit_for_b
     assert run_cli(capsys, "train", recipe, "--out", whole, "--device", "cpu")[0] == 0
     events = read_metrics(whole / "metrics.jsonl")
     (cut,) = [e for e in events if e["event"] == "ranks"]
-    assert cut["epoch"] == 1 and all(r < 12 for r in cut["ranks"].values() if r < 32)
+    assert cut["epoch"] == 1 and sorted(cut["ranks"]) == ["fc1", "fc2", "head"]
+    assert cut["ranks"]["fc1"] < 12 and cut["ranks"]["fc2"] < 12  # the head's is 10 at most
     train = [(e["step"], e["train_flops"]) for e in events if e["event"] == "train"]
     per_step = [(b - a) / (t - s) for (s, a), (t, b) in itertools.pairwise(train)]
     assert per_step[-1] < per_step[0]  # the second epoch's steps count the cut ranks
@@ -407,31 +410,32 @@ def test_rank_reduction_in_training_logs_ranks_counts_less_and_resumes_bit_for_b
     assert code == 0, err
 
 
-def test_rank_reduction_with_an_ema_is_a_one_line_error(capsys, tmp_path):
+@pytest.mark.parametrize("train", [{"ema_decay": 0.9}, {"compile": True}])
+def test_rank_reduction_with_an_ema_or_compile_is_a_one_line_error(capsys, tmp_path, train):
     feedback = {"rule": "svd_dfa", "rank": 8, "options": {"reduce_at_epochs": [1]}}
     recipe = write_recipe(tmp_path / "r.yaml", {"name": "mlp", "widths": [16]}, feedback,
-                          train={"ema_decay": 0.9})  # fmt: skip
+                          train=train)  # fmt: skip
     code, _, err = run_cli(capsys, "train", recipe, "--out", tmp_path / "run", "--device", "cpu")
     assert code == 2 and "reduce_at_epochs" in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_spatial_split_is_an_h_by_1_then_a_1_by_w_conv_of_the_nw_by_ch_kernel():
     cnn, x = _cnn(), torch.randn(2, 3, 8, 8)
-    W = cnn[0].weight.detach().clone()  # 4 x 3 x 3 x 3, stride 2, padding 1
+    W = cnn[0].weight.detach().clone()  # 4 x 3 x 3 x 2, stride (2, 1), padding (1, 2)
     convert(cnn, "svd_dfa", rank=2, example_input=x)
     layer = cnn[0]
-    assert layer.full_rank == min(4 * 3, 3 * 3)
-    assert tuple(layer.svd_U.shape) == (4 * 3, 2) and tuple(layer.svd_V.shape) == (3 * 3, 2)
-    U, S, Vh = torch.linalg.svd(W.permute(0, 3, 1, 2).reshape(12, 9))
-    K = ((U[:, :2] * S[:2]) @ Vh[:2]).reshape(4, 3, 3, 3).permute(0, 2, 3, 1)
+    assert layer.full_rank == min(4 * 2, 3 * 3)
+    assert tuple(layer.svd_U.shape) == (4 * 2, 2) and tuple(layer.svd_V.shape) == (3 * 3, 2)
+    U, S, Vh = torch.linalg.svd(W.permute(0, 3, 1, 2).reshape(8, 9))
+    K = ((U[:, :2] * S[:2]) @ Vh[:2]).reshape(4, 2, 3, 3).permute(0, 2, 3, 1)
     torch.testing.assert_close(layer.weight.detach(), K)
     a = F.conv2d(x, layer.geometry.v_kernel(layer.svd_V), None, (2, 1), (1, 0))  # H x 1
     assert a.shape == (2, 2, 4, 8)
     y = F.conv2d(a * layer.svd_s.view(-1, 1, 1), layer.geometry.u_kernel(layer.svd_U),
-                 layer.bias, (1, 2), (0, 1))  # 1 x W  # fmt: skip
+                 layer.bias, (1, 1), (0, 2))  # 1 x W  # fmt: skip
     torch.testing.assert_close(layer(x), y)
-    torch.testing.assert_close(layer(x), F.conv2d(x, K, layer.bias, 2, 1))
-    assert svd_parameter_count(layer) == (2 * (12 + 9 + 1) + 4, 4 * 27 + 4)
+    torch.testing.assert_close(layer(x), F.conv2d(x, K, layer.bias, (2, 1), (1, 2)))
+    assert svd_parameter_count(layer) == (2 * (8 + 9 + 1) + 4, 4 * 18 + 4)
 
 
 def test_the_first_reading_s_options_on_a_spatial_split_are_a_one_line_error(capsys, tmp_path):
@@ -458,3 +462,15 @@ def test_the_hoyer_term_is_the_formula_and_concentrates_s():
         optimizer.step()
     ratio.append(float(s().abs().sum() / s().norm()))
     assert ratio[1] < ratio[0] - 0.1
+
+
+def test_no_rank_cut_after_the_last_epoch_and_blocks_are_refused(capsys, tmp_path):
+    feedback = {"rule": "svd_dfa", "rank": 12, "options": {"reduce_at_epochs": [2]}}
+    recipe = write_recipe(tmp_path / "r.yaml", {"name": "mlp", "widths": [32]}, feedback,
+                          train={"epochs": 2})  # fmt: skip
+    code, _, err = run_cli(capsys, "train", recipe, "--out", tmp_path / "run", "--device", "cpu")
+    assert code == 0, err
+    events = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert not [e for e in events if e["event"] == "ranks"]  # last.pt is the evaluated model
+    with pytest.raises(Exception, match="points must be layers"):
+        convert(_mlp(), "svd_dfa", points="blocks", example_input=torch.randn(2, 4))

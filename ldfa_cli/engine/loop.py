@@ -158,11 +158,13 @@ class Trainer:
     def _setup_step(self, checkpoint: dict | None) -> None:
         """The EMA (after the resume, so that it starts from the model), the model wrapped
         for DDP and compiled as asked, the training step and its FLOP meter."""
-        if changes_shape(self.model) and (self.cfg.ema_decay or self.world.distributed):
+        compiled = compile_mode(self.cfg) is not None
+        if changes_shape(self.model) and (self.cfg.ema_decay or self.world.distributed
+                                          or compiled):  # fmt: skip
             raise ConfigError(
                 "the rule cuts its layers' ranks in training (svd_dfa reduce_at_epochs), which "
-                "neither an EMA copy (train.ema_decay) nor torchrun's DDP follows yet; drop "
-                "one of them"
+                "neither an EMA copy (train.ema_decay), torchrun's DDP nor a compiled step "
+                "(train.compile) follows yet; drop one of them"
             )
         self.ema = make_ema(self.model, self.cfg.ema_decay)
         if self.ema is not None and checkpoint is not None and checkpoint.get("ema") is not None:
@@ -287,6 +289,8 @@ class Trainer:
     def between_epochs(self) -> None:
         """The rules' work once an epoch is done (svd_dfa's rank cut); where a layer changed
         shape, its new ranks are logged and the step's FLOPs counted again."""
+        if self.state.epoch >= self.cfg.epochs:  # nothing trains after the last epoch
+            return
         optimizers = [optimizer for optimizer, _, _ in self.optimizers.pairs()]
         if not epoch_end(self.model, self.state.epoch, optimizers):
             return

@@ -445,7 +445,7 @@ def energy_rank(s: Tensor, energy: float, min_rank: int) -> int:
     of all squares, at least ``min_rank`` (and at most all of them)."""
     squares = s.detach().double().square().sort(descending=True).values
     held = squares.cumsum(0) / squares.sum().clamp_min(1e-300)
-    needed = int(torch.searchsorted(held, torch.tensor(energy, dtype=held.dtype))) + 1
+    needed = int(torch.searchsorted(held, held.new_tensor(energy))) + 1
     return max(min(min_rank, len(s)), min(needed, len(s)))
 
 
@@ -498,11 +498,11 @@ def factor_measures(layer: SVDLayer) -> dict:
 @dataclass(frozen=True)
 class SVDDirectFeedback(DirectFeedbackAlignment):
     """svd_dfa: layers in SVD form U diag(s) V^T of rank k, trained by direct feedback
-    projected onto each layer's output subspace, with the subspace-alignment and
-    orthogonality terms (module docstring, items 1-5)."""
+    through a fixed B in SVD form, with the cosine alignment, orthogonality and sparsity
+    terms and the rank cut between epochs (module docstring, items 1-7)."""
 
     name: ClassVar[str] = "svd_dfa"
-    summary: ClassVar[str] = "DFA on SVD factors U diag(s) V^T: projected error, align + orth"
+    summary: ClassVar[str] = "DFA on SVD factors U diag(s) V^T: cosine align + orth, rank cut"
     equations: ClassVar[str] = "Roy et al. 2025 (module docstring)"
     uses_rank: ClassVar[bool] = True
     layer_class: ClassVar[type] = SVDLayer  # a layer in SVD form, the first one too
@@ -522,6 +522,9 @@ class SVDDirectFeedback(DirectFeedbackAlignment):
 
     def __post_init__(self):
         super().__post_init__()
+        check(self.points == "layers",
+              "rule 'svd_dfa': points must be layers (its layers are in SVD form; blocks "
+              "is dfa's)")  # fmt: skip
         object.__setattr__(self, "reduce_at_epochs", tuple(self.reduce_at_epochs))
         check(all(isinstance(e, int) and e >= 1 for e in self.reduce_at_epochs),
               f"rule 'svd_dfa': reduce_at_epochs must list epochs >= 1, got "

@@ -78,16 +78,24 @@ def build_hf(config: HFConfig, shape) -> CausalLM:
     for token in ("bos_token_id", "eos_token_id", "pad_token_id"):  # GPT-2's are 50256:
         options.setdefault(token, None)  # no special token in a character vocabulary
     transformers = _transformers()
-    try:
+    try:  # transformers' validators raise their own types (huggingface_hub's too)
         hf_config = transformers.AutoConfig.for_model(model_type, vocab_size=shape.classes,
                                                       **options)  # fmt: skip
-    except (ValueError, TypeError, KeyError) as error:
-        raise ConfigError(f"model.config: {str(error).splitlines()[0]}") from None
+    except Exception as error:
+        raise ConfigError(f"model.config: {_first_line(error)}") from None
     longest = _positions(hf_config)
     if longest is not None and longest < shape.size:
         raise ConfigError(f"model.config allows {longest} positions, fewer than "
                           f"data.block_size ({shape.size}): raise it")  # fmt: skip
-    lm = transformers.AutoModelForCausalLM.from_config(
-        hf_config, attn_implementation=config.attn_implementation
-    )
+    try:
+        lm = transformers.AutoModelForCausalLM.from_config(
+            hf_config, attn_implementation=config.attn_implementation
+        )
+    except (ValueError, TypeError, KeyError, AssertionError) as error:
+        raise ConfigError(f"model.config: {_first_line(error)}") from None
     return CausalLM(lm)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
