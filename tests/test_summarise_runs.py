@@ -59,3 +59,10 @@ def test_a_metric_the_runs_lack_is_one_line(tmp_path):
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode != 0 and "have no 'bpc'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_last_n_averages_each_run_s_last_evaluations(tmp_path):
+    _run(tmp_path / "s" / "seed=0", 0, [0.5, 0.7, 0.9], epochs=3)
+    done = subprocess.run([sys.executable, SCRIPT, tmp_path / "s" / "seed=0", "--last", "2"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert "(mean of the last 2 evaluations)" in done.stdout and "| 80.00 |" in done.stdout
