@@ -9,13 +9,19 @@ suite passed against the newly resolved versions. Every run records
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import sys
 from importlib import metadata
 from pathlib import Path
 
-LOCK_FILE = Path(__file__).resolve().parents[1] / "requirements" / "lock.txt"
+# scripts/update-lock points LDFA_LOCK_FILE at the lock it is about to write while the suite
+# runs, so that the lock's own tests check the candidate (a new dependency included)
+LOCK_FILE = Path(
+    os.environ.get("LDFA_LOCK_FILE")
+    or Path(__file__).resolve().parents[1] / "requirements" / "lock.txt"
+)
 # What env.json always names, locked or not.
 RECORDED = ("torch", "torchvision", "timm", "fvcore", "numpy", "pydantic")
 
