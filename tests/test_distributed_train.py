@@ -83,6 +83,7 @@ def test_two_nodes_on_localhost_keep_every_tensor_identical(capsys, tmp_path, fe
     {"rule": "ldfa", "rank": 4},
     {"rule": "dfa"},
     {"rule": "svd_dfa", "rank": 8},  # + its orthogonality loss and cosine alignment
+    {"rule": "ldfa_kp", "rank": 4},  # factors' grads linear in the mean loss's dW
 ])  # fmt: skip
 def test_torchrun_matches_single_process(capsys, tmp_path, feedback):
     """These rules depend on the batch only through the mean loss (svd_dfa's orthogonality
