@@ -26,6 +26,24 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def train_one_epoch_then_resume(capsys, recipe, run) -> None:
+    """``ldfa train RECIPE --stop-after 1`` into ``run``, then ``--resume`` to the end; both
+    must succeed (the run to compare with an uninterrupted one)."""
+    code, _, err = run_cli(capsys, "train", recipe, "--out", run, "--stop-after", "1",
+                           "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--resume", run, "--device", "cpu")
+    assert code == 0, err
+
+
+def eval_losses(run) -> list[tuple]:
+    """(step, loss, val_loss) of every evaluation of a language model's run."""
+    from ldfa_cli.engine.metrics import read_metrics
+
+    return [(e["step"], e["loss"], e["val_loss"])
+            for e in read_metrics(run / "metrics.jsonl") if e["event"] == "eval"]  # fmt: skip
+
+
 def press_ctrl_c_during(monkeypatch, name: str, call: int, presses: int = 1):
     """Send this process ``presses`` real SIGINTs while ``name``, a function the training
     loop or step imports (``evaluate``, ``backward_with_rules``), runs for the call-th time

@@ -10,7 +10,7 @@ from torch import nn
 
 from ldfa_cli.config import ConfigError, load_recipe, validate
 from ldfa_cli.feedback import LDFAConv2d, LDFALinear, convert, feedback_parameters, reset_due
-from tests.helpers import run_cli
+from tests.helpers import run_cli, train_one_epoch_then_resume
 
 
 # ---------------------------------------------------------------- local rule (Alg. 2)
@@ -183,9 +183,7 @@ def test_local_rule_recipe_with_forward_optimizer_trains_and_resumes(capsys, tmp
     }))  # fmt: skip
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert run_cli(capsys, "train", recipe, "--out", whole, "--device", "cpu")[0] == 0
-    assert run_cli(capsys, "train", recipe, "--out", part, "--device", "cpu",
-                   "--stop-after", "1")[0] == 0  # fmt: skip
-    assert run_cli(capsys, "train", "--resume", part, "--device", "cpu")[0] == 0
+    train_one_epoch_then_resume(capsys, recipe, part)
     from ldfa_cli.engine.metrics import read_metrics
 
     def losses(run):

@@ -14,10 +14,9 @@ from ldfa_cli.analysis.flops import flops_report
 from ldfa_cli.config import validate
 from ldfa_cli.data import dataset_shape
 from ldfa_cli.engine.build import synthetic_network
-from ldfa_cli.engine.metrics import read_metrics
 from ldfa_cli.feedback import RULES, conversion_report, convert
 from ldfa_cli.models import build_model
-from tests.helpers import run_cli
+from tests.helpers import eval_losses, run_cli, train_one_epoch_then_resume
 from tests.test_language_model import data_config
 
 pytest.importorskip("transformers")
@@ -117,14 +116,8 @@ def test_a_tiny_llama_trains_resumes_exactly_and_samples(capsys, tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     code, _, err = run_cli(capsys, "train", path, "--out", whole, "--device", "cpu")
     assert code == 0 and "test bpc" in err, err
-    assert run_cli(capsys, "train", path, "--out", broken, "--stop-after", "1",
-                   "--device", "cpu")[0] == 0  # fmt: skip
-    assert run_cli(capsys, "train", "--resume", broken, "--device", "cpu")[0] == 0
-
-    def evals(run):
-        return [(e["step"], e["loss"], e["val_loss"])
-                for e in read_metrics(run / "metrics.jsonl") if e["event"] == "eval"]  # fmt: skip
-
-    assert evals(broken) == evals(whole) and evals(whole)[-1][1] < evals(whole)[0][1]
+    train_one_epoch_then_resume(capsys, path, broken)
+    evals = eval_losses(whole)
+    assert eval_losses(broken) == evals and evals[-1][1] < evals[0][1]
     code, out, err = run_cli(capsys, "sample", whole, "--prompt", "The", "--tokens", "12")
     assert code == 0 and out.startswith("The"), err

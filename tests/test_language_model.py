@@ -17,7 +17,7 @@ from ldfa_cli.engine.metrics import read_metrics
 from ldfa_cli.feedback import RULES, conversion_report, convert, feedback_layers
 from ldfa_cli.measure.flops import PHASES
 from ldfa_cli.models import build_model
-from tests.helpers import analytic, run_cli
+from tests.helpers import analytic, eval_losses, run_cli, train_one_epoch_then_resume
 
 TEXT = "".join(f"The {w} of line {i} is here; and it goes on.\n" for i in range(400)
                for w in ("first", "second")) + "Zebra!"  # fmt: skip
@@ -184,15 +184,8 @@ def test_a_language_model_resumes_mid_epoch_exactly(capsys, tmp_path):
     path = recipe(tmp_path, deterministic=True, checkpoint_every_steps=7)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert run_cli(capsys, "train", path, "--out", whole, "--device", "cpu")[0] == 0
-    assert run_cli(capsys, "train", path, "--out", broken, "--stop-after", "1",
-                   "--device", "cpu")[0] == 0  # fmt: skip
-    assert run_cli(capsys, "train", "--resume", broken, "--device", "cpu")[0] == 0
-
-    def evals(run):
-        return [(e["step"], e["loss"], e["val_loss"])
-                for e in read_metrics(run / "metrics.jsonl") if e["event"] == "eval"]  # fmt: skip
-
-    assert evals(broken) == evals(whole)
+    train_one_epoch_then_resume(capsys, path, broken)
+    assert eval_losses(broken) == eval_losses(whole)
 
 
 @pytest.mark.parametrize("source", ["output", "ln_f"])

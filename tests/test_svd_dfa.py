@@ -22,7 +22,7 @@ from ldfa_cli.feedback import (
     forward_parameters,
 )
 from ldfa_cli.feedback.svd import SVDConv2d, SVDLinear, factor_measures, svd_parameter_count
-from tests.helpers import analytic, run_cli
+from tests.helpers import analytic, run_cli, train_one_epoch_then_resume
 from tests.test_broadcast import _WeightWatch
 from tests.test_train import write_recipe
 
@@ -322,10 +322,7 @@ def test_svd_dfa_recipe_trains_resumes_bit_for_bit_and_evaluates(capsys, tmp_pat
                           train={"epochs": 2, "deterministic": True, "log_every": 1})  # fmt: skip
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert run_cli(capsys, "train", recipe, "--out", whole, "--device", "cpu")[0] == 0
-    assert run_cli(capsys, "train", recipe, "--out", parts, "--device", "cpu",
-                   "--stop-after", "1")[0] == 0  # fmt: skip
-    code, _, err = run_cli(capsys, "train", "--resume", parts, "--device", "cpu")
-    assert code == 0, err
+    train_one_epoch_then_resume(capsys, recipe, parts)
 
     def losses(run):
         return [(e["event"], e["step"], e["loss"], e.get("aux_loss"))
@@ -397,10 +394,7 @@ def test_rank_reduction_in_training_logs_ranks_counts_less_and_resumes_bit_for_b
     train = [(e["step"], e["train_flops"]) for e in events if e["event"] == "train"]
     per_step = [(b - a) / (t - s) for (s, a), (t, b) in itertools.pairwise(train)]
     assert per_step[-1] < per_step[0]  # the second epoch's steps count the cut ranks
-    assert run_cli(capsys, "train", recipe, "--out", parts, "--device", "cpu",
-                   "--stop-after", "1")[0] == 0  # fmt: skip
-    code, _, err = run_cli(capsys, "train", "--resume", parts, "--device", "cpu")
-    assert code == 0, err
+    train_one_epoch_then_resume(capsys, recipe, parts)
 
     def losses(run):
         return [(e["event"], e["step"], e.get("loss")) for e in read_metrics(run / "metrics.jsonl")]
