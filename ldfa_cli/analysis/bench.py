@@ -376,8 +376,13 @@ def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int
     if not recipe.train.compile:  # a dispatch mode sees no op inside a compiled graph
         # the totals from each variant's own step (plain autograd for backprop), the rows
         # from the step the phase table times (backprop's split twin)
-        totals = {v.label: sum(count_dispatches(v, device).values()) for v in variants}
-        dispatches = {v.label: count_dispatches(v, device, v.phase_step) for v in variants}
+        dispatches, totals = {}, {}
+        for v in variants:
+            own = count_dispatches(v, device)
+            totals[v.label] = sum(own.values())
+            dispatches[v.label] = (
+                own if v.phase_step is None else count_dispatches(v, device, v.phase_step)
+            )
         bp_total = totals[base.label]
         for row, v in zip(rows, variants, strict=True):
             row["dispatches"] = totals[v.label]
