@@ -14,3 +14,21 @@ def grads_of(module, names=None):
         for n, p in module.named_parameters()
         if p.grad is not None and (names is None or n in names)
     }
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the commands save, by file name (and still written to disk)."""
+    from ldfa_cli.analysis import figures
+    from ldfa_cli.cli import plot_cmd
+
+    kept, save = {}, figures.save_figure
+
+    def saving(fig, out, fmt=None):
+        path = save(fig, out, fmt)
+        kept[path.name] = fig
+        return path
+
+    monkeypatch.setattr(figures, "save_figure", saving)
+    monkeypatch.setattr(plot_cmd, "save_figure", saving)
+    return kept

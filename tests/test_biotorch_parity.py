@@ -77,7 +77,7 @@ def test_usf_is_aligned_with_w_and_fa_is_not():
     assert all(row["angle_deg"] > 80 for row in rows["fa"])  # random B: about orthogonal
 
 
-def test_log_alignment_every_writes_angles_and_norm_ratios_per_layer(capsys, tmp_path):
+def test_log_alignment_every_writes_angles_and_norm_ratios_per_layer(capsys, tmp_path, drawn):
     code, _, err = run_cli(capsys, "train", "quickstart", "train.epochs=1", "feedback.rule=usf",
                            "~feedback.rank", "train.log_alignment_every=5", "--out",
                            tmp_path / "run", "--device", "cpu")  # fmt: skip
@@ -96,6 +96,11 @@ def test_log_alignment_every_writes_angles_and_norm_ratios_per_layer(capsys, tmp
     code, _, err = run_cli(capsys, "plot", "--alignment", tmp_path / "run", "--out",
                            tmp_path / "a.png")  # fmt: skip
     assert code == 0 and (tmp_path / "a.png").stat().st_size > 1000
+    fig = drawn["a.png"]
+    assert fig.get_suptitle().startswith("alignment of the feedback B with W^T over training")
+    assert [ax.get_ylabel() for ax in fig.axes] == [
+        "angle(B, W^T) (degrees)", "||B|| / ||W^T||", "cos(input grad, backprop's)"]  # fmt: skip
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["fc2", "head"]
     # several runs: a colour per run, its layers' mean labelled
     code, _, err = run_cli(capsys, "plot", "--alignment", tmp_path / "run", tmp_path / "run",
                            "--out", tmp_path / "b.png")  # fmt: skip

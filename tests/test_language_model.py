@@ -161,15 +161,17 @@ def test_plot_draws_the_validation_split_where_asked(capsys, tmp_path, monkeypat
     assert code == 0, err
     evals = [e for e in read_metrics(tmp_path / "run" / "metrics.jsonl") if e["event"] == "eval"]
     drawn = {}
-    monkeypatch.setattr(plot_cmd, "_save", lambda fig, out: drawn.__setitem__(out.stem, fig))
+    monkeypatch.setattr(plot_cmd, "save_figure",
+                        lambda fig, out, fmt: drawn.__setitem__(out.stem, fig) or out)  # fmt: skip
     for split in ("test", "val"):
         code, _, err = run_cli(capsys, "plot", tmp_path / "run", "--split", split, "--out",
                                tmp_path / f"{split}.png")  # fmt: skip
         assert code == 0, err
     for split, key in (("test", "bpc"), ("val", "val_bpc")):
         curve, losses = (ax.get_lines()[0] for ax in drawn[split].axes)
-        assert list(curve.get_ydata()) == [e[key] for e in evals]
+        assert list(curve.get_ydata()) == pytest.approx([e[key] for e in evals])
         assert drawn[split].axes[0].get_ylabel() == f"{split} bpc"
+        assert drawn[split].axes[0].get_title() == f"text corpus.txt: {split} bits per character"
     code, _, err = run_cli(capsys, "plot", tmp_path / "run", "--split", "train")
     assert code == 2 and "--split must be test or val" in err
 

@@ -56,7 +56,7 @@ def test_fields_are_the_forward_maps_whatever_rule_trained_it(rule, options):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_rf_command_on_a_tiny_trained_retina(capsys, tmp_path):
+def test_rf_command_on_a_tiny_trained_retina(capsys, tmp_path, drawn):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "description": "tiny retina",
@@ -73,7 +73,25 @@ def test_rf_command_on_a_tiny_trained_retina(capsys, tmp_path):
     data = json.loads(out)
     assert data["layer"] == "retina2" and len(data["channels"]) == 2
     assert (run / "rf" / "fields.png").stat().st_size > 500 and (run / "rf" / "rf.json").is_file()
-    code, _, err = run_cli(capsys, "rf", run, run, "--method", "maximize", "--out",
-                           tmp_path / "cmp.png")  # fmt: skip
+    assert run_cli(capsys, "train", recipe, "train.seed=1", "--out", tmp_path / "run1",
+                   "--device", "cpu")[0] == 0  # fmt: skip
+    code, _, err = run_cli(capsys, "rf", run, tmp_path / "run1", "--method", "maximize", "--out",
+                           tmp_path / "cmp.pdf")  # fmt: skip
     assert code == 0, err
-    assert (tmp_path / "cmp.png").stat().st_size > 500
+    assert (tmp_path / "cmp.pdf").read_bytes().startswith(b"%PDF")
+    fig = drawn["cmp.pdf"]
+    runs, summary = fig.subfigs
+    titles = [sub._suptitle.get_text() for sub in runs.subfigs if sub._suptitle]
+    assert [t.split("\n")[0] for t in titles] == ["ldfa r=1, bottleneck 2, seed 0",
+                                                  "ldfa r=1, bottleneck 2, seed 1"]  # fmt: skip
+    assert all("sym " in t and "csi " in t for t in titles)
+    tiles = [ax for sub in runs.subfigs for ax in sub.axes if ax.get_images()]
+    assert [ax.get_title() for ax in tiles] == ["0", "1", "0", "1"]  # channel numbers
+    (bar,) = [ax for sub in runs.subfigs for ax in sub.axes if ax.get_ylabel()]
+    assert bar.get_ylabel() == "field / max |field|" and bar.get_ylim() == (-1.0, 1.0)
+    assert fig.get_suptitle() == ("receptive fields of layer retina2: the input that maximises "
+                                  "each channel's centre unit")  # fmt: skip
+    assert "centre-surround index, -1 to 1" in fig.get_supxlabel()
+    measures = [ax.get_title() for ax in summary.axes]
+    assert measures == ["rotational symmetry", "orientation selectivity", "centre-surround index"]
+    assert "2 per condition" in summary._suptitle.get_text()

@@ -14,6 +14,16 @@ from pathlib import Path
 
 import yaml
 
+from ldfa_cli.analysis.figures import (
+    BP_COLOUR,
+    COLUMN_IN,
+    METRIC_NAMES,
+    colour,
+    flop_unit,
+    new_figure,
+    styled_figure,
+)
+from ldfa_cli.analysis.runs import distinguishing, settings_of
 from ldfa_cli.engine.metrics import read_metrics
 from ldfa_cli.errors import CheckpointError
 
@@ -100,37 +110,6 @@ def summarise_run(run_dir: Path, target: float | None, metric: str = "acc") -> R
                       fb.get("rank"), config["train"]["seed"], final, flops, seconds,
                       reference=reference, settings=settings_of(config),
                       metric=metric)  # fmt: skip
-
-
-# not what a run is: its seed, where it writes, its prose and its published reference
-NOT_SETTINGS = ("train.seed", "output.", "description", "reference.", "feedback.plugins")
-
-
-def settings_of(config: dict, prefix: str = "") -> dict[str, str]:
-    """A config as {dotted key: value as JSON}, without :data:`NOT_SETTINGS`."""
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if name.startswith(NOT_SETTINGS) or name == "reference":
-            continue
-        if isinstance(value, dict) and value:
-            flat.update(settings_of(value, f"{name}."))
-        else:
-            flat[name] = json.dumps(value, sort_keys=True)
-    return flat
-
-
-def distinguishing(groups: list[dict[str, str]], shown=("feedback.rule", "feedback.rank")):
-    """For each group's settings, a label of the settings in which the groups differ
-    (those ``shown`` in columns of their own left out), e.g. ``optim.lr=0.0001``: a key's
-    last part where no other key ends alike (``widths``), else the whole key."""
-    keys = sorted({k for g in groups for k in g})
-    differ = [k for k in keys if k not in shown and len({g.get(k) for g in groups}) > 1]
-    last = [k.rsplit(".", 1)[-1] for k in keys]
-    names = [k.rsplit(".", 1)[-1] if last.count(k.rsplit(".", 1)[-1]) == 1 else k
-             for k in differ]  # fmt: skip
-    return [", ".join(f"{n}={json.loads(g[k]) if k in g else '-'}"
-                      for k, n in zip(differ, names, strict=True)) for g in groups]  # fmt: skip
 
 
 def add_common_target(runs: list[RunSummary], target: float | None,
@@ -221,64 +200,75 @@ def series_of(recipe: str | None, setting: str = "") -> str:
     return f"{family} ({setting})" if setting else family
 
 
-def plot_compute(rows: list[dict], path: Path, target: float | None, common: bool,
-                 metric: str = "acc") -> None:  # fmt: skip
-    """Fig. 3c bottom: bars of the final metric (accuracy, or bits per token) and
-    FLOPs-to-target lines against rank, backprop at the left; one series (bars side by side,
-    a line each) per recipe family."""
-    import io
+def _sd(row: dict, name: str) -> float:
+    """The sd over seeds of a row's ``name`` (its se times the root of the seeds counted)."""
+    se = row.get(f"{name}_se")
+    reached = row.get(f"{name}_reached", row.get("seeds", 1))
+    return 0.0 if se is None else se * math.sqrt(reached)
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ldfa_cli.engine.checkpoint import atomic_write_bytes
+@styled_figure
+def draw_compute(rows: list[dict], target: float | None, common: bool, metric: str = "acc"):
+    """Fig. 3c bottom: bars of the final metric from zero and lines of the compute to the
+    target against rank, backprop's slot at the left where backprop runs were given; one
+    series per recipe family (bars side by side, a line each); error bars ± 1 sd over
+    seeds; every bar, line and reference in the legend."""
+    from matplotlib.patches import Patch
 
     key = "flops_to_common" if common else "flops_to_target"
-    percent = 100 if HIGHER_IS_BETTER[metric] else 1  # accuracies in %
+    higher = HIGHER_IS_BETTER[metric]
+    percent = 100 if metric in ("acc", "top5") else 1
+    named = METRIC_NAMES.get(metric, metric)
+    has_bp = any(r["rule"] == "bp" for r in rows)
     ranks = sorted({r["rank"] for r in rows if r["rule"] != "bp"}, key=float)
+    slots = (["BP"] if has_bp else []) + [f"r={r}" for r in ranks]
     names = list(dict.fromkeys(series_of(r["recipe"], r.get("setting", "")) for r in rows))
+    scale, unit = flop_unit([r[key] for r in rows])
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(1.2 * (len(ranks) + 1) * max(1, len(names) / 1.5) + 3, 3.8))
+    fig = new_figure(max(COLUMN_IN, 0.9 * len(slots) * max(1, len(names) / 1.5) + 2.2), 3.4)
+    ax = fig.subplots()
     twin = ax.twinx()
+    twin.grid(False)
+    handles = []
     for i, name in enumerate(names):
         mine = [r for r in rows if series_of(r["recipe"], r.get("setting", "")) == name]
-        xs = [(0 if r["rule"] == "bp" else 1 + ranks.index(r["rank"])) + (i - (len(names) - 1) / 2)
-              * width for r in mine]  # fmt: skip
-        colour = f"C{i}"
-        bars = ["black" if r["rule"] == "bp" else colour for r in mine]
+        offset = (i - (len(names) - 1) / 2) * width
+        xs = [(0 if r["rule"] == "bp" else int(has_bp) + ranks.index(r["rank"])) + offset
+              for r in mine]  # fmt: skip
+        tint = colour(i)
         ax.bar(xs, [percent * (r["final"] or 0) for r in mine], width=width * 0.95,
-               yerr=[percent * (r["final_se"] or 0) for r in mine], capsize=3, alpha=0.45,
-               color=bars)  # fmt: skip
-        values = [r[key] / 1e12 if r[key] is not None else float("nan") for r in mine]
-        twin.errorbar(xs, values, yerr=[(r[f"{key}_se"] or 0) / 1e12 for r in mine],
-                      color=colour, marker="o", capsize=3)  # fmt: skip
+               yerr=[percent * _sd(r, "final") for r in mine], capsize=2, alpha=0.45,
+               color=[BP_COLOUR if r["rule"] == "bp" else tint for r in mine])  # fmt: skip
+        handles.append(Patch(color=tint, alpha=0.45, label=f"final {named}: {name}"))
+        values = [r[key] / scale if r[key] is not None else float("nan") for r in mine]
+        twin.errorbar(xs, values, yerr=[_sd(r, key) / scale for r in mine], color=tint,
+                      marker="o", capsize=2)  # fmt: skip
+        handles.append(plt_line(tint, "-", "o", f"{unit} to target: {name}"))
         for r, value in zip(mine, values, strict=True):
-            if r["rule"] == "bp":
-                twin.axhline(value, color=colour, ls=":", lw=0.8)
-    values = [percent * (r["final"] or 0) for r in rows]
-    if HIGHER_IS_BETTER[metric]:
-        ax.set_ylim(max(0.0, min(values, default=0) - 10),
-                    100 if max(values, default=0) > 90 else max(values, default=0) + 5)  # fmt: skip
-        ax.set_ylabel("test accuracy (%)")
+            if r["rule"] == "bp" and value == value:
+                twin.axhline(value, color=tint, ls=":", lw=0.8)
+                handles.append(plt_line(tint, ":", None, f"backprop's {unit} to target: {name}"))
+    if has_bp:
+        handles.insert(0, Patch(color=BP_COLOUR, alpha=0.45, label=f"final {named}: backprop"))
+    finals = [percent * ((r["final"] or 0) + _sd(r, "final")) for r in rows]
+    ax.set_ylim(0, 100 if percent == 100 else 1.15 * max(finals, default=1.0))
+    shown = f"test {named}" + (" (%)" if percent == 100 else " (lower is better)")
+    ax.set(ylabel=shown, xlabel="feedback rank")
+    ax.set_xticks(range(len(slots)), slots)
+    twin.set_ylim(bottom=0)
+    if higher:
+        what = "backprop's" if common else "its own"
+        level = f"{target:.0%} of {what} final {metric}"
     else:
-        ax.set_ylabel(f"test {metric} (lower is better)")
-    ax.set_xticks(range(len(ranks) + 1), ["BP"] + [f"r={r}" for r in ranks])
-    what = "BP's" if common else "own"
-    if HIGHER_IS_BETTER[metric]:
-        twin.set_ylabel(f"TFLOPs to {target:.0%} of {what} final {metric}", color="tab:red")
-    else:
-        level = "BP's final" if target is None else f"{target:g}"
-        twin.set_ylabel(f"TFLOPs to {metric} <= {level}", color="tab:red")
-    if len(names) > 1:
-        from matplotlib.patches import Patch
+        level = f"{metric} <= " + ("backprop's final" if target is None else f"{target:g}")
+    twin.set_ylabel(f"{unit} to {level}")
+    ax.set_title(f"final {named} (bars) and training compute to {level} (lines);\n"
+                 "mean ± 1 sd over seeds")  # fmt: skip
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(2, len(handles)))
+    return fig
 
-        handles = [Patch(color=f"C{i}", alpha=0.6, label=n) for i, n in enumerate(names)]
-        ax.legend(handles=handles, loc="lower right", fontsize="small")
-    ax.set_title("accuracy (bars) and training compute to target (lines) by feedback rank")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), lambda handle: handle.write(buffer.getvalue()))
+
+def plt_line(tint: str, style: str, marker: str | None, label: str):
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], color=tint, ls=style, marker=marker, label=label)

@@ -20,12 +20,14 @@ cropped to where it is non-zero:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import ndimage
 from torch import nn
 
+from ldfa_cli.analysis.figures import PAGE_IN, colour, new_figure, styled_figure
 from ldfa_cli.feedback import backprop_reference
 
 
@@ -149,40 +151,86 @@ def summary(fields: np.ndarray) -> dict:
             "mean": {k: float(np.mean([m[k] for m in per_channel])) for k in keys}}  # fmt: skip
 
 
-def plot_fields(rows: list[tuple[str, np.ndarray]], path, per_line: int = 8) -> None:
-    """Each run's channels as tiles, ``per_line`` to a line, labelled on its first line;
-    diverging colours centred at zero, each tile on its own scale."""
-    import io
+MEASURES = (("rotational_symmetry", "rotational symmetry", "sym", (-1, 1)),
+            ("orientation_selectivity", "orientation selectivity", "ori", (0, 1)),
+            ("centre_surround_index", "centre-surround index", "csi", (-1, 1)))  # fmt: skip
+CAPTION = ("sym: rotational symmetry, -1 to 1 (1: the same under rotation); ori: orientation "
+           "selectivity, 0 to 1 (1: one orientation); csi: centre-surround index, -1 to 1 (+1: a "
+           "surround that cancels the centre; 0: none); means over channels")  # fmt: skip
+METHODS = {"gradient": "the gradient of each channel's centre unit at a blank input",
+           "maximize": "the input that maximises each channel's centre unit"}  # fmt: skip
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+@dataclass
+class FieldPanel:
+    """One run's fields (channels x H x W) and what the figure says of it."""
 
-    from ldfa_cli.engine.checkpoint import atomic_write_bytes
+    title: str
+    fields: np.ndarray
+    means: dict
+    condition: str = ""  # its setting but for the seed: the summary's groups
 
-    cols = min(per_line, max(len(f) for _, f in rows))
-    lines = [(label if start == 0 else "", fields[start : start + cols])
-             for label, fields in rows for start in range(0, len(fields), cols)]  # fmt: skip
-    fig, axes = plt.subplots(len(lines), cols, figsize=(1.1 * cols + 2.5, 1.1 * len(lines) + 0.4),
-                             squeeze=False)  # fmt: skip
-    for r, (label, fields) in enumerate(lines):
-        for c in range(cols):
-            ax = axes[r][c]
+
+@styled_figure
+def draw_fields(panels: list[FieldPanel], layer: str, method: str):
+    """Each run's channels as tiles (channel numbers above them), runs side by side (four to
+    a row), each titled with what it is and its mean measures; one symmetric colour bar,
+    every tile scaled to its own largest value; a caption line that spells the measures out.
+    Several runs add a summary row: each measure's mean ± sd over the seeds of each
+    condition, the seeds as dots (Fig. 5's comparison)."""
+    per_row = min(4, len(panels))
+    run_rows = -(-len(panels) // per_row)
+    cols = min(8, max(math.ceil(math.sqrt(len(p.fields))) for p in panels))
+    tiles = max(-(-len(p.fields) // cols) for p in panels)
+    height = run_rows * (0.3 + 0.5 * tiles + 0.35) + (1.8 if len(panels) > 1 else 0) + 0.6
+    fig = new_figure(PAGE_IN, height)
+    ratios = [height - 1.8, 1.8] if len(panels) > 1 else None
+    parts = fig.subfigures(len(ratios or [1]), 1, squeeze=False, height_ratios=ratios)
+    grid = parts[0][0].subfigures(run_rows, per_row + 1, squeeze=False,
+                                  width_ratios=[1.0] * per_row + [0.28])  # fmt: skip
+    image = None
+    for index, panel in enumerate(panels):
+        sub = grid[index // per_row][index % per_row]  # four runs to a row
+        axes = sub.subplots(tiles, cols, squeeze=False)
+        for c, ax in enumerate(axes.flat):
             ax.set_xticks([])
             ax.set_yticks([])
-            if c >= len(fields):
+            ax.grid(False)
+            ax.spines[:].set_visible(False)
+            if c >= len(panel.fields):
                 ax.axis("off")
                 continue
-            field = crop_to_support(fields[c])
-            vmax = max(float(np.abs(field).max()), 1e-12)
-            ax.imshow(field, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-        axes[r][0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, lambda handle: handle.write(buffer.getvalue()))
+            field = crop_to_support(panel.fields[c])
+            field = field / max(float(np.abs(field).max()), 1e-12)
+            image = ax.imshow(field, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
+            ax.set_title(f"{c}", fontsize=6, pad=1)
+        stats = "  ".join(f"{short} {panel.means[key]:+.2f}" for key, _, short, _ in MEASURES)
+        sub.suptitle(f"{panel.title}\n{stats}", fontsize=7)
+    bar = grid[0][per_row].add_axes((0.05, 0.15, 0.15, 0.7))  # the column at the right
+    grid[0][per_row].colorbar(image, cax=bar, ticks=[-1, 0, 1], label="field / max |field|")
+    if len(panels) > 1:
+        _draw_summary(parts[1][0], panels)
+    fig.suptitle(f"receptive fields of layer {layer}: {METHODS[method]}")
+    fig.supxlabel(CAPTION, fontsize=6, wrap=True)
+    return fig
+
+
+def _draw_summary(sub, panels: list[FieldPanel]) -> None:
+    conditions = list(dict.fromkeys(p.condition for p in panels))
+    axes = sub.subplots(1, len(MEASURES))
+    for ax, (key, name, _, (low, high)) in zip(axes, MEASURES, strict=True):
+        for x, condition in enumerate(conditions):
+            values = [p.means[key] for p in panels if p.condition == condition]
+            sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            ax.bar(x, float(np.mean(values)), yerr=sd, color=colour(x), alpha=0.5, capsize=2)
+            ax.plot([x] * len(values), values, "k.", markersize=3)
+        ax.set_xticks(range(len(conditions)), conditions, rotation=30, ha="right", fontsize=6)
+        ax.set(title=name, ylim=(low, high))
+        ax.axhline(0.0, color="grey", lw=0.5)
+    counts = sorted({sum(p.condition == c for p in panels) for c in conditions})
+    seeds = "/".join(map(str, counts))
+    sub.suptitle(f"mean over channels, per condition: bar mean ± 1 sd over seeds "
+                 f"({seeds} per condition), dots the seeds", fontsize=7)  # fmt: skip
 
 
 def difference_of_gaussians(size: int = 15, sigma: float = 1.5, ratio: float = 2.0):

@@ -4,7 +4,12 @@ files, a plot written beside the runs), which is left out with a note."""
 
 from __future__ import annotations
 
+import functools
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from ldfa_cli.errors import ConfigError
 
@@ -33,3 +38,148 @@ def collect_runs(targets, say=None) -> list[Path]:
             "config.yaml and metrics.jsonl; a sweep folder holds run folders)"
         )
     return list(dict.fromkeys(runs))
+
+
+# not what a run is: its seed, where it writes, its prose and its published reference
+NOT_SETTINGS = ("train.seed", "output.", "description", "reference.", "feedback.plugins")
+
+
+def settings_of(config: dict, prefix: str = "") -> dict[str, str]:
+    """A config as {dotted key: value as JSON}, without :data:`NOT_SETTINGS`."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if name.startswith(NOT_SETTINGS) or name == "reference":
+            continue
+        if isinstance(value, dict) and value:
+            flat.update(settings_of(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value, sort_keys=True)
+    return flat
+
+
+def distinguishing(groups: list[dict[str, str]], shown=("feedback.rule", "feedback.rank")):
+    """For each group's settings, a label of where it departs from the others (those
+    ``shown`` in columns of their own left out), e.g. ``optim.lr=0.0001``: a key is named
+    for a group whose value differs from the one most groups share (for every group where
+    no value is shared by more than the others); a group without the key (an older
+    record) is not compared on it. A key's last part names it where no other key ends
+    alike (``widths``), else the whole key."""
+    keys = sorted({k for g in groups for k in g})
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    names = {k: k.rsplit(".", 1)[-1] if last.count(k.rsplit(".", 1)[-1]) == 1 else k
+             for k in keys}  # fmt: skip
+
+    def departures(members: list[int], missing: str | None) -> dict[int, list[str]]:
+        found = {i: [] for i in members}
+        for key in keys:
+            values = {i: groups[i].get(key, missing) for i in members}
+            values = {i: v for i, v in values.items() if v is not None}
+            if key in shown or len(set(values.values())) < 2:
+                continue
+            counts = list(values.values())
+            top = max(map(counts.count, counts))
+            common = {v for v in counts if counts.count(v) == top}
+            for i, value in values.items():
+                if len(common) > 1 or value not in common:
+                    shown_value = "-" if value == missing else json.loads(value)
+                    found[i].append(f"{names[key]}={shown_value}")
+        return found
+
+    labels = departures(list(range(len(groups))), missing=None)
+    texts = [", ".join(labels[i]) for i in range(len(groups))]
+    for text in set(texts):  # groups still named alike: the keys only some of them have
+        alike = [i for i, t in enumerate(texts) if t == text]
+        if len(alike) > 1:
+            extra = departures(alike, missing="-")
+            for i in alike:
+                texts[i] = ", ".join(dict.fromkeys(labels[i] + extra[i]))
+    return texts
+
+
+@dataclass
+class RunRecord:
+    """A run folder's resolved config and the recipe it was trained from."""
+
+    path: Path
+    config: dict
+    recipe: str
+
+    @property
+    def seed(self):
+        return self.config.get("train", {}).get("seed")
+
+    @functools.cached_property
+    def evaluations(self) -> list[dict]:
+        """The eval events of metrics.jsonl, read once."""
+        from ldfa_cli.engine.metrics import read_metrics
+
+        return [e for e in read_metrics(self.path / "metrics.jsonl") if e.get("event") == "eval"]
+
+    @property
+    def dataset(self) -> str:
+        """The data it learned: the dataset's name, and for a folder or a corpus which one."""
+        data = self.config.get("data", {})
+        name = data.get("dataset", "?")
+        root = data.get("root")
+        if name in ("text", "imagefolder") and root:
+            return f"{name} {Path(root).name}"
+        return name
+
+    @property
+    def rule_and_rank(self) -> str:
+        feedback = self.config.get("feedback", {})
+        rule, rank = feedback.get("rule", "?"), feedback.get("rank")
+        return rule if rule == "bp" or rank is None else f"{rule} r={rank}"
+
+
+def read_run(path: Path) -> RunRecord:
+    path = Path(path)
+    if not is_run(path):
+        raise ConfigError(f"{path} is not a run folder (no metrics.jsonl/config.yaml)")
+    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    env = path / "env.json"
+    recipe = json.loads(env.read_text()).get("recipe", "") if env.is_file() else ""
+    return RunRecord(path, config, recipe or "")
+
+
+@dataclass
+class RunGroup:
+    """Runs whose config is the same but for the seed, and what names them apart from the
+    other groups drawn with them."""
+
+    name: str
+    runs: list[RunRecord] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> list:
+        return [run.seed for run in self.runs]
+
+    @property
+    def legend(self) -> str:
+        """The name, and the seed or how many seeds a mean ± sd is over."""
+        if len(self.runs) == 1:
+            return f"{self.name}, seed {self.seeds[0]}"
+        return f"{self.name} (mean ± sd, {len(self.runs)} seeds)"
+
+
+def group_by_setting(records: list[RunRecord]) -> list[RunGroup]:
+    """The runs grouped by config but for the seed, in the order first met, each named by
+    its recipe (its rule and rank where the recipe is unknown) and the settings in which it
+    differs from the other groups of its recipe, never by the run folder's name. A seed
+    that two runs of one group share counts once (the first)."""
+    keyed: dict[tuple, list[RunRecord]] = {}
+    for record in records:
+        key = (record.recipe, tuple(sorted(settings_of(record.config).items())))
+        members = keyed.setdefault(key, [])
+        if record.seed not in [m.seed for m in members]:
+            members.append(record)
+    keys = list(keyed)
+    names = {}
+    for recipe in dict.fromkeys(key[0] for key in keys):
+        mine = [key for key in keys if key[0] == recipe]
+        differ = distinguishing([dict(key[1]) for key in mine], shown=())
+        for key, extra in zip(mine, differ, strict=True):
+            base = recipe or keyed[key][0].rule_and_rank
+            names[key] = f"{base} ({extra})" if extra else base
+    return [RunGroup(names[key], keyed[key]) for key in keys]

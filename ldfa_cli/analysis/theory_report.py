@@ -1,4 +1,4 @@
-"""Files and tables of a theory run: the Fig. 2 / Fig. 4a style PNG, a CSV of the curves,
+"""Files and tables of a theory run: the Fig. 2 / Fig. 4a style figure, a CSV of the curves,
 a JSON summary and the table of final Lambda per mode."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from ldfa_cli.engine.checkpoint import atomic_write_bytes, atomic_write_text
+from ldfa_cli.analysis.figures import PAGE_IN, new_figure, save_figure, styled_figure
+from ldfa_cli.engine.checkpoint import atomic_write_text
 
 from .theory import TheoryResult, learning_times
 
@@ -68,46 +69,52 @@ def write_csv(result: TheoryResult, path: Path) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def plot(result: TheoryResult, path: Path) -> None:
-    """A panel per (mode, rank): simulation solid, theory dashed, a colour per task mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+@styled_figure
+def draw_theory(result: TheoryResult):
+    """A panel per (mode, rank): simulation solid, theory dashed, a colour per task mode
+    (the colour bar names them)."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm
+    from matplotlib.lines import Line2D
 
     cfg = result.config
     modes = list(dict.fromkeys(c.mode for c in result.curves))
     ranks = list(dict.fromkeys(c.rank for c in result.curves))
-    fig, axes = plt.subplots(len(modes), len(ranks), figsize=(4.2 * len(ranks), 2.6 * len(modes)),
-                             sharex=True, sharey=True, squeeze=False)  # fmt: skip
-    colours = plt.cm.viridis(np.linspace(0.0, 0.9, cfg.d))
+    fig = new_figure(min(PAGE_IN, 2.6 * len(ranks) + 1.2), 1.7 * len(modes) + 0.9)
+    axes = fig.subplots(len(modes), len(ranks), sharex=True, sharey=True, squeeze=False)
+    cmap = colormaps["viridis"].resampled(cfg.d)
+    colours = [cmap(i) for i in range(cfg.d)]
     for c in result.curves:
         ax = axes[modes.index(c.mode)][ranks.index(c.rank)]
         for i in range(cfg.d):
-            ax.plot(c.steps, c.simulation[:, i], color=colours[i], lw=1.2)
-            ax.plot(c.steps, c.theory[:, i], color=colours[i], lw=1.2, ls="--")
+            ax.plot(c.steps, c.simulation[:, i], color=colours[i], lw=1.0)
+            ax.plot(c.steps, c.theory[:, i], color=colours[i], lw=1.0, ls="--")
         ax.axhline(1.0, color="grey", lw=0.6, ls=":")
-        ax.set_title(f"{TITLES.get(c.mode, c.mode)}, r = {c.rank}", fontsize=9)
+        ax.set_title(f"{TITLES.get(c.mode, c.mode)}, r = {c.rank}")
         ax.set_ylim(-0.1, 1.2)
     for ax in axes[-1]:
         ax.set_xlabel("step")
     for row in axes:
         row[0].set_ylabel(r"$\Lambda_i$")
-    handles = [plt.Line2D([], [], color="k", lw=1.2), plt.Line2D([], [], color="k", ls="--")]
-    fig.legend(handles, ["simulation", "theory"], loc="upper right", fontsize=8)
-    fig.suptitle(f"linear network {cfg.n}-{cfg.k}-{cfg.m}, task rank d = {cfg.d} "
-                 f"(colour: mode 1 dark to {cfg.d} light), p = {cfg.p}", fontsize=10)  # fmt: skip
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, lambda handle: handle.write(buffer.getvalue()))
+    handles = [Line2D([], [], color="k", lw=1.0), Line2D([], [], color="k", ls="--", lw=1.0),
+               Line2D([], [], color="grey", ls=":", lw=0.6)]  # fmt: skip
+    fig.legend(handles, ["simulation", "theory (ODE)", "learned (1)"], loc="outside lower center",
+               ncols=3)  # fmt: skip
+    norm = BoundaryNorm(np.arange(0.5, cfg.d + 1.5), cfg.d)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.8,
+                       label="task mode i (1: the largest singular value)")  # fmt: skip
+    bar.set_ticks(sorted({1, cfg.d, *range(1, cfg.d + 1, max(1, cfg.d // 4))}))
+    fig.suptitle(f"mode overlaps of a linear network {cfg.n}-{cfg.k}-{cfg.m}, task rank d = "
+                 f"{cfg.d}, p = {cfg.p} samples")  # fmt: skip
+    return fig
 
 
-def write_all(result: TheoryResult, out: Path) -> dict:
+def write_all(result: TheoryResult, out: Path, fmt: str = "png") -> dict:
+    """summary.json, curves.csv and the figure theory.<fmt> into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     data = summary(result)
     atomic_write_text(out / "summary.json", json.dumps(data, indent=2) + "\n")
     write_csv(result, out / "curves.csv")
-    plot(result, out / "theory.png")
+    save_figure(draw_theory(result), out / f"theory.{fmt}")
     return data

@@ -116,16 +116,19 @@ def flop_unit(values) -> tuple[float, str]:
 
 
 def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Path | None,
-               metric: str = "acc") -> None:  # fmt: skip
+               metric: str = "acc", fmt: str | None = None) -> None:  # fmt: skip
     from ldfa_cli.analysis.compute import (
         HIGHER_IS_BETTER,
         add_common_target,
+        draw_compute,
         group_runs,
-        plot_compute,
         summarise_run,
     )
+    from ldfa_cli.analysis.figures import figure_path, save_figure
     from ldfa_cli.analysis.runs import collect_runs
 
+    if plot is not None:
+        figure_path(plot, fmt)  # a bad --plot or --format fails before any reading
     higher = HIGHER_IS_BETTER[metric]
     if higher and target is None:
         target = 0.9
@@ -155,7 +158,7 @@ def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Pa
                   "last 3 evaluations, ± sd over seeds; compute columns: mean ± standard "
                   "error")  # fmt: skip
 
-    def fmt(row, key, scale=1.0, digits=3):
+    def cell(row, key, scale=1.0, digits=3):
         mean, se = row[key], row.get(f"{key}_se")
         if mean is None:
             return "not reached"
@@ -174,10 +177,10 @@ def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Pa
         "seeds": lambda row: str(row["seeds"]),
         f"final {metric} ± sd": lambda row: _final_cell(row, metric),
         "reference": lambda row: _reference_cell(row["reference"]),
-        f"{unit} to {own}": lambda row: fmt(row, "flops_to_target", scale),
-        f"s to {own}": lambda row: fmt(row, "time_to_target", 1, 1),
-        f"{unit} to BP target": lambda row: fmt(row, "flops_to_common", scale),
-        f"{unit} to BP final": lambda row: fmt(row, "flops_to_bp_final", scale),
+        f"{unit} to {own}": lambda row: cell(row, "flops_to_target", scale),
+        f"s to {own}": lambda row: cell(row, "time_to_target", 1, 1),
+        f"{unit} to BP target": lambda row: cell(row, "flops_to_common", scale),
+        f"{unit} to BP final": lambda row: cell(row, "flops_to_bp_final", scale),
     }  # fmt: skip
     if not any(row["reference"] for row in rows):
         del cells["reference"]
@@ -210,8 +213,8 @@ def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Pa
                       "final); runs that never reach it are left out of the mean, the column "
                       "says how many did")  # fmt: skip
     if plot is not None:
-        plot_compute(rows, plot, target, common=common is not None and higher, metric=metric)
-        console.print(f"wrote {plot}")
+        fig = draw_compute(rows, target, common=common is not None and higher, metric=metric)
+        console.print(f"wrote {save_figure(fig, plot, fmt)}")
     if json_out:
         print(json.dumps({"target": target, "bp_target_acc": common, "groups": rows,
                           "warnings": warnings, "runs": [vars(r) for r in runs]},
@@ -245,7 +248,10 @@ def flops(
     metric: str = typer.Option(
         "acc", "--metric", help="Run mode: acc or top5; bpc, ppl or loss (language models)."
     ),
-    plot: Path = typer.Option(None, "--plot", help="Run mode: write the Fig. 3c-style PNG."),
+    plot: Path = typer.Option(
+        None, "--plot", help="Run mode: write the Fig. 3c-style figure (.png, .pdf, .svg)."
+    ),
+    fmt: str = typer.Option(None, "--format", help="--plot's format: png, pdf or svg."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
 ) -> None:
     """FLOPs of one training step of a recipe under its rule and under backprop, per layer;
@@ -258,4 +264,4 @@ def flops(
         if metric not in HIGHER_IS_BETTER:
             raise ConfigError(f"--metric must be one of {', '.join(HIGHER_IS_BETTER)}, got "
                               f"'{metric}'")  # fmt: skip
-        runs_flops([Path(t) for t in targets], target, json_out, plot, metric)
+        runs_flops([Path(t) for t in targets], target, json_out, plot, metric, fmt)

@@ -26,55 +26,69 @@ def default_layer(model) -> str:
     return names[0]
 
 
+def _title(record) -> str:
+    """A run's rule and rank, its bottleneck where the model has one, and its seed."""
+    bottleneck = record.config.get("model", {}).get("bottleneck")
+    parts = [record.rule_and_rank] + ([f"bottleneck {bottleneck}"] if bottleneck else [])
+    return ", ".join(parts + [f"seed {record.seed}"])
+
+
 def rf(
     runs: list[Path] = typer.Argument(..., help="Run folders (several: side by side)."),
     layer: str = typer.Option(None, "--layer", help="Layer name (default: the retina output)."),
     method: str = typer.Option("gradient", "--method", help="gradient or maximize."),
-    out: Path = typer.Option(None, "--out", help="One run: a folder; several: the PNG file."),
+    out: Path = typer.Option(
+        None, "--out", help="One run: a folder; several: the figure (.png, .pdf, .svg)."
+    ),
+    fmt: str = typer.Option(None, "--format", help="png, pdf or svg (default: --out's suffix)."),
     checkpoint: str = typer.Option("last", "--checkpoint", help="last or best."),
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = typer.Option(False, "--json", help="Print the measures as JSON."),
 ) -> None:
-    """Receptive fields of every channel of a layer: a PNG grid (diverging colours centred at
-    zero) and per-channel rotational symmetry, orientation selectivity, centre-surround."""
-    from ldfa_cli.analysis.rf import plot_fields, receptive_fields, summary
+    """Receptive fields of every channel of a layer, runs side by side (diverging colours
+    centred at zero), and per-channel rotational symmetry, orientation selectivity and
+    centre-surround index; several runs add each measure's mean ± sd per condition."""
+    from ldfa_cli.analysis.figures import figure_path, save_figure
+    from ldfa_cli.analysis.rf import FieldPanel, draw_fields, receptive_fields, summary
+    from ldfa_cli.analysis.runs import group_by_setting, read_run
     from ldfa_cli.data import dataset_shape
     from ldfa_cli.engine.build import load_trained, pick_device
     from ldfa_cli.engine.checkpoint import atomic_write_text
 
     if method not in ("gradient", "maximize"):
         raise ConfigError(f"--method must be gradient or maximize, got '{method}'")
-    results, rows = [], []
+    single = len(runs) == 1
+    figure = (out or runs[0] / "rf") / "fields.png" if single else out or Path("rf_comparison.png")
+    figure_path(figure, fmt)  # a bad --out or --format fails before any computing
+    records = [read_run(run) for run in runs]
+    conditions = {id(r): g.name for g in group_by_setting(records) for r in g.runs}
+    results, panels = [], []
     on = pick_device(device)
-    for run in runs:
+    names = set()
+    for run, record in zip(runs, records, strict=True):
         _, _, recipe, model = load_trained(run, checkpoint, on)
         shape = dataset_shape(recipe.data)
-        channels, size = shape.channels, shape.size
-        shape = (channels, size, size)
         name = layer or default_layer(model)
         if name not in dict(model.named_modules()):
             raise ConfigError(f"--layer '{name}' is not a layer of {run}'s model")
-        fields = receptive_fields(model, name, shape, method=method)
+        names.add(name)
+        fields = receptive_fields(model, name, (shape.channels, shape.size, shape.size),
+                                  method=method)  # fmt: skip
         fb = recipe.feedback
-        rank = f" r={fb.rank}" if fb.rule != "bp" and fb.rank is not None else ""
         stats = summary(fields)
         results.append({"run": str(run), "layer": name, "rule": fb.rule, "rank": fb.rank,
                         "method": method, **stats})  # fmt: skip
-        means = stats["mean"]
-        rows.append((f"{run.name}\n{fb.rule}{rank}\nsym {means[KEYS[0]]:.2f} "
-                     f"csi {means[KEYS[2]]:.2f}", fields))  # fmt: skip
+        condition = conditions.get(id(record), record.rule_and_rank)  # a repeated seed
+        panels.append(FieldPanel(_title(record), fields, stats["mean"], condition))
     console = stderr_console()
-    if len(runs) == 1:
-        folder = out or runs[0] / "rf"
-        folder.mkdir(parents=True, exist_ok=True)
-        png, data = folder / "fields.png", folder / "rf.json"
-        plot_fields(rows, png)
+    fig = draw_fields(panels, " / ".join(sorted(names)), method)
+    written = save_figure(fig, figure, fmt)
+    if single:
+        data = written.parent / "rf.json"
         atomic_write_text(data, json.dumps(results[0], indent=2) + "\n")
-        console.print(f"wrote {png} and {data}")
+        console.print(f"wrote {written} and {data}")
     else:
-        png = out or Path("rf_comparison.png")
-        plot_fields(rows, png)
-        console.print(f"wrote {png}")
+        console.print(f"wrote {written}")
     table = Table(title=f"receptive fields ({method}), mean over channels")
     for col in ("run", "rule", "r", "layer", "symmetry", "orientation", "centre-surround"):
         table.add_column(
