@@ -129,6 +129,19 @@ def test_low_rank_has_fewer_parameters_and_truncates_the_svd():
     assert svd == 2 * (5 + 6 + 1) + 5 and dense == 5 * 6 + 5
 
 
+def test_a_fractional_rank_is_read_against_the_output_width_and_its_clip_reported():
+    """k = 1.0 x m: the layer 4 -> 6 (full rank 4) asked 6 and clipped; the report says so
+    (not against the 3 classes of the error that dfa's own ranks refer to)."""
+    model, x = _mlp(), torch.randn(7, 4)
+    convert(model, "svd_dfa", rank=1.0, example_input=x)
+    report = conversion_report(model)
+    assert [model[i].rank for i in (0, 2, 4)] == [4, 5, 3]
+    assert model[0].rank_clipped_from == 6 and model[2].rank_clipped_from is None
+    assert (
+        report.clipped_note() == "rank above the full rank of 1 layer(s), clipped to it: 0 (6 -> 4)"
+    )
+
+
 @pytest.mark.parametrize("project", [False, True])
 @pytest.mark.parametrize("align", [0.0, 0.5])
 @pytest.mark.parametrize("align_loss", ["cosine", "subspace"])

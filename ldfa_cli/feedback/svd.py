@@ -289,6 +289,15 @@ class SVDLayer(FeedbackLayer):
     svd_V: nn.Parameter
     channel_dim: ClassVar[int]
 
+    @property
+    def rank_clipped_from(self) -> int | None:
+        """The rank k asked for, where it was above the full rank (a fraction of m)."""
+        asked = self.rank_asked
+        if asked is None or isinstance(asked, bool):
+            return None
+        asked = round(asked * self.fan_out) if isinstance(asked, float) else asked
+        return asked if asked > self.rank else None
+
     def _setup_svd(self, weight: Tensor, bias, rule, rank, name: str) -> None:
         self.layer_name = name
         self.rule = rule
