@@ -137,9 +137,13 @@ class Optimizers:
     feedback_config: object = None
 
     def zero_grad(self) -> None:
-        self.forward.zero_grad(set_to_none=True)
-        if self.feedback is not None:
-            self.feedback.zero_grad(set_to_none=True)
+        """Every gradient to None, as ``Optimizer.zero_grad(set_to_none=True)`` does, written
+        out: torch.compile traces this (it skips ``Optimizer.zero_grad``, a graph break in a
+        compiled step) and it dispatches no profiler ops."""
+        for optimizer, _, _ in self.pairs():
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None
 
     def step(self) -> None:
         """Clip, step and advance the schedule of each optimizer."""

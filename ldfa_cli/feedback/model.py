@@ -63,11 +63,11 @@ def set_feedback_targets(model: nn.Module, targets: Tensor | None) -> None:
 def auxiliary_loss(model: nn.Module) -> Tensor | None:
     """The sum of the rules' loss terms on their own parameters (``svd_dfa``'s
     orthogonality term), to add to the task loss; None when no rule has one."""
-    terms = [
-        term
-        for _, layer in feedback_layers(model)
-        if (term := layer.rule.auxiliary_loss(layer)) is not None
-    ]
+    terms = []
+    for _, layer in feedback_layers(model):  # a loop: torch.compile breaks on the walrus
+        term = layer.rule.auxiliary_loss(layer)  # in a comprehension ("uninitialized cell")
+        if term is not None:
+            terms.append(term)
     return sum(terms[1:], terms[0]) if terms else None
 
 
