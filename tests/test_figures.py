@@ -128,3 +128,24 @@ def test_theory_figure_names_its_mode_colours(capsys, tmp_path, drawn):
     assert any(ax.get_ylabel().startswith("task mode i") for ax in fig.axes)  # the colour bar
     assert legend_texts(fig) == ["simulation", "theory (ODE)", "learned (1)"]
     assert "task rank d = 4" in fig.get_suptitle()
+
+
+def test_bench_sweeps_an_mlp_s_width_and_draws_the_ratios(capsys, tmp_path, drawn):
+    code, out, err = run_cli(capsys, "bench", "quickstart", "--sweep-width", "8,16", "--ranks",
+                             "2,4", "--steps", "1", "--warmup", "0", "--batch-size", "4",
+                             "--plot", tmp_path / "w.pdf", "--json")  # fmt: skip
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [(r["width"], r["variant"]) for r in rows] == [
+        (w, v) for w in (8, 16) for v in ("bp", "ldfa_local r=2", "ldfa_local r=4")]  # fmt: skip
+    assert all(r["time_ratio"] > 0 and r["flop_ratio"] > 0 for r in rows)
+    assert rows[0]["time_ratio"] == rows[0]["flop_ratio"] == 1.0
+    (ax,) = drawn["w.pdf"].axes
+    assert ax.get_xscale() == "log" and ax.get_ylabel() == "step / backprop's step"
+    assert legend_texts(drawn["w.pdf"]) == [
+        "ldfa_local r=2: time", "ldfa_local r=2: FLOPs", "ldfa_local r=4: time",
+        "ldfa_local r=4: FLOPs", "backprop"]  # fmt: skip
+    code, _, err = run_cli(capsys, "bench", "fmnist_lenet_bp", "--sweep-width", "8")
+    assert code == 2 and "sets an MLP's hidden widths" in err
+    code, _, err = run_cli(capsys, "bench", "quickstart", "--plot", tmp_path / "x.png")
+    assert code == 2 and "give --sweep-width too" in err

@@ -24,6 +24,7 @@ from torch.autograd import DeviceType
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ldfa_cli.analysis.figures import BP_COLOUR, COLUMN_IN, colour, new_figure, styled_figure
 from ldfa_cli.config.schema import compile_mode
 from ldfa_cli.data import dataset_shape
 from ldfa_cli.engine.build import synthetic_network
@@ -401,3 +402,52 @@ def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int
             "phases_ms": phases, "phases_gflops": {k: {r: f / 1e9 for r, f in v.items()}
                                                    for k, v in flops.items()},
             "gap_by_phase": gaps, "dispatches_by_phase": dispatches}  # fmt: skip
+
+
+def width_sweep(recipe, widths: list[int], ranks: list[int], steps: int, warmup: int,
+                batch_size: int, device: torch.device) -> list[dict]:  # fmt: skip
+    """For an MLP recipe, at each hidden width (every hidden layer that wide): the median
+    step time and the FLOPs of backprop and of the rule at each rank, interleaved as
+    :func:`run_bench` times them; a row per (width, variant) with its time and FLOP ratio
+    to backprop's at that width."""
+    rows = []
+    depth = len(recipe.model.widths)
+    for width in widths:
+        sized = recipe.model_copy(update={"model": recipe.model.model_copy(
+            update={"widths": [width] * depth})})  # fmt: skip
+        variants = build_variants(sized, ranks, batch_size, device)
+        for variant in variants:
+            for _ in range(warmup):
+                variant.step()
+        time_periods(variants, steps, _timer(device))
+        base = variants[0]
+        base_time = statistics.median(base.times)
+        for v in variants:
+            median = statistics.median(v.times)
+            rows.append({"width": width, "variant": v.label, "median_ms": median * 1e3,
+                         "time_ratio": median / base_time,
+                         "flop_ratio": v.total_flops / base.total_flops,
+                         "gflops_per_step": v.total_flops / 1e9})  # fmt: skip
+    return rows
+
+
+@styled_figure
+def draw_width_sweep(rows: list[dict], title: str):
+    """Time ratio (solid) and FLOP ratio (dashed) to backprop against the hidden width, a
+    colour per rank; below 1, the rule's step is the cheaper."""
+    fig = new_figure(COLUMN_IN, 2.8)
+    ax = fig.subplots()
+    labels = list(dict.fromkeys(r["variant"] for r in rows if r["variant"] != "bp"))
+    for index, label in enumerate(labels):
+        mine = [r for r in rows if r["variant"] == label]
+        widths = [r["width"] for r in mine]
+        ax.plot(widths, [r["time_ratio"] for r in mine], marker="o", color=colour(index),
+                label=f"{label}: time")  # fmt: skip
+        ax.plot(widths, [r["flop_ratio"] for r in mine], ls="--", color=colour(index),
+                label=f"{label}: FLOPs")  # fmt: skip
+    ax.axhline(1.0, color=BP_COLOUR, lw=0.8, ls=":", label="backprop")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="hidden width (every hidden layer)", ylabel="step / backprop's step",
+           title=title)  # fmt: skip
+    fig.legend(loc="outside lower center", ncols=2)
+    return fig

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import torch
 import typer
 from rich.table import Table
 
 from ldfa_cli.console import stderr_console
+from ldfa_cli.errors import ConfigError
 
 
 def bench(
@@ -25,12 +28,20 @@ def bench(
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Default: the recipe's."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     memory: bool = typer.Option(False, "--memory", help="Memory of a step by kind, not time."),
+    sweep_width: str = typer.Option(
+        None,
+        "--sweep-width",
+        help="An MLP recipe at these hidden widths (e.g. 256,512,1024): "
+        "time and FLOP ratios to backprop per width and rank.",
+    ),  # fmt: skip
+    plot: Path = typer.Option(None, "--plot", help="--sweep-width's figure (.png, .pdf, .svg)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
 ) -> None:
     """Time training steps under backprop and each rank, interleaved in one process, beside
     the FLOP ratio, with a profile of where the time goes; or, with --memory, the memory of
     one step split into parameters, feedback tensors, optimizer state, activations saved for
-    backward, backward buffers and the peak, beside what the shapes predict."""
+    backward, backward buffers and the peak, beside what the shapes predict; or, with
+    --sweep-width, the time and FLOP ratios of an MLP's step as its width grows."""
     from ldfa_cli.analysis.bench import run_bench
     from ldfa_cli.cli.theory_cmd import _int_list
     from ldfa_cli.config import load_recipe
@@ -40,8 +51,15 @@ def bench(
     rank_list = list(_int_list(ranks, "--ranks"))
     batch = batch_size or config.train.batch_size
     console = stderr_console()
+    if plot is not None and not sweep_width:
+        raise ConfigError("--plot draws --sweep-width's figure: give --sweep-width too")
     if memory:
         _memory(config, path, rank_list, batch, pick_device(device), console, json_out)
+        return
+    if sweep_width:
+        widths = list(_int_list(sweep_width, "--sweep-width"))
+        _width_sweep(config, path, widths, rank_list, steps, warmup, batch,
+                     pick_device(device), plot, json_out)  # fmt: skip
         return
     with console.status(f"timing {len(rank_list) + 1} variants x {steps} steps"):
         result = run_bench(config, rank_list, steps, warmup, batch, pick_device(device))
@@ -111,6 +129,38 @@ def bench(
         console.print(_phase_table(result))
     if json_out:
         print(json.dumps({"recipe": path.stem, **result}, indent=2))
+
+
+def _width_sweep(config, path, widths, ranks, steps, warmup, batch, device, plot,
+                 json_out) -> None:  # fmt: skip
+    """``--sweep-width``: the table (and the figure) of time and FLOP ratios by width."""
+    from ldfa_cli.analysis.bench import draw_width_sweep, width_sweep
+    from ldfa_cli.analysis.figures import figure_path, save_figure
+
+    if config.model.name != "mlp":
+        raise ConfigError(f"--sweep-width sets an MLP's hidden widths; {path.stem}'s model is "
+                          f"'{config.model.name}' (try fmnist_mlp_ldfa_r10)")  # fmt: skip
+    if plot is not None:
+        figure_path(plot)  # a bad name fails before the timing
+    console = stderr_console()
+    with console.status(f"timing {len(widths)} widths x {len(ranks) + 1} variants"):
+        rows = width_sweep(config, widths, ranks, steps, warmup, batch, device)
+    threads = torch.get_num_threads()
+    title = (f"{path.stem}: {len(config.model.widths)} hidden layers, batch {batch}, "
+             f"{device}, {threads} threads")  # fmt: skip
+    table = Table(title=f"{title} (median of {steps}, interleaved)")
+    for col in ("width", "variant", "ms / step", "time / BP", "FLOPs / BP", "gap"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for row in rows:
+        table.add_row(str(row["width"]), row["variant"], f"{row['median_ms']:.2f}",
+                      f"{row['time_ratio']:.3f}", f"{row['flop_ratio']:.3f}",
+                      f"{row['time_ratio'] - row['flop_ratio']:+.3f}")  # fmt: skip
+    console.print(table)
+    if plot is not None:
+        console.print(f"wrote {save_figure(draw_width_sweep(rows, title), plot)}")
+    if json_out:
+        print(json.dumps({"recipe": path.stem, "batch_size": batch, "threads": threads,
+                          "device": str(device), "rows": rows}, indent=2))  # fmt: skip
 
 
 def _phase_table(result: dict) -> Table:
