@@ -84,8 +84,8 @@ def _feedback_backward(ctx, g: Tensor) -> tuple:
     counting = accounting.ACTIVE
     if counting:
         previous = accounting.enter(ctx.name, "weight_grad")
-    g = ops.prepare(g)
-    x = ops.prepare(x if x.dtype == g.dtype else x.to(g.dtype))
+    g = ops.as_rows(g)
+    x = ops.as_rows(x if x.dtype == g.dtype else x.to(g.dtype))
     grad_w = grad_b = None
     if need_w or need_b or (rule.needs_weight_grad and any(need_feedback)):
         grad_w, grad_b = ops.weight_grad(x, g, ctx.weight_shape, ctx.has_bias and need_b)

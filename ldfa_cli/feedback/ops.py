@@ -67,6 +67,13 @@ class LinearOps:
         strided), so the several row views the backward takes cost nothing."""
         return t.contiguous()
 
+    def as_rows(self, t: Tensor) -> Tensor:
+        """Rows (samples x features), in one contiguous copy at most: the feedback
+        Function's g and x, which its products then take as they are, where each would
+        otherwise reshape a token dimension away again (a dispatch each, a kernel launch's
+        host time on a GPU). The input gradient is shaped back by ``x_shape``."""
+        return _rows(t.contiguous())
+
     def weight_grad(
         self, x: Tensor, g: Tensor, weight_shape: torch.Size, has_bias: bool
     ) -> tuple[Tensor, Tensor | None]:
@@ -156,6 +163,9 @@ class ConvOps:
 
     def prepare(self, t: Tensor) -> Tensor:
         return t  # convolutions take any memory format (channels_last included)
+
+    def as_rows(self, t: Tensor) -> Tensor:
+        return t  # a convolution's products take the feature map as it is
 
     def _backward(self, g, x, weight, mask, bias_sizes=None):
         """``aten.convolution_backward``; ``x`` and ``weight`` may be shapes where only the
