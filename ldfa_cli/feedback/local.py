@@ -52,10 +52,13 @@ def oja_grad(ops, signal, projected, P, decay: float, normalise: str = "gamma"):
         scale = ((gamma / max(samples - 1, 1)).sqrt() + 1e-8) ** 2
     else:
         scale = gamma.clamp_min(torch.finfo(torch.float32).tiny)
-    pc = pc / scale[:, None, None]
+    pc = pc / (scale if groups == 1 else scale.view(-1, 1, 1))
     Pf = grouped(P.float(), groups)
-    oja = pc - torch.bmm(torch.bmm(pc, Pf.transpose(1, 2)), Pf)
-    return (decay * Pf - oja).reshape(P.shape).to(P.dtype)
+    # -(PC/gamma)(I - P^T P) as one baddbmm: each op saved is a dispatch per layer and step
+    grad = torch.baddbmm(pc, torch.bmm(pc, Pf.transpose(1, 2)), Pf, beta=-1)
+    if decay:
+        grad = grad.add_(Pf, alpha=decay)
+    return like(grad.reshape(P.shape), P.dtype)
 
 
 @register
