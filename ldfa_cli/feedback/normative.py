@@ -164,21 +164,27 @@ def factorisation_grads(q_rows: Tensor, P: Tensor, w_rows: Tensor) -> tuple[Tens
     for one group (2-D tensors) or with a leading group dimension (see
     :class:`FactorisationLoss`). The two r x m x N products are the whole cost (both with r
     rows first: that layout runs about twice as fast as W Qm on CPU BLAS); ``addmm`` folds
-    each subtraction into the small r x r product. dL/dQm^T comes in the strides of
-    ``q_rows`` itself: where that is a transposed view (a Linear layer's Q is N x r) it is
-    computed as Qm (P P^T) - (P W)^T into Q's own layout, so that no copy and no
-    transpose of it follows (P P^T is symmetric)."""
+    each subtraction into the small r x r product."""
     mm, addmm = (torch.mm, torch.addmm) if P.dim() == 2 else (torch.bmm, torch.baddbmm)
-    qm = q_rows.mT  # N x r: Qm
     qw = mm(q_rows, w_rows.mT)  # r x m: Qm^T W^T
     pw = mm(P, w_rows)  # r x N: P W
-    pp = mm(P, P.mT)
-    if q_rows.is_contiguous() or not qm.is_contiguous():
-        grad_q_rows = addmm(pw, pp, q_rows, beta=-1)
-    else:
-        grad_q_rows = addmm(pw.mT, qm, pp, beta=-1).mT
-    grad_p = addmm(qw, mm(q_rows, qm), P, beta=-1)
+    grad_q_rows = addmm(pw, mm(P, P.mT), q_rows, beta=-1)
+    grad_p = addmm(qw, mm(q_rows, q_rows.mT), P, beta=-1)
     return grad_q_rows, grad_p
+
+
+def matrix_factorisation_grads(Q: Tensor, P: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Eq. 9 for a factor pair of matrices (a Linear layer's: Q n x r, P r x m, W m x n) in
+    their own layouts: (dL/dQ, dL/dP) = (Q (P P^T) - (P W)^T, (Q^T Q) P - Q^T W^T), the
+    transpose of :func:`factorisation_grads`'s dL/dQm^T computed in Q's layout, so that
+    neither a transposed copy nor a transpose of it follows: ten dispatches, of which the
+    two r x m x n products are the cost (r rows first, as there; P P^T is symmetric)."""
+    q_rows = Q.t()
+    qw = torch.mm(q_rows, w.t())  # r x m: Q^T W^T
+    pw = torch.mm(P, w)  # r x n: P W
+    grad_q = torch.addmm(pw.t(), Q, torch.mm(P, P.t()), beta=-1)
+    grad_p = torch.addmm(qw, torch.mm(q_rows, Q), P, beta=-1)
+    return grad_q, grad_p
 
 
 def _accumulate(param: Tensor, grad: Tensor) -> None:
@@ -267,18 +273,21 @@ def _update_layer(layer) -> None:
     counting = accounting.ACTIVE
     if counting:
         previous = accounting.enter(layer.layer_name, "feedback_update")
-    # no detach and no reshape that changes nothing: each is a dispatch, paid on a GPU's host
+    # no detach, no reshape that changes nothing, no transposed copy: each is a dispatch,
+    # paid in host time on a GPU, per layer and step
     g, Q, P = layer.groups, layer.feedback_Q, layer.feedback_P
-    w_rows, q_rows = layer.weight, layer.ops.q_rows(Q)
-    if w_rows.dim() != 2:
-        w_rows = w_rows.reshape(layer.fan_out, -1)
-    if g > 1:  # one (P_j, Q_j) pair per group: a leading group dimension
-        w_rows, q_rows, P = grouped(w_rows, g), grouped(q_rows, g), grouped(P, g)
-    grad_q_rows, grad_p = factorisation_grads(q_rows, P, w_rows)
-    if g > 1:
+    if Q.dim() == 2 and layer.weight.dim() == 2:  # a Linear layer: matrices as they are
+        grad_q, grad_p = matrix_factorisation_grads(Q, P, layer.weight)
+    else:
+        w_rows = layer.weight.reshape(layer.fan_out, -1)
+        q_rows = layer.ops.q_rows(Q)
+        if g > 1:  # one (P_j, Q_j) pair per group: a leading group dimension
+            w_rows, q_rows, P = grouped(w_rows, g), grouped(q_rows, g), grouped(P, g)
+        grad_q_rows, grad_p = factorisation_grads(q_rows, P, w_rows)
         grad_q_rows = grad_q_rows.reshape(layer.total_rank, -1)
+        grad_q = layer.ops.q_from_rows(grad_q_rows, tuple(Q.shape))
         grad_p = grad_p.reshape(layer.feedback_P.shape)
-    _accumulate(Q, layer.ops.q_from_rows(grad_q_rows, tuple(Q.shape)))
+    _accumulate(Q, grad_q)
     _accumulate(layer.feedback_P, grad_p)
     if counting:
         accounting.leave(previous)
