@@ -73,17 +73,19 @@ def test_rf_command_on_a_tiny_trained_retina(capsys, tmp_path, drawn):
     data = json.loads(out)
     assert data["layer"] == "retina2" and len(data["channels"]) == 2
     assert (run / "rf" / "fields.png").stat().st_size > 500 and (run / "rf" / "rf.json").is_file()
-    assert run_cli(capsys, "train", recipe, "train.seed=1", "--out", tmp_path / "run1",
-                   "--device", "cpu")[0] == 0  # fmt: skip
-    code, _, err = run_cli(capsys, "rf", run, tmp_path / "run1", "--method", "maximize", "--out",
-                           tmp_path / "cmp.pdf")  # fmt: skip
+    for name, overrides in (("run1", ["train.seed=1"]), ("bp", ["feedback.rule=bp"])):
+        assert run_cli(capsys, "train", recipe, *overrides, "--out", tmp_path / name,
+                       "--device", "cpu")[0] == 0  # fmt: skip
+    code, _, err = run_cli(capsys, "rf", run, tmp_path / "run1", tmp_path / "bp", "--method",
+                           "maximize", "--out", tmp_path / "cmp.pdf")  # fmt: skip
     assert code == 0, err
     assert (tmp_path / "cmp.pdf").read_bytes().startswith(b"%PDF")
     fig = drawn["cmp.pdf"]
     runs, summary = fig.subfigs
     titles = [sub._suptitle.get_text() for sub in runs.subfigs if sub._suptitle]
+    # the fields of one run per condition (its first seed); the summary over every run
     assert [t.split("\n")[0] for t in titles] == ["ldfa r=1, bottleneck 2, seed 0",
-                                                  "ldfa r=1, bottleneck 2, seed 1"]  # fmt: skip
+                                                  "bp, bottleneck 2, seed 0"]  # fmt: skip
     assert all("sym " in t and "csi " in t for t in titles)
     tiles = [ax for sub in runs.subfigs for ax in sub.axes if ax.get_images()]
     assert [ax.get_title() for ax in tiles] == ["0", "1", "0", "1"]  # channel numbers
@@ -94,4 +96,6 @@ def test_rf_command_on_a_tiny_trained_retina(capsys, tmp_path, drawn):
     assert "centre-surround index, -1 to 1" in fig.get_supxlabel()
     measures = [ax.get_title() for ax in summary.axes]
     assert measures == ["rotational symmetry", "orientation selectivity", "centre-surround index"]
-    assert "2 per condition" in summary._suptitle.get_text()
+    assert "(1/2 per condition)" in summary._suptitle.get_text()
+    assert [t.get_text() for t in summary.axes[0].get_xticklabels()] == ["r (rule=ldfa)",
+                                                                        "r (rule=bp)"]  # fmt: skip

@@ -173,15 +173,20 @@ class FieldPanel:
 
 @styled_figure
 def draw_fields(panels: list[FieldPanel], layer: str, method: str):
-    """Each run's channels as tiles (channel numbers above them), runs side by side (four to
-    a row), each titled with what it is and its mean measures; one symmetric colour bar,
-    every tile scaled to its own largest value; a caption line that spells the measures out.
-    Several runs add a summary row: each measure's mean ± sd over the seeds of each
-    condition, the seeds as dots (Fig. 5's comparison)."""
-    per_row = min(4, len(panels))
-    run_rows = -(-len(panels) // per_row)
-    cols = min(8, max(math.ceil(math.sqrt(len(p.fields))) for p in panels))
-    tiles = max(-(-len(p.fields) // cols) for p in panels)
+    """The channels of one run per condition (its first seed given) as tiles, channel
+    numbers above them, runs side by side (four to a row), each titled with what it is and
+    its mean measures; one symmetric colour bar, every tile scaled to its own largest value;
+    a caption line that spells the measures out. Several runs add a summary row over all of
+    them: each measure's mean ± sd over the seeds of each condition, the seeds as dots (Fig.
+    5's comparison)."""
+    first = {}
+    for panel in panels:
+        first.setdefault(panel.condition, panel)
+    shown = list(first.values())
+    per_row = min(4, len(shown))
+    run_rows = -(-len(shown) // per_row)
+    cols = min(8, max(math.ceil(math.sqrt(len(p.fields))) for p in shown))
+    tiles = max(-(-len(p.fields) // cols) for p in shown)
     height = run_rows * (0.3 + 0.5 * tiles + 0.35) + (1.8 if len(panels) > 1 else 0) + 0.6
     fig = new_figure(PAGE_IN, height)
     ratios = [height - 1.8, 1.8] if len(panels) > 1 else None
@@ -189,7 +194,7 @@ def draw_fields(panels: list[FieldPanel], layer: str, method: str):
     grid = parts[0][0].subfigures(run_rows, per_row + 1, squeeze=False,
                                   width_ratios=[1.0] * per_row + [0.28])  # fmt: skip
     image = None
-    for index, panel in enumerate(panels):
+    for index, panel in enumerate(shown):
         sub = grid[index // per_row][index % per_row]  # four runs to a row
         axes = sub.subplots(tiles, cols, squeeze=False)
         for c, ax in enumerate(axes.flat):
