@@ -2,6 +2,9 @@
 the command runs on a tiny trained run."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,8 @@ from ldfa_cli.analysis.rf import (
 )
 from ldfa_cli.feedback import convert
 from tests.helpers import run_cli
+
+SUMMARISE = Path(__file__).resolve().parents[1] / "scripts" / "summarise-runs"
 
 
 def test_measures_order_a_difference_of_gaussians_and_a_gabor():
@@ -97,5 +102,21 @@ def test_rf_command_on_a_tiny_trained_retina(capsys, tmp_path, drawn):
     measures = [ax.get_title() for ax in summary.axes]
     assert measures == ["rotational symmetry", "orientation selectivity", "centre-surround index"]
     assert "(1/2 per condition)" in summary._suptitle.get_text()
+
+    # an archived record (no checkpoints) draws again from the fields its rf.json recorded
+    archive = tmp_path / "archive"
+    done = subprocess.run([sys.executable, SUMMARISE, run, tmp_path / "bp", "--archive", archive],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert done.returncode == 0
+    records = [archive / run.parent.name / name for name in ("run", "bp")]
+    assert not (records[0] / "checkpoints").exists() and (records[0] / "rf" / "rf.json").is_file()
+    code, _, err = run_cli(capsys, "rf", *records, "--method", "maximize", "--out",
+                           tmp_path / "again.png")  # fmt: skip
+    assert code == 0, err
+    again = [sub._suptitle.get_text() for sub in drawn["again.png"].subfigs[0].subfigs
+             if sub._suptitle]  # fmt: skip
+    assert again == titles[:1] + [titles[1]]  # the same runs, measures and titles
+    code, _, err = run_cli(capsys, "rf", records[0], "--method", "gradient")
+    assert code == 2 and "no fields of this layer by --method gradient" in err
     assert [t.get_text() for t in summary.axes[0].get_xticklabels()] == ["r (rule=ldfa)",
                                                                         "r (rule=bp)"]  # fmt: skip

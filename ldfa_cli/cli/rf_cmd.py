@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ldfa_cli.console import stderr_console
-from ldfa_cli.errors import ConfigError
+from ldfa_cli.errors import CheckpointError, ConfigError
 
 KEYS = ("rotational_symmetry", "orientation_selectivity", "centre_surround_index")
 
@@ -33,6 +33,42 @@ def _title(record) -> str:
     return ", ".join(parts + [f"seed {record.seed}"])
 
 
+def recorded_fields(run: Path, layer: str | None, method: str) -> dict | None:
+    """The fields ``ldfa rf`` recorded in ``RUN/rf/rf.json`` for this layer and method, for
+    a run folder without checkpoints (an archived record); None where there are none."""
+    record = run / "rf" / "rf.json"
+    if not record.is_file():
+        return None
+    data = json.loads(record.read_text())
+    if "fields" not in data or data["method"] != method or layer not in (None, data["layer"]):
+        return None
+    return data
+
+
+def computed_fields(run: Path, layer: str | None, method: str, checkpoint: str, on) -> dict:
+    """Fields of ``layer`` (default: the retina output) from the run's checkpoint, their
+    measures, and what the figure and the JSON say of them; the fields cropped to their
+    support and rounded to 5 significant digits, so that the record draws them again."""
+    import numpy as np
+
+    from ldfa_cli.analysis.rf import crop_to_support, receptive_fields, summary
+    from ldfa_cli.data import dataset_shape
+    from ldfa_cli.engine.build import load_trained
+
+    _, _, recipe, model = load_trained(run, checkpoint, on)
+    shape = dataset_shape(recipe.data)
+    name = layer or default_layer(model)
+    if name not in dict(model.named_modules()):
+        raise ConfigError(f"--layer '{name}' is not a layer of {run}'s model")
+    fields = receptive_fields(model, name, (shape.channels, shape.size, shape.size),
+                              method=method)  # fmt: skip
+    cropped = [np.round(crop_to_support(f), 5 - int(np.log10(max(np.abs(f).max(), 1e-30))))
+               for f in fields]  # fmt: skip
+    fb = recipe.feedback
+    return {"run": str(run), "layer": name, "rule": fb.rule, "rank": fb.rank, "method": method,
+            **summary(fields), "fields": [f.tolist() for f in cropped]}  # fmt: skip
+
+
 def rf(
     runs: list[Path] = typer.Argument(..., help="Run folders (several: side by side)."),
     layer: str = typer.Option(None, "--layer", help="Layer name (default: the retina output)."),
@@ -47,12 +83,15 @@ def rf(
 ) -> None:
     """Receptive fields of every channel of a layer, runs side by side (diverging colours
     centred at zero), and per-channel rotational symmetry, orientation selectivity and
-    centre-surround index; several runs add each measure's mean ± sd per condition."""
+    centre-surround index; several runs add each measure's mean ± sd per condition. Each
+    run's fields and measures are recorded in RUN/rf/rf.json, from which a run folder
+    without checkpoints (an archived record) is drawn again."""
+    import numpy as np
+
     from ldfa_cli.analysis.figures import figure_path, save_figure
-    from ldfa_cli.analysis.rf import FieldPanel, draw_fields, receptive_fields, summary
+    from ldfa_cli.analysis.rf import FieldPanel, draw_fields
     from ldfa_cli.analysis.runs import group_by_setting, read_run
-    from ldfa_cli.data import dataset_shape
-    from ldfa_cli.engine.build import load_trained, pick_device
+    from ldfa_cli.engine.build import pick_device
     from ldfa_cli.engine.checkpoint import atomic_write_text
 
     if method not in ("gradient", "maximize"):
@@ -64,31 +103,24 @@ def rf(
     conditions = {id(r): g.name for g in group_by_setting(records) for r in g.runs}
     results, panels = [], []
     on = pick_device(device)
-    names = set()
     for run, record in zip(runs, records, strict=True):
-        _, _, recipe, model = load_trained(run, checkpoint, on)
-        shape = dataset_shape(recipe.data)
-        name = layer or default_layer(model)
-        if name not in dict(model.named_modules()):
-            raise ConfigError(f"--layer '{name}' is not a layer of {run}'s model")
-        names.add(name)
-        fields = receptive_fields(model, name, (shape.channels, shape.size, shape.size),
-                                  method=method)  # fmt: skip
-        fb = recipe.feedback
-        stats = summary(fields)
-        results.append({"run": str(run), "layer": name, "rule": fb.rule, "rank": fb.rank,
-                        "method": method, **stats})  # fmt: skip
+        if (run / "checkpoints" / f"{checkpoint}.pt").is_file():
+            result = computed_fields(run, layer, method, checkpoint, on)
+            atomic_write_text(run / "rf" / "rf.json", json.dumps(result) + "\n")
+        elif (result := recorded_fields(run, layer, method)) is None:
+            raise CheckpointError(f"{run} has no checkpoints/{checkpoint}.pt and no fields of "
+                                  f"this layer by --method {method} in rf/rf.json: run ldfa rf "
+                                  "on the run folder that has its checkpoints")  # fmt: skip
+        results.append(result)
         condition = conditions.get(id(record), record.rule_and_rank)  # a repeated seed
-        panels.append(FieldPanel(_title(record), fields, stats["mean"], condition))
+        fields = [np.asarray(f) for f in result["fields"]]
+        panels.append(FieldPanel(_title(record), fields, result["mean"], condition))
     console = stderr_console()
-    fig = draw_fields(panels, " / ".join(sorted(names)), method)
+    fig = draw_fields(panels, " / ".join(sorted({r["layer"] for r in results})), method)
     written = save_figure(fig, figure, fmt)
-    if single:
-        data = written.parent / "rf.json"
-        atomic_write_text(data, json.dumps(results[0], indent=2) + "\n")
-        console.print(f"wrote {written} and {data}")
-    else:
-        console.print(f"wrote {written}")
+    if single and out is not None:
+        atomic_write_text(written.parent / "rf.json", json.dumps(results[0]) + "\n")
+    console.print(f"wrote {written}; each run's fields and measures in RUN/rf/rf.json")
     table = Table(title=f"receptive fields ({method}), mean over channels")
     for col in ("run", "rule", "r", "layer", "symmetry", "orientation", "centre-surround"):
         table.add_column(
@@ -100,4 +132,5 @@ def rf(
                       *(f"{r['mean'][k]:.3f}" for k in KEYS))  # fmt: skip
     console.print(table)
     if json_out:
-        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        brief = [{k: v for k, v in r.items() if k != "fields"} for r in results]
+        print(json.dumps(brief if len(brief) > 1 else brief[0], indent=2))
