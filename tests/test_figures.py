@@ -12,12 +12,12 @@ from ldfa_cli.errors import ConfigError
 
 
 def fake_run(folder, recipe, seed, accs, rule="ldfa", rank=8, dataset="fashion_mnist",
-             step_flops=1e9, **options):  # fmt: skip
+             step_flops=1e9, epochs=None, **options):  # fmt: skip
     """A finished run's records: config, env and one evaluation per epoch."""
     folder.mkdir(parents=True)
     feedback = {"rule": rule, "rank": None if rule == "bp" else rank, **options}
     config = {"feedback": feedback, "data": {"dataset": dataset},
-              "train": {"seed": seed, "epochs": len(accs)}}  # fmt: skip
+              "train": {"seed": seed, "epochs": epochs or len(accs)}}  # fmt: skip
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     (folder / "env.json").write_text(json.dumps({"recipe": recipe}))
     events = [{"event": "eval", "epoch": float(e), "step": 10 * e, "acc": acc, "loss": 1 - acc,
@@ -149,3 +149,25 @@ def test_bench_sweeps_an_mlp_s_width_and_draws_the_ratios(capsys, tmp_path, draw
     assert code == 2 and "sets an MLP's hidden widths" in err
     code, _, err = run_cli(capsys, "bench", "quickstart", "--plot", tmp_path / "x.png")
     assert code == 2 and "give --sweep-width too" in err
+
+
+def test_an_unfinished_seed_shortens_nothing_and_only_evaluated_seeds_count(
+    capsys, tmp_path, drawn, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    fake_run(tmp_path / "a" / "s0", "mnist_ldfa", 0, [0.5, 0.7, 0.9])
+    fake_run(tmp_path / "a" / "s1", "mnist_ldfa", 1, [0.7], epochs=3)  # stopped after one
+    fake_run(tmp_path / "a" / "s2", "mnist_ldfa", 2, [], epochs=3)  # nothing evaluated yet
+    fake_run(tmp_path / "b" / "s0", "mnist_bp", 0, [0.8, 0.9, 0.9], rule="bp")
+    fake_run(tmp_path / "c" / "s0", "mnist_bp_authors", 0, [0.8, 0.9, 0.95], rule="bp")
+    code, _, err = run_cli(capsys, "plot", tmp_path / "a", tmp_path / "b", tmp_path / "c",
+                           "--format", "pdf")  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "curves.pdf").read_bytes().startswith(b"%PDF")  # the default name
+    metric_ax = drawn["curves.pdf"].axes[0]
+    mean = metric_ax.get_lines()[0]
+    assert list(mean.get_ydata()) == pytest.approx([60.0, 70.0, 90.0])  # all three points
+    assert legend_texts(drawn["curves.pdf"])[0] == "mnist_ldfa (mean ± sd, 2 seeds)"
+    # the first backprop group black, another backprop group a colour of its own
+    colours = [line.get_color() for line in metric_ax.get_lines()]
+    assert colours[1] == figures.BP_COLOUR and colours[2] not in (figures.BP_COLOUR, colours[0])

@@ -89,8 +89,9 @@ def test_rf_command_on_a_tiny_trained_retina(capsys, tmp_path, drawn):
     runs, summary = fig.subfigs
     titles = [sub._suptitle.get_text() for sub in runs.subfigs if sub._suptitle]
     # the fields of one run per condition (its first seed); the summary over every run
-    assert [t.split("\n")[0] for t in titles] == ["ldfa r=1, bottleneck 2, seed 0",
-                                                  "bp, bottleneck 2, seed 0"]  # fmt: skip
+    assert [t.split("\n")[:2] for t in titles] == [
+        ["r (rule=ldfa)", "ldfa r=1, bottleneck 2, seed 0"],
+        ["r (rule=bp)", "bp, bottleneck 2, seed 0"]]  # fmt: skip
     assert all("sym " in t and "csi " in t for t in titles)
     tiles = [ax for sub in runs.subfigs for ax in sub.axes if ax.get_images()]
     assert [ax.get_title() for ax in tiles] == ["0", "1", "0", "1"]  # channel numbers
@@ -118,5 +119,12 @@ def test_rf_command_on_a_tiny_trained_retina(capsys, tmp_path, drawn):
     assert again == titles[:1] + [titles[1]]  # the same runs, measures and titles
     code, _, err = run_cli(capsys, "rf", records[0], "--method", "gradient")
     assert code == 2 and "no fields of this layer by --method gradient" in err
+    code, _, err = run_cli(capsys, "rf", records[0], "--method", "maximize", "--checkpoint", "best")
+    assert code == 2 and "from its best checkpoint" in err  # recorded from last.pt
+    # a checkpoint file draws too, as PDF by --format with the default name
+    code, _, err = run_cli(capsys, "rf", run / "checkpoints" / "last.pt", "--out", tmp_path / "f",
+                           "--format", "pdf")  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "f" / "fields.pdf").read_bytes().startswith(b"%PDF")
     assert [t.get_text() for t in summary.axes[0].get_xticklabels()] == ["r (rule=ldfa)",
                                                                         "r (rule=bp)"]  # fmt: skip

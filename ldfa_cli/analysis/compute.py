@@ -18,6 +18,7 @@ from ldfa_cli.analysis.figures import (
     BP_COLOUR,
     COLUMN_IN,
     METRIC_NAMES,
+    PAGE_IN,
     colour,
     flop_unit,
     new_figure,
@@ -220,12 +221,15 @@ def draw_compute(rows: list[dict], target: float | None, common: bool, metric: s
     percent = 100 if metric in ("acc", "top5") else 1
     named = METRIC_NAMES.get(metric, metric)
     has_bp = any(r["rule"] == "bp" for r in rows)
-    ranks = sorted({r["rank"] for r in rows if r["rule"] != "bp"}, key=float)
-    slots = (["BP"] if has_bp else []) + [f"r={r}" for r in ranks]
+    slots = ["BP"] if has_bp else []
+    slots += [f"r={r}" for r in sorted({r["rank"] for r in rows if r["rule"] != "bp"
+                                         and r["rank"] is not None}, key=float)]  # fmt: skip
+    slots += list(dict.fromkeys(r["rule"] for r in rows if r["rule"] != "bp" and r["rank"] is None))
     names = list(dict.fromkeys(series_of(r["recipe"], r.get("setting", "")) for r in rows))
     scale, unit = flop_unit([r[key] for r in rows])
     width = 0.8 / len(names)
-    fig = new_figure(max(COLUMN_IN, 0.9 * len(slots) * max(1, len(names) / 1.5) + 2.2), 3.4)
+    wide = 0.9 * len(slots) * max(1, len(names) / 1.5) + 2.2
+    fig = new_figure(min(PAGE_IN, max(COLUMN_IN, wide)), 3.4 + 0.12 * len(names))
     ax = fig.subplots()
     twin = ax.twinx()
     twin.grid(False)
@@ -233,13 +237,13 @@ def draw_compute(rows: list[dict], target: float | None, common: bool, metric: s
     for i, name in enumerate(names):
         mine = [r for r in rows if series_of(r["recipe"], r.get("setting", "")) == name]
         offset = (i - (len(names) - 1) / 2) * width
-        xs = [(0 if r["rule"] == "bp" else int(has_bp) + ranks.index(r["rank"])) + offset
-              for r in mine]  # fmt: skip
+        xs = [slots.index(_slot(r)) + offset for r in mine]
         tint = colour(i)
         ax.bar(xs, [percent * (r["final"] or 0) for r in mine], width=width * 0.95,
                yerr=[percent * _sd(r, "final") for r in mine], capsize=2, alpha=0.45,
                color=[BP_COLOUR if r["rule"] == "bp" else tint for r in mine])  # fmt: skip
-        handles.append(Patch(color=tint, alpha=0.45, label=f"final {named}: {name}"))
+        if any(r["rule"] != "bp" for r in mine):  # (backprop's bar is black, its own entry)
+            handles.append(Patch(color=tint, alpha=0.45, label=f"final {named}: {name}"))
         values = [r[key] / scale if r[key] is not None else float("nan") for r in mine]
         twin.errorbar(xs, values, yerr=[_sd(r, key) / scale for r in mine], color=tint,
                       marker="o", capsize=2)  # fmt: skip
@@ -253,7 +257,7 @@ def draw_compute(rows: list[dict], target: float | None, common: bool, metric: s
     finals = [percent * ((r["final"] or 0) + _sd(r, "final")) for r in rows]
     ax.set_ylim(0, 100 if percent == 100 else 1.15 * max(finals, default=1.0))
     shown = f"test {named}" + (" (%)" if percent == 100 else " (lower is better)")
-    ax.set(ylabel=shown, xlabel="feedback rank")
+    ax.set(ylabel=shown, xlabel="feedback rank (or rule)")
     ax.set_xticks(range(len(slots)), slots)
     twin.set_ylim(bottom=0)
     if higher:
@@ -266,6 +270,14 @@ def draw_compute(rows: list[dict], target: float | None, common: bool, metric: s
                  "mean ± 1 sd over seeds")  # fmt: skip
     fig.legend(handles=handles, loc="outside lower center", ncols=min(2, len(handles)))
     return fig
+
+
+def _slot(row: dict) -> str:
+    """A row's place on the x axis: backprop, its rank, or its rule where it has none (fa,
+    dfa)."""
+    if row["rule"] == "bp":
+        return "BP"
+    return row["rule"] if row["rank"] is None else f"r={row['rank']}"
 
 
 def plt_line(tint: str, style: str, marker: str | None, label: str):

@@ -22,7 +22,7 @@ from ldfa_cli.analysis.figures import (
     new_figure,
     styled_figure,
 )
-from ldfa_cli.analysis.runs import RunGroup, RunRecord
+from ldfa_cli.analysis.runs import RunGroup
 from ldfa_cli.engine.metrics import read_metrics
 from ldfa_cli.errors import CheckpointError
 
@@ -30,26 +30,30 @@ X_AXES = {"epoch": "epoch", "flops": "train_flops", "time": "time_s"}
 PERCENT = ("acc", "top5")
 
 
-def metric_of(run: RunRecord, asked: str | None) -> str:
-    """The metric drawn for a run: the one asked, else bpc for a language model, else acc."""
-    evals = run.evaluations
-    if not evals:
-        return asked or "acc"
-    return asked or ("bpc" if "bpc" in evals[0] else "acc")
+def metric_of(groups: list[RunGroup], asked: str | None) -> str:
+    """The metric drawn for a panel: the one asked, else bpc for a language model, else acc
+    (read from the first run that has evaluated)."""
+    if asked:
+        return asked
+    evaluated = next((r.evaluations for g in groups for r in g.runs if r.evaluations), None)
+    return "bpc" if evaluated and "bpc" in evaluated[0] else "acc"
 
 
 @dataclass
 class Band:
-    """A group's curve: x, the mean over its seeds and their sd (zeros for one seed)."""
+    """A group's curve: x, the mean over its seeds and their sd (0 where one seed has
+    reached that evaluation), and how many seeds it holds."""
 
     x: np.ndarray
     mean: np.ndarray
     sd: np.ndarray
+    seeds: int
 
 
 def band(group: RunGroup, x_key: str, y_key: str) -> Band | None:
-    """The mean and sd over the group's seeds at each evaluation the seeds all reached (x
-    itself averaged, which matters for wall-clock only); None where no run has evaluated."""
+    """The mean and sd over the group's seeds at each evaluation (x itself averaged, which
+    matters for wall-clock only), each over the seeds that reached it, so that an unfinished
+    seed shortens nothing; None where no run has evaluated."""
     xs, ys = [], []
     for run in group.runs:
         evals = run.evaluations
@@ -63,11 +67,14 @@ def band(group: RunGroup, x_key: str, y_key: str) -> Band | None:
         ys.append([e[y_key] for e in evals])
     if not xs:
         return None
-    n = min(map(len, xs))
-    x = np.array([row[:n] for row in xs], dtype=float).mean(axis=0)
-    y = np.array([row[:n] for row in ys], dtype=float)
-    sd = y.std(axis=0, ddof=1) if len(y) > 1 else np.zeros(n)
-    return Band(x, y.mean(axis=0), sd)
+    n = max(map(len, xs))
+    x, y = (np.array([row + [np.nan] * (n - len(row)) for row in rows], dtype=float)
+            for rows in (xs, ys))  # fmt: skip
+    reached = (~np.isnan(y)).sum(axis=0)
+    mean = np.nanmean(y, axis=0)
+    centred = np.where(np.isnan(y), 0.0, y - mean)
+    sd = np.sqrt((centred**2).sum(axis=0) / np.maximum(reached - 1, 1))
+    return Band(np.nanmean(x, axis=0), mean, np.where(reached > 1, sd, 0.0), len(xs))
 
 
 def _hint(key: str) -> str:
@@ -85,9 +92,28 @@ def _draw_band(ax, found: Band, scale: float, label: str, tint: str) -> None:
                         color=tint, alpha=0.2, linewidth=0)  # fmt: skip
 
 
-def _tint(group: RunGroup, index: int) -> str:
-    return BP_COLOUR if group.runs[0].config.get("feedback", {}).get("rule") == "bp" else \
-        colour(index)  # fmt: skip
+def colours_of(panels: dict[str, list[RunGroup]]) -> dict[str, str]:
+    """A colour per group name, the same in every panel: black for the first backprop
+    group, the palette in order for the rest."""
+    tints: dict[str, str] = {}
+    for groups in panels.values():
+        for group in groups:
+            if group.name in tints:
+                continue
+            is_bp = group.runs[0].config.get("feedback", {}).get("rule") == "bp"
+            if is_bp and BP_COLOUR not in tints.values():
+                tints[group.name] = BP_COLOUR
+            else:
+                tints[group.name] = colour(sum(t != BP_COLOUR for t in tints.values()))
+    return tints
+
+
+def legend_of(group: RunGroup, seeds: int) -> str:
+    """The group's name and its seed, or how many seeds its mean ± sd is over."""
+    if seeds == 1:
+        seed = next(r.seed for r in group.runs if r.evaluations)
+        return f"{group.name}, seed {seed}"
+    return f"{group.name} (mean ± sd, {seeds} seeds)"
 
 
 @styled_figure
@@ -98,7 +124,8 @@ def draw_curves(panels: dict[str, list[RunGroup]], x: str, metric: str | None,
     prefix = "val_" if split == "val" else ""
     x_key = X_AXES[x]
     rows = sum(len(groups) for groups in panels.values())
-    fig = new_figure(PAGE_IN, 2.4 * len(panels) + 0.2 * (rows + 1) // 2 + 0.3)
+    fig = new_figure(PAGE_IN, 2.4 * len(panels) + 0.2 * ((rows + 1) // 2) + 0.3)
+    tints = colours_of(panels)
     axes = fig.subplots(len(panels), 2, squeeze=False)
     scale, unit = 1.0, {"epoch": "epoch", "time": "wall-clock (s)"}.get(x, "")
     if x == "flops":
@@ -107,16 +134,17 @@ def draw_curves(panels: dict[str, list[RunGroup]], x: str, metric: str | None,
         factor, name = flop_unit(every)
         scale, unit = 1.0 / factor, f"training compute ({name})"
     for (dataset, groups), (metric_ax, loss_ax) in zip(panels.items(), axes, strict=True):
-        shown = metric_of(groups[0].runs[0], metric)
+        shown = metric_of(groups, metric)
         percent = 100.0 if shown in PERCENT else 1.0
-        for index, group in enumerate(groups):
-            tint = _tint(group, index)
+        for group in groups:
             found = band(group, x_key, prefix + shown)
             if found is None:
                 continue
             found.mean, found.sd = percent * found.mean, percent * found.sd
-            _draw_band(metric_ax, found, scale, group.legend, tint)
-            _draw_band(loss_ax, band(group, x_key, prefix + "loss"), scale, group.legend, tint)
+            label = legend_of(group, found.seeds)
+            _draw_band(metric_ax, found, scale, label, tints[group.name])
+            _draw_band(loss_ax, band(group, x_key, prefix + "loss"), scale, label,
+                       tints[group.name])  # fmt: skip
         name = METRIC_NAMES.get(shown, shown)
         metric_ax.set(xlabel=unit, ylabel=f"{split} {shown}" + (" (%)" if percent == 100 else ""),
                       title=f"{dataset}: {split} {name}")  # fmt: skip

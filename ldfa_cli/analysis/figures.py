@@ -115,8 +115,10 @@ FLOP_UNITS = ((1e15, "PFLOPs"), (1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs
 
 def flop_unit(values) -> tuple[float, str]:
     """The unit that writes the largest of ``values`` (FLOPs) with 1-3 digits before the
-    point: (scale, name)."""
-    largest = max((abs(v) for v in values if v is not None and v == v), default=0.0)
+    point: (scale, name); TFLOPs where no value is known."""
+    largest = max((abs(v) for v in values if v is not None and v == v and v), default=None)
+    if largest is None:
+        return 1e12, "TFLOPs"
     for scale, name in FLOP_UNITS:
         if largest >= scale:
             return scale, name

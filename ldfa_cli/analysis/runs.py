@@ -151,29 +151,22 @@ class RunGroup:
     name: str
     runs: list[RunRecord] = field(default_factory=list)
 
-    @property
-    def seeds(self) -> list:
-        return [run.seed for run in self.runs]
 
-    @property
-    def legend(self) -> str:
-        """The name, and the seed or how many seeds a mean ± sd is over."""
-        if len(self.runs) == 1:
-            return f"{self.name}, seed {self.seeds[0]}"
-        return f"{self.name} (mean ± sd, {len(self.runs)} seeds)"
-
-
-def group_by_setting(records: list[RunRecord]) -> list[RunGroup]:
+def group_by_setting(records: list[RunRecord], say=None) -> list[RunGroup]:
     """The runs grouped by config but for the seed, in the order first met, each named by
     its recipe (its rule and rank where the recipe is unknown) and the settings in which it
     differs from the other groups of its recipe, never by the run folder's name. A seed
-    that two runs of one group share counts once (the first)."""
+    that two runs of one group share counts once (the first); ``say(line)`` is told."""
     keyed: dict[tuple, list[RunRecord]] = {}
     for record in records:
         key = (record.recipe, tuple(sorted(settings_of(record.config).items())))
         members = keyed.setdefault(key, [])
-        if record.seed not in [m.seed for m in members]:
+        twin = next((m for m in members if m.seed == record.seed), None)
+        if twin is None:
             members.append(record)
+        elif say is not None:
+            say(f"{record.path} repeats seed {record.seed} of {twin.path} (the same config): "
+                "counted once, the first")  # fmt: skip
     keys = list(keyed)
     names = {}
     for recipe in dict.fromkeys(key[0] for key in keys):

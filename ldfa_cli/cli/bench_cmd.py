@@ -53,6 +53,8 @@ def bench(
     console = stderr_console()
     if plot is not None and not sweep_width:
         raise ConfigError("--plot draws --sweep-width's figure: give --sweep-width too")
+    if memory and sweep_width:
+        raise ConfigError("--memory and --sweep-width are two benchmarks: give one")
     if memory:
         _memory(config, path, rank_list, batch, pick_device(device), console, json_out)
         return

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ldfa_cli.analysis.figures import flop_unit
 from ldfa_cli.analysis.flops import CONVENTIONS, OMITTED
 from ldfa_cli.console import stderr_console
 from ldfa_cli.errors import CheckpointError, ConfigError
@@ -106,15 +107,6 @@ def _reference_cell(reference: dict | None) -> str:
     return f"{100 * reference['top1']:.2f}{sd}"
 
 
-FLOP_UNITS = ((1e15, "PFLOPs"), (1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"))
-
-
-def flop_unit(values) -> tuple[float, str]:
-    """The largest unit in which the largest of ``values`` is at least 1."""
-    largest = max((v for v in values if v), default=1e12)
-    return next(((s, u) for s, u in FLOP_UNITS if largest >= s), FLOP_UNITS[-1])
-
-
 def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Path | None,
                metric: str = "acc", fmt: str | None = None) -> None:  # fmt: skip
     from ldfa_cli.analysis.compute import (
@@ -129,6 +121,8 @@ def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Pa
 
     if plot is not None:
         figure_path(plot, fmt)  # a bad --plot or --format fails before any reading
+    elif fmt is not None:
+        raise ConfigError("--format sets --plot's format: give --plot FILE too")
     higher = HIGHER_IS_BETTER[metric]
     if higher and target is None:
         target = 0.9

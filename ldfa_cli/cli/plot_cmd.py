@@ -17,7 +17,9 @@ def plot(
     alignment: bool = typer.Option(
         False, "--alignment", help="Draw the alignment of B with W^T over training instead."
     ),  # fmt: skip
-    out: Path = typer.Option(Path("curves.png"), "--out", help="File to write (.png, .pdf, .svg)."),
+    out: Path = typer.Option(
+        None, "--out", help="File to write (.png, .pdf, .svg; default curves.png or --format's)."
+    ),
     fmt: str = typer.Option(None, "--format", help="png, pdf or svg (default: --out's suffix)."),
     metric: str = typer.Option(
         None, "--metric", help="acc or top5; bpc or ppl (a language model's default: bpc)."
@@ -32,10 +34,11 @@ def plot(
     from ldfa_cli.analysis.runs import collect_runs, group_by_setting, read_run
 
     console = stderr_console()
+    out = out or Path("curves")  # the suffix from --format, png by default
     figure_path(out, fmt)  # a bad --out or --format fails before any drawing
     records = [read_run(run) for run in collect_runs(runs, say=console.print)]
     if alignment:
-        fig = draw_alignment(group_by_setting(records))
+        fig = draw_alignment(group_by_setting(records, say=console.print))
     else:
         if x not in X_AXES:
             raise ConfigError(f"--x must be epoch, flops or time, got '{x}'")
@@ -47,6 +50,7 @@ def plot(
         if len(panels) > 1:
             console.print(f"runs of {len(panels)} datasets ({', '.join(panels)}): a row of "
                           "panels each, as their metrics do not share an axis")  # fmt: skip
-        grouped = {name: group_by_setting(members) for name, members in panels.items()}
+        grouped = {name: group_by_setting(members, say=console.print)
+                   for name, members in panels.items()}  # fmt: skip
         fig = draw_curves(grouped, x, metric, split)
     console.print(f"wrote {save_figure(fig, out, fmt)}")

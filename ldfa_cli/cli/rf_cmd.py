@@ -33,22 +33,25 @@ def _title(record) -> str:
     return ", ".join(parts + [f"seed {record.seed}"])
 
 
-def recorded_fields(run: Path, layer: str | None, method: str) -> dict | None:
-    """The fields ``ldfa rf`` recorded in ``RUN/rf/rf.json`` for this layer and method, for
-    a run folder without checkpoints (an archived record); None where there are none."""
+def recorded_fields(run: Path, layer: str | None, method: str, checkpoint: str) -> dict | None:
+    """The fields ``ldfa rf`` recorded in ``RUN/rf/rf.json`` for this layer, method and
+    checkpoint, for a run folder without checkpoints (an archived record); None where there
+    are none."""
     record = run / "rf" / "rf.json"
     if not record.is_file():
         return None
     data = json.loads(record.read_text())
-    if "fields" not in data or data["method"] != method or layer not in (None, data["layer"]):
+    same = data.get("method") == method and data.get("checkpoint") == checkpoint
+    if "fields" not in data or not same or layer not in (None, data["layer"]):
         return None
     return data
 
 
 def computed_fields(run: Path, layer: str | None, method: str, checkpoint: str, on) -> dict:
-    """Fields of ``layer`` (default: the retina output) from the run's checkpoint, their
-    measures, and what the figure and the JSON say of them; the fields cropped to their
-    support and rounded to 5 significant digits, so that the record draws them again."""
+    """Fields of ``layer`` (default: the retina output) from the run's checkpoint (or a
+    checkpoint file), their measures, the run's resolved config, and what the figure and
+    the JSON say of them; the fields cropped to their support and rounded to 5 significant
+    digits, so that the record draws them again."""
     import numpy as np
 
     from ldfa_cli.analysis.rf import crop_to_support, receptive_fields, summary
@@ -66,7 +69,29 @@ def computed_fields(run: Path, layer: str | None, method: str, checkpoint: str, 
                for f in fields]  # fmt: skip
     fb = recipe.feedback
     return {"run": str(run), "layer": name, "rule": fb.rule, "rank": fb.rank, "method": method,
-            **summary(fields), "fields": [f.tolist() for f in cropped]}  # fmt: skip
+            "checkpoint": checkpoint, **summary(fields),
+            "fields": [f.tolist() for f in cropped],
+            "config": recipe.model_dump(mode="json")}  # fmt: skip
+
+
+def fields_of(run: Path, layer: str | None, method: str, checkpoint: str, on) -> dict:
+    """A run folder's fields, computed from its checkpoint (and recorded in its
+    rf/rf.json) or read from that record; a checkpoint file's, computed."""
+    from ldfa_cli.engine.checkpoint import atomic_write_text
+
+    if run.is_file() or (run / "checkpoints" / f"{checkpoint}.pt").is_file():
+        result = computed_fields(run, layer, method, checkpoint, on)
+        if run.is_dir():
+            record = {k: v for k, v in result.items() if k != "config"}
+            atomic_write_text(run / "rf" / "rf.json", json.dumps(record) + "\n")
+        return result
+    result = recorded_fields(run, layer, method, checkpoint)
+    if result is None:
+        raise CheckpointError(f"{run} has no checkpoints/{checkpoint}.pt and no fields of "
+                              f"this layer by --method {method} from its {checkpoint} "
+                              "checkpoint in rf/rf.json: run ldfa rf on the run folder that "
+                              "has its checkpoints")  # fmt: skip
+    return result
 
 
 def rf(
@@ -90,36 +115,33 @@ def rf(
 
     from ldfa_cli.analysis.figures import figure_path, save_figure
     from ldfa_cli.analysis.rf import FieldPanel, draw_fields
-    from ldfa_cli.analysis.runs import group_by_setting, read_run
+    from ldfa_cli.analysis.runs import RunRecord, group_by_setting, read_run
     from ldfa_cli.engine.build import pick_device
     from ldfa_cli.engine.checkpoint import atomic_write_text
 
     if method not in ("gradient", "maximize"):
         raise ConfigError(f"--method must be gradient or maximize, got '{method}'")
     single = len(runs) == 1
-    figure = (out or runs[0] / "rf") / "fields.png" if single else out or Path("rf_comparison.png")
+    figure = (out or runs[0] / "rf") / "fields" if single else out or Path("rf_comparison")
     figure_path(figure, fmt)  # a bad --out or --format fails before any computing
-    records = [read_run(run) for run in runs]
-    conditions = {id(r): g.name for g in group_by_setting(records) for r in g.runs}
-    results, panels = [], []
+    console = stderr_console()
     on = pick_device(device)
-    for run, record in zip(runs, records, strict=True):
-        if (run / "checkpoints" / f"{checkpoint}.pt").is_file():
-            result = computed_fields(run, layer, method, checkpoint, on)
-            atomic_write_text(run / "rf" / "rf.json", json.dumps(result) + "\n")
-        elif (result := recorded_fields(run, layer, method)) is None:
-            raise CheckpointError(f"{run} has no checkpoints/{checkpoint}.pt and no fields of "
-                                  f"this layer by --method {method} in rf/rf.json: run ldfa rf "
-                                  "on the run folder that has its checkpoints")  # fmt: skip
-        results.append(result)
+    results = [fields_of(run, layer, method, checkpoint, on) for run in runs]
+    records = [RunRecord(run, result["config"], "") if run.is_file() else read_run(run)
+               for run, result in zip(runs, results, strict=True)]  # fmt: skip
+    conditions = {id(r): g.name for g in group_by_setting(records, say=console.print)
+                  for r in g.runs}  # fmt: skip
+    panels = []
+    for record, result in zip(records, results, strict=True):
         condition = conditions.get(id(record), record.rule_and_rank)  # a repeated seed
         fields = [np.asarray(f) for f in result["fields"]]
-        panels.append(FieldPanel(_title(record), fields, result["mean"], condition))
-    console = stderr_console()
+        title = f"{condition}\n{_title(record)}"
+        panels.append(FieldPanel(title, fields, result["mean"], condition))
     fig = draw_fields(panels, " / ".join(sorted({r["layer"] for r in results})), method)
     written = save_figure(fig, figure, fmt)
     if single and out is not None:
-        atomic_write_text(written.parent / "rf.json", json.dumps(results[0]) + "\n")
+        record = {k: v for k, v in results[0].items() if k != "config"}
+        atomic_write_text(written.parent / "rf.json", json.dumps(record) + "\n")
     console.print(f"wrote {written}; each run's fields and measures in RUN/rf/rf.json")
     table = Table(title=f"receptive fields ({method}), mean over channels")
     for col in ("run", "rule", "r", "layer", "symmetry", "orientation", "centre-surround"):
@@ -132,5 +154,5 @@ def rf(
                       *(f"{r['mean'][k]:.3f}" for k in KEYS))  # fmt: skip
     console.print(table)
     if json_out:
-        brief = [{k: v for k, v in r.items() if k != "fields"} for r in results]
+        brief = [{k: v for k, v in r.items() if k not in ("fields", "config")} for r in results]
         print(json.dumps(brief if len(brief) > 1 else brief[0], indent=2))
