@@ -7,6 +7,7 @@ import torch
 
 from ldfa_cli.feedback import LDFAConv2d, LDFALinear, feedback_loss
 from ldfa_cli.feedback.normative import factorisation_loss
+from ldfa_cli.feedback.rule import make_rule
 
 
 def _principal_cosines(P: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -222,6 +223,29 @@ def test_normative_update_equals_autograd_through_the_loss(make):
     normative_update(layer)  # accumulates, like a second backward
     torch.testing.assert_close(layer.feedback_P.grad, 2 * expected[1], rtol=1e-12, atol=1e-12)
     assert layer.weight.grad is None
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_sqrt_rank_divides_eq_9_by_the_root_of_the_layer_s_rank(batched):
+    """The authors' newest LDFA_Linear: both factors' gradients over sqrt(r), on every path
+    (layer by layer, batched, and autograd through eq. 8)."""
+    from ldfa_cli.feedback.normative import normative_update
+
+    torch.manual_seed(3)
+    plain = torch.nn.Sequential(*(LDFALinear(9, 9, rule="ldfa", rank=4) for _ in range(2)))
+    plain = plain.double()
+    scaled = copy.deepcopy(plain)
+    for layer in scaled:
+        layer.rule = make_rule(layer.rule, sqrt_rank=True)
+    normative_update(plain, batched=batched)
+    normative_update(scaled, batched=batched)
+    for a, b in zip(plain, scaled, strict=True):
+        torch.testing.assert_close(b.feedback_Q.grad, a.feedback_Q.grad / 2.0)  # sqrt(4)
+        torch.testing.assert_close(b.feedback_P.grad, a.feedback_P.grad / 2.0)
+        expected = b.feedback_P.grad.clone()
+        b.zero_grad(set_to_none=True)
+        feedback_loss(b).backward()
+        torch.testing.assert_close(b.feedback_P.grad, expected)
 
 
 def test_normative_update_gives_each_factor_a_grad_in_its_own_layout():

@@ -45,7 +45,10 @@ class Normative(SVDInitialised):
     to steps as the authors' ``len(loader) // 2``; both off by default): reset Q, P to the SVD
     of W, as the authors' code does every half epoch. That reset reads W's singular vectors
     (weight transport), so it is partly an oracle. ``svd`` and ``svd_niter``: how the SVD is
-    taken (:class:`~ldfa_cli.feedback.lowrank.SVDInitialised`).
+    taken (:class:`~ldfa_cli.feedback.lowrank.SVDInitialised`). ``sqrt_rank`` divides both
+    factors' eq.-9 gradients by sqrt(r) (r the layer's rank: 3r for the authors' qkv), as
+    the newest version of the authors' ``LDFA_Linear`` does; a per-layer learning rate under
+    SGD, nothing under Adam(W) but for eps; not in the paper (off by default).
     """
 
     name: ClassVar[str] = "ldfa"
@@ -57,6 +60,7 @@ class Normative(SVDInitialised):
     interval: int = 1
     reset_svd_every: int | None = None
     reset_svd_every_epochs: float | None = None
+    sqrt_rank: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -90,6 +94,10 @@ class Normative(SVDInitialised):
 
     def reset(self, layer, seed: int) -> None:
         self.load_svd(layer, seed)
+
+    def grad_scale(self, layer) -> float | None:
+        """What eq. 9's gradients are multiplied by: 1/sqrt(r) with ``sqrt_rank``, else None."""
+        return 1.0 / math.sqrt(layer.rank) if self.sqrt_rank else None
 
     def ddp_ignored(self, layer) -> tuple[str, ...]:
         """The factors learn from W alone (identical on every rank), never from a backward
@@ -154,6 +162,8 @@ def factorisation_loss(layer, with_constant: bool = True) -> Tensor:
         previous = accounting.enter(layer.layer_name, "feedback_update")
     loss = FactorisationLoss.apply(q_rows, grouped(layer.feedback_P, g), w_rows,
                                    layer.layer_name, with_constant)  # fmt: skip
+    if (scale := layer.rule.grad_scale(layer)) is not None:
+        loss = loss * scale
     if counting:
         accounting.leave(previous)
     return loss
@@ -264,7 +274,7 @@ def _alike_layers(layers: list) -> list[list]:
     for layer in layers:
         w, Q, P = layer.weight, layer.feedback_Q, layer.feedback_P
         key = (type(layer.ops), tuple(w.shape), tuple(Q.shape), tuple(P.shape), w.dtype,
-               P.dtype, w.device)  # fmt: skip
+               P.dtype, w.device, layer.rule.grad_scale(layer))  # fmt: skip
         runs.setdefault(key if layer.groups == 1 else ("alone", id(layer)), []).append(layer)
     return list(runs.values())
 
@@ -287,6 +297,8 @@ def _update_layer(layer) -> None:
         grad_q_rows = grad_q_rows.reshape(layer.total_rank, -1)
         grad_q = layer.ops.q_from_rows(grad_q_rows, tuple(Q.shape))
         grad_p = grad_p.reshape(layer.feedback_P.shape)
+    if (scale := layer.rule.grad_scale(layer)) is not None:
+        grad_q, grad_p = grad_q.mul_(scale), grad_p.mul_(scale)
     _accumulate(Q, grad_q)
     _accumulate(layer.feedback_P, grad_p)
     if counting:
@@ -306,6 +318,8 @@ def _update_alike(layers: list) -> None:
     q_rows = torch.stack([ops.q_rows(layer.feedback_Q) for layer in layers])
     P = torch.stack([layer.feedback_P for layer in layers])
     grad_q_rows, grad_p = factorisation_grads(q_rows, P, w_rows)
+    if (scale := layers[0].rule.grad_scale(layers[0])) is not None:  # alike: one rank
+        grad_q_rows, grad_p = grad_q_rows.mul_(scale), grad_p.mul_(scale)
     grad_q = ops.q_from_rows_batched(grad_q_rows, tuple(Q0.shape))
     for layer, gq, gp in zip(layers, grad_q, grad_p, strict=True):
         _accumulate(layer.feedback_Q, gq)
