@@ -171,3 +171,13 @@ def test_an_unfinished_seed_shortens_nothing_and_only_evaluated_seeds_count(
     # the first backprop group black, another backprop group a colour of its own
     colours = [line.get_color() for line in metric_ax.get_lines()]
     assert colours[1] == figures.BP_COLOUR and colours[2] not in (figures.BP_COLOUR, colours[0])
+
+
+def test_the_same_records_draw_the_same_file(capsys, tmp_path):
+    fake_run(tmp_path / "r", "mnist_ldfa", 0, [0.5, 0.7])
+    for suffix in ("pdf", "svg", "png"):
+        files = [tmp_path / f"{name}.{suffix}" for name in ("a", "b")]
+        for out in files:
+            code, _, err = run_cli(capsys, "plot", tmp_path / "r", "--out", out)
+            assert code == 0, err
+        assert files[0].read_bytes() == files[1].read_bytes(), suffix

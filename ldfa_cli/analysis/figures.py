@@ -30,6 +30,7 @@ STYLE = {
     "grid.alpha": 0.3, "grid.linewidth": 0.5, "lines.linewidth": 1.4, "lines.markersize": 3,
     "legend.frameon": False, "figure.dpi": 100, "savefig.dpi": 200,
     "pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "path", "image.cmap": "RdBu_r",
+    "svg.hashsalt": "ldfa",  # SVG ids from the content, not a random salt
 }  # fmt: skip
 # no creation date, so the same records draw the same file
 METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "ModDate": None},
