@@ -20,6 +20,7 @@ cropped to where it is non-zero:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,13 +184,16 @@ def draw_fields(panels: list[FieldPanel], layer: str, method: str):
     for panel in panels:
         first.setdefault(panel.condition, panel)
     shown = list(first.values())
-    per_row = min(4, len(shown))
+    channels = max(len(p.fields) for p in shown)
+    per_row = min(4 if channels <= 8 else 3, len(shown))
     run_rows = -(-len(shown) // per_row)
-    cols = min(8, max(math.ceil(math.sqrt(len(p.fields))) for p in shown))
-    tiles = max(-(-len(p.fields) // cols) for p in shown)
-    height = run_rows * (0.3 + 0.5 * tiles + 0.35) + (1.8 if len(panels) > 1 else 0) + 0.6
+    cols = min(8, math.ceil(math.sqrt(channels)))
+    tiles = -(-channels // cols)
+    tile = PAGE_IN / (per_row + 0.28) / cols  # a tile's side in inches
+    summary = 2.0 if len(panels) > 1 else 0.0
+    height = run_rows * (0.75 + tiles * (tile + 0.12)) + summary + 0.7
     fig = new_figure(PAGE_IN, height)
-    ratios = [height - 1.8, 1.8] if len(panels) > 1 else None
+    ratios = [height - summary, summary] if summary else None
     parts = fig.subfigures(len(ratios or [1]), 1, squeeze=False, height_ratios=ratios)
     grid = parts[0][0].subfigures(run_rows, per_row + 1, squeeze=False,
                                   width_ratios=[1.0] * per_row + [0.28])  # fmt: skip
@@ -210,7 +214,7 @@ def draw_fields(panels: list[FieldPanel], layer: str, method: str):
             image = ax.imshow(field, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
             ax.set_title(f"{c}", fontsize=6, pad=1)
         stats = "  ".join(f"{short} {panel.means[key]:+.2f}" for key, _, short, _ in MEASURES)
-        sub.suptitle(f"{panel.title}\n{stats}", fontsize=7)
+        sub.suptitle(f"{panel.title}\n{stats}", fontsize=6)
     bar = grid[0][per_row].add_axes((0.05, 0.15, 0.15, 0.7))  # the column at the right
     grid[0][per_row].colorbar(image, cax=bar, ticks=[-1, 0, 1], label="field / max |field|")
     if len(panels) > 1:
@@ -229,13 +233,24 @@ def _draw_summary(sub, panels: list[FieldPanel]) -> None:
             sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
             ax.bar(x, float(np.mean(values)), yerr=sd, color=colour(x), alpha=0.5, capsize=2)
             ax.plot([x] * len(values), values, "k.", markersize=3)
-        ax.set_xticks(range(len(conditions)), conditions, rotation=30, ha="right", fontsize=6)
+        ax.set_xticks(range(len(conditions)), _shortened(conditions), rotation=35, ha="right",
+                      fontsize=6)  # fmt: skip
         ax.set(title=name, ylim=(low, high))
         ax.axhline(0.0, color="grey", lw=0.5)
     counts = sorted({sum(p.condition == c for p in panels) for c in conditions})
     seeds = "/".join(map(str, counts))
     sub.suptitle(f"mean over channels, per condition: bar mean ± 1 sd over seeds "
                  f"({seeds} per condition), dots the seeds", fontsize=7)  # fmt: skip
+
+
+def _shortened(names: list[str]) -> list[str]:
+    """Names without the part they all begin with (up to an underscore): the summary's
+    x labels, e.g. ``bp_narrow4`` for ``retina_fmnist_bp_narrow4``."""
+    if len(names) < 2:
+        return names
+    common = os.path.commonprefix(names)
+    cut = common.rfind("_") + 1
+    return [name[cut:] or name for name in names]
 
 
 def difference_of_gaussians(size: int = 15, sigma: float = 1.5, ratio: float = 2.0):
