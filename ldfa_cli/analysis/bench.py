@@ -24,7 +24,7 @@ from torch.autograd import DeviceType
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ldfa_cli.analysis.figures import BP_COLOUR, COLUMN_IN, colour, new_figure, styled_figure
+from ldfa_cli.analysis.figures import BP_COLOUR, PAGE_IN, colour, new_figure, styled_figure
 from ldfa_cli.config.schema import compile_mode
 from ldfa_cli.data import dataset_shape
 from ldfa_cli.engine.build import synthetic_network
@@ -435,7 +435,7 @@ def width_sweep(recipe, widths: list[int], ranks: list[int], steps: int, warmup:
 def draw_width_sweep(rows: list[dict], title: str):
     """Time ratio (solid) and FLOP ratio (dashed) to backprop against the hidden width, a
     colour per rank; below 1, the rule's step is the cheaper."""
-    fig = new_figure(COLUMN_IN, 2.8)
+    fig = new_figure(0.75 * PAGE_IN, 3.4)
     ax = fig.subplots()
     labels = list(dict.fromkeys(r["variant"] for r in rows if r["variant"] != "bp"))
     for index, label in enumerate(labels):
@@ -447,7 +447,10 @@ def draw_width_sweep(rows: list[dict], title: str):
                 label=f"{label}: FLOPs")  # fmt: skip
     ax.axhline(1.0, color=BP_COLOUR, lw=0.8, ls=":", label="backprop")
     ax.set_xscale("log", base=2)
+    widths = sorted({r["width"] for r in rows})
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.minorticks_off()
     ax.set(xlabel="hidden width (every hidden layer)", ylabel="step / backprop's step",
-           title=title)  # fmt: skip
+           title=title.replace(": ", ":\n", 1))  # fmt: skip
     fig.legend(loc="outside lower center", ncols=2)
     return fig
