@@ -346,16 +346,16 @@ def device_busy_ms(events, steps: int) -> float:
     return busy / 1e3 / steps
 
 
-def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int,
-              device: torch.device) -> dict:  # fmt: skip
-    variants = build_variants(recipe, ranks, batch_size, device)
-    timed = _timer(device)
+def timed_rows(variants: list[Variant], steps: int, warmup: int, device) -> list[dict]:
+    """Warm every variant up (its phase twin too), time ``steps`` periods of each, taking
+    turns, and give a row per variant: its median step, its time and FLOP ratios to the
+    first variant's (backprop's) and their gap."""
     for variant in variants:
         for _ in range(warmup):
             variant.step()
             if variant.phase_step is not None:
                 variant.phase_step()
-    time_periods(variants, steps, timed)
+    time_periods(variants, steps, _timer(device))
     base = variants[0]
     base_time = statistics.median(base.times)
     rows = []
@@ -366,6 +366,14 @@ def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int
                      "flop_ratio": flop_ratio, "gap": time_ratio - flop_ratio,
                      "gflops_per_step": v.total_flops / 1e9,
                      "steps_per_sample": v.period})  # fmt: skip
+    return rows
+
+
+def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int,
+              device: torch.device) -> dict:  # fmt: skip
+    variants = build_variants(recipe, ranks, batch_size, device)
+    rows = timed_rows(variants, steps, warmup, device)
+    base = variants[0]
     if device.type == "cuda":
         busy = {v.label: kernel_ms(v, device) for v in variants}
         for row in rows:
@@ -406,28 +414,15 @@ def run_bench(recipe, ranks: list[int], steps: int, warmup: int, batch_size: int
 
 def width_sweep(recipe, widths: list[int], ranks: list[int], steps: int, warmup: int,
                 batch_size: int, device: torch.device) -> list[dict]:  # fmt: skip
-    """For an MLP recipe, at each hidden width (every hidden layer that wide): the median
-    step time and the FLOPs of backprop and of the rule at each rank, interleaved as
-    :func:`run_bench` times them; a row per (width, variant) with its time and FLOP ratio
-    to backprop's at that width."""
+    """For an MLP recipe, at each hidden width (every hidden layer that wide): the rows of
+    :func:`timed_rows` for backprop and the rule at each rank, each with its width."""
     rows = []
     depth = len(recipe.model.widths)
     for width in widths:
         sized = recipe.model_copy(update={"model": recipe.model.model_copy(
             update={"widths": [width] * depth})})  # fmt: skip
         variants = build_variants(sized, ranks, batch_size, device)
-        for variant in variants:
-            for _ in range(warmup):
-                variant.step()
-        time_periods(variants, steps, _timer(device))
-        base = variants[0]
-        base_time = statistics.median(base.times)
-        for v in variants:
-            median = statistics.median(v.times)
-            rows.append({"width": width, "variant": v.label, "median_ms": median * 1e3,
-                         "time_ratio": median / base_time,
-                         "flop_ratio": v.total_flops / base.total_flops,
-                         "gflops_per_step": v.total_flops / 1e9})  # fmt: skip
+        rows += [{"width": width, **row} for row in timed_rows(variants, steps, warmup, device)]
     return rows
 
 

@@ -156,7 +156,7 @@ def _width_sweep(config, path, widths, ranks, steps, warmup, batch, device, plot
     for row in rows:
         table.add_row(str(row["width"]), row["variant"], f"{row['median_ms']:.2f}",
                       f"{row['time_ratio']:.3f}", f"{row['flop_ratio']:.3f}",
-                      f"{row['time_ratio'] - row['flop_ratio']:+.3f}")  # fmt: skip
+                      f"{row['gap']:+.3f}")  # fmt: skip
     console.print(table)
     if plot is not None:
         console.print(f"wrote {save_figure(draw_width_sweep(rows, title), plot)}")
