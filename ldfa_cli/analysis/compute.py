@@ -218,7 +218,7 @@ def draw_compute(rows: list[dict], target: float | None, common: bool, metric: s
 
     key = "flops_to_common" if common else "flops_to_target"
     higher = HIGHER_IS_BETTER[metric]
-    percent = 100 if metric in ("acc", "top5") else 1
+    percent = 100 if higher else 1  # accuracies in %
     named = METRIC_NAMES.get(metric, metric)
     has_bp = any(r["rule"] == "bp" for r in rows)
     slots = ["BP"] if has_bp else []
@@ -247,11 +247,12 @@ def draw_compute(rows: list[dict], target: float | None, common: bool, metric: s
         values = [r[key] / scale if r[key] is not None else float("nan") for r in mine]
         twin.errorbar(xs, values, yerr=[_sd(r, key) / scale for r in mine], color=tint,
                       marker="o", capsize=2)  # fmt: skip
-        handles.append(plt_line(tint, "-", "o", f"{unit} to target: {name}"))
+        handles.append(_legend_line(tint, "-", "o", f"{unit} to target: {name}"))
         for r, value in zip(mine, values, strict=True):
             if r["rule"] == "bp" and value == value:
                 twin.axhline(value, color=tint, ls=":", lw=0.8)
-                handles.append(plt_line(tint, ":", None, f"backprop's {unit} to target: {name}"))
+                label = f"backprop's {unit} to target: {name}"
+                handles.append(_legend_line(tint, ":", None, label))
     if has_bp:
         handles.insert(0, Patch(color=BP_COLOUR, alpha=0.45, label=f"final {named}: backprop"))
     finals = [percent * ((r["final"] or 0) + _sd(r, "final")) for r in rows]
@@ -280,7 +281,7 @@ def _slot(row: dict) -> str:
     return row["rule"] if row["rank"] is None else f"r={row['rank']}"
 
 
-def plt_line(tint: str, style: str, marker: str | None, label: str):
+def _legend_line(tint: str, style: str, marker: str | None, label: str):
     from matplotlib.lines import Line2D
 
     return Line2D([], [], color=tint, ls=style, marker=marker, label=label)

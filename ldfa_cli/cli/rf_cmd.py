@@ -74,6 +74,11 @@ def computed_fields(run: Path, layer: str | None, method: str, checkpoint: str, 
             "config": recipe.model_dump(mode="json")}  # fmt: skip
 
 
+def _record_text(result: dict) -> str:
+    """What rf.json keeps of a run's fields: all but the resolved config (its record's)."""
+    return json.dumps({k: v for k, v in result.items() if k != "config"}) + "\n"
+
+
 def fields_of(run: Path, layer: str | None, method: str, checkpoint: str, on) -> dict:
     """A run folder's fields, computed from its checkpoint (and recorded in its
     rf/rf.json) or read from that record; a checkpoint file's, computed."""
@@ -82,8 +87,7 @@ def fields_of(run: Path, layer: str | None, method: str, checkpoint: str, on) ->
     if run.is_file() or (run / "checkpoints" / f"{checkpoint}.pt").is_file():
         result = computed_fields(run, layer, method, checkpoint, on)
         if run.is_dir():
-            record = {k: v for k, v in result.items() if k != "config"}
-            atomic_write_text(run / "rf" / "rf.json", json.dumps(record) + "\n")
+            atomic_write_text(run / "rf" / "rf.json", _record_text(result))
         return result
     result = recorded_fields(run, layer, method, checkpoint)
     if result is None:
@@ -140,8 +144,7 @@ def rf(
     fig = draw_fields(panels, " / ".join(sorted({r["layer"] for r in results})), method)
     written = save_figure(fig, figure, fmt)
     if single and out is not None:
-        record = {k: v for k, v in results[0].items() if k != "config"}
-        atomic_write_text(written.parent / "rf.json", json.dumps(record) + "\n")
+        atomic_write_text(written.parent / "rf.json", _record_text(results[0]))
     console.print(f"wrote {written}; each run's fields and measures in RUN/rf/rf.json")
     table = Table(title=f"receptive fields ({method}), mean over channels")
     for col in ("run", "rule", "r", "layer", "symmetry", "orientation", "centre-surround"):

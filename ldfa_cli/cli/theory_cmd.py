@@ -47,7 +47,7 @@ def theory(
     json_out: bool = typer.Option(False, "--json", help="Final Lambda and discrepancy as JSON."),
 ) -> None:
     """Reproduce Fig. 2 (b-e) and Fig. 4a: Lambda_i(t) per mode, simulation vs theory."""
-    from ldfa_cli.analysis.figures import FORMATS
+    from ldfa_cli.analysis.figures import figure_path
     from ldfa_cli.analysis.theory import MODES, TheoryConfig, run
     from ldfa_cli.analysis.theory_report import final_table, write_all
 
@@ -58,8 +58,7 @@ def theory(
                           f"{', '.join(MODES)}")  # fmt: skip
     if oja_signal not in ("targets", "error"):
         raise ConfigError(f"--oja-signal takes 'targets' or 'error', got '{oja_signal}'")
-    if fmt.lower() not in FORMATS:
-        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    figure, fmt = figure_path(Path("theory"), fmt)  # a bad --format fails before simulating
     rank_list = _int_list(ranks, "--ranks")
     if max(rank_list) > min(k, m):
         raise ConfigError(f"--ranks: a rank cannot exceed min(k, m) = {min(k, m)}")
@@ -79,9 +78,9 @@ def theory(
     with console.status("simulating and integrating the theory"):
         result = run(cfg)
     out = out or Path("runs") / "theory" / time.strftime("%Y%m%d-%H%M%S")
-    data = write_all(result, out, fmt.lower())
+    data = write_all(result, out, fmt)
     console.print(final_table(result))
-    console.print(f"{time.perf_counter() - start:.1f} s; wrote {out / f'theory.{fmt.lower()}'}, "
+    console.print(f"{time.perf_counter() - start:.1f} s; wrote {out / figure}, "
                   f"{out / 'curves.csv'}, {out / 'summary.json'}")  # fmt: skip
     if json_out:
         brief = [{k: r[k] for k in ("mode", "rank", "final_lambda_simulation",
