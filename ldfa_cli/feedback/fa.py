@@ -50,8 +50,7 @@ class FeedbackAlignment(Rule):
         store(layer, "feedback_B", B, learned=self.learned)
 
     def feedback_tensors(self, layer):
-        B = layer.feedback_B
-        return (B if self.learned else B.detach(),)
+        return (layer.feedback_B,)
 
     def feedback_matrix(self, layer):
         return layer.feedback_B.detach()

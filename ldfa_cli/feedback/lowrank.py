@@ -77,11 +77,7 @@ class LowRankRule(Rule):
         init_factors(layer, self.init, orthonormal_p=self.learn_p_in_backward)
 
     def feedback_tensors(self, layer) -> tuple[Tensor, ...]:
-        Q, P = layer.feedback_Q, layer.feedback_P
-        return (
-            Q if self.learn_q_in_backward else Q.detach(),
-            P if self.learn_p_in_backward else P.detach(),
-        )
+        return layer.feedback_Q, layer.feedback_P
 
     def feedback_matrix(self, layer) -> Tensor:
         return layer.ops.dense_from_factors(layer.feedback_Q.detach(), layer.feedback_P.detach())

@@ -129,8 +129,9 @@ class Rule:
 
     # ---------------------------------------------- inside the layer's autograd Function
     def feedback_tensors(self, layer) -> tuple[Tensor, ...]:
-        """Tensors handed to the autograd Function. Those whose ``.grad`` the backward
-        returns are passed as they are; the others detached."""
+        """Tensors handed to the autograd Function, as they are: the backward returns None
+        for those it does not learn (a learned tensor that another update trains, eq. 9's Q
+        and P, needs no detach, which would cost a dispatch per tensor, layer and step)."""
         return ()
 
     def backward(
