@@ -12,8 +12,8 @@ The backward sends Q z upstream with z = P g the r-dimensional teaching signal (
 * Q is fixed and random (the default, the paper's MLPs), or learns by the Hebbian rule of
   eq. 18 (``learn_q``, the paper's CNNs): Delta Q = eta h (P delta)^T - lambda Q.
 
-Cost. C is never formed: P C = (g_c P^T)^T g_c = z_c^T g with z_c the centred z the input
-gradient already computed, O(T m r); the orthonormalising factor adds O(m r^2); gamma is a
+Cost. C is never formed: P C = (g_c P^T)^T g_c = z^T g_c with z = P g the input gradient
+already computed, O(T m r); the orthonormalising factor adds O(m r^2); gamma is a
 column sum of squares, O(T m). For a conv layer every output pixel is a sample (App. C.3);
 a grouped conv learns each group's P_j from its own channels' C_j and gamma_j.
 
@@ -38,27 +38,38 @@ from .rule import ConversionPlan, Selection, check, make_rule, phase_flops, regi
 def oja_grad(ops, signal, projected, P, decay: float, normalise: str = "gamma"):
     """P.grad = -(P C / gamma)(I - P^T P) + decay P (eq. 15, Alg. 2), with C the centred
     covariance of ``signal`` over samples and ``projected`` = P signal, already computed.
-    Never forms C: z_c sums to zero over samples, so z_c^T signal = z_c^T signal_c = P C.
+    Never forms C: only the signal is centred, once, as P C = z^T signal_c (the centring
+    of z would give the same, z_c^T signal_c = z^T signal_c, at another two dispatches);
+    its square, in place, then gives diag C. An ungrouped layer works on matrices, a grouped
+    conv with a leading group dimension (one C, gamma and P_j per group): each view or
+    reshape the matrices skip is a dispatch per layer and step.
 
     ``normalise``: ``gamma`` divides C by gamma = max diag C (Algorithm 2); ``std`` divides
     the signal by its largest per-unit standard deviation first (the authors' code:
     C / (s_max + 1e-8)^2 with s_max^2 = gamma / (T - 1), so about (T - 1) C / gamma for T
     samples: the same direction, a T - 1 times larger step)."""
-    groups = ops.groups  # a grouped conv: one C, gamma and P_j per group
-    pc = ops.grouped_outer(ops.centre(projected), signal).float()  # g x r x m_g
-    gamma = ops.centred_sumsq(signal).float().view(groups, -1).amax(1)  # max diag(C_j)
+    groups, samples = ops.groups, ops.samples(signal)
+    centred = ops.centre(signal)
+    if groups == 1:
+        mm, addmm = torch.mm, torch.addmm
+        pc = like(ops.outer(projected, centred), torch.float32)  # r x m
+        gamma = like(ops.sumsq_(centred), torch.float32).amax()  # max diag(C)
+        Pf = like(P, torch.float32)
+    else:
+        mm, addmm = torch.bmm, torch.baddbmm
+        pc = ops.grouped_outer(projected, centred).float()  # g x r x m_g
+        gamma = ops.sumsq_(centred).float().view(groups, -1).amax(1).view(-1, 1, 1)
+        Pf = grouped(P.float(), groups)
     if normalise == "std":
-        samples = ops.samples(signal)
         scale = ((gamma / max(samples - 1, 1)).sqrt() + 1e-8) ** 2
     else:
         scale = gamma.clamp_min(torch.finfo(torch.float32).tiny)
-    pc = pc / (scale if groups == 1 else scale.view(-1, 1, 1))
-    Pf = grouped(P.float(), groups)
-    # -(PC/gamma)(I - P^T P) as one baddbmm: each op saved is a dispatch per layer and step
-    grad = torch.baddbmm(pc, torch.bmm(pc, Pf.transpose(1, 2)), Pf, beta=-1)
+    pc = pc / scale
+    # -(PC/gamma)(I - P^T P) as one addmm: each op saved is a dispatch per layer and step
+    grad = addmm(pc, mm(pc, Pf.mT), Pf, beta=-1)
     if decay:
         grad = grad.add_(Pf, alpha=decay)
-    return like(grad.reshape(P.shape), P.dtype)
+    return like(grad if groups == 1 else grad.reshape(P.shape), P.dtype)
 
 
 @register

@@ -104,12 +104,11 @@ class LinearOps:
     def centre(self, t: Tensor) -> Tensor:
         return t - _rows(t).mean(0)
 
-    def centred_sumsq(self, t: Tensor) -> Tensor:
-        """Per channel, the sum over samples of (t - mean)^2: diag of the centred covariance.
-        (Centre, square in place, sum: 16x faster on CPU than torch.var over the batch
-        dimension, and one T x m temporary, not two.)"""
-        centred = self.centre(t)
-        return _rows(centred.square_()).sum(0)
+    def sumsq_(self, t: Tensor) -> Tensor:
+        """Per channel, the sum over samples of t^2, squaring ``t`` in place: of a centred
+        t, the diagonal of its covariance (centre, square in place, sum: 16x faster on CPU
+        than torch.var over the batch dimension, and one T x m temporary, not two)."""
+        return _rows(t.square_()).sum(0)
 
     def samples(self, g: Tensor) -> int:
         return g.numel() // g.shape[-1]
@@ -221,8 +220,8 @@ class ConvOps:
     def centre(self, t: Tensor) -> Tensor:
         return t - t.mean(dim=(0, *self._spatial), keepdim=True)
 
-    def centred_sumsq(self, t: Tensor) -> Tensor:
-        return self.centre(t).square_().sum(dim=(0, *self._spatial))
+    def sumsq_(self, t: Tensor) -> Tensor:
+        return t.square_().sum(dim=(0, *self._spatial))
 
     def samples(self, g: Tensor) -> int:
         return g.numel() // g.shape[1]
