@@ -1,7 +1,9 @@
 """ATen ops dispatched by one eager training step (after 3 warm-up steps) under backprop
 and under lowrank_fa, ldfa and ldfa_local at one rank, counted as ``ldfa bench`` counts
 them (forward, backward with the rules' work, both optimizers), and the difference per
-converted layer. Deterministic: it needs no idle machine.
+converted layer. ``ldfa`` is counted twice: on the CPU's path (eq. 9 layer by layer) and on
+an accelerator's (``batched: true``, eq. 9 over layers of one shape as batched products).
+Deterministic: it needs no idle machine.
 
     python benchmarks/dispatches.py fmnist_mlp_ldfa_r10 8 32    # recipe, rank, batch
     python benchmarks/dispatches.py fmnist_vit_r16 8 8
@@ -16,12 +18,15 @@ import torch
 from ldfa_cli.analysis import bench
 from ldfa_cli.config import load_recipe
 
-RULES = ("lowrank_fa", "ldfa", "ldfa_local")
+# (rule, its options, what the row is called)
+RULES = (("lowrank_fa", "{}", ""), ("ldfa", "{}", ""),
+         ("ldfa", "{batched: true}", " (batched: the accelerator's path)"),
+         ("ldfa_local", "{}", ""))  # fmt: skip
 
 
-def dispatch_counts(recipe: str, rule: str, rank: int, batch: int) -> tuple[dict, int]:
+def dispatch_counts(recipe: str, rule: str, options: str, rank: int, batch: int):
     """({variant label: ATen ops per step}, converted layers) for backprop and ``rule``."""
-    config, _ = load_recipe(recipe, [f"feedback.rule={rule}", "feedback.options={}"])
+    config, _ = load_recipe(recipe, [f"feedback.rule={rule}", f"feedback.options={options}"])
     device = torch.device("cpu")
     variants = bench.build_variants(config, [rank], batch, device)
     for variant in variants:
@@ -32,13 +37,13 @@ def dispatch_counts(recipe: str, rule: str, rank: int, batch: int) -> tuple[dict
 
 
 def main(recipe: str, rank: str, batch: str) -> None:
-    for index, rule in enumerate(RULES):
-        counts, layers = dispatch_counts(recipe, rule, int(rank), int(batch))
+    for index, (rule, options, note) in enumerate(RULES):
+        counts, layers = dispatch_counts(recipe, rule, options, int(rank), int(batch))
         bp = counts.pop("bp")
         if index == 0:
             print(f"{recipe}, batch {batch}: bp {bp:.0f}")
         ((label, ops),) = counts.items()
-        print(f"  {label}: {ops:.0f} ({ops / bp:.2f}x, {(ops - bp) / layers:+.1f} per layer, "
+        print(f"  {label}{note}: {ops:.0f} ({ops / bp:.2f}x, {(ops - bp) / layers:+.1f} per layer, "
               f"{layers} converted layers)")  # fmt: skip
 
 

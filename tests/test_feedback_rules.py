@@ -7,7 +7,7 @@ import torch
 
 from ldfa_cli.feedback import LDFAConv2d, LDFALinear, feedback_loss
 from ldfa_cli.feedback.normative import factorisation_loss
-from ldfa_cli.feedback.rule import make_rule
+from ldfa_cli.feedback.rule import FeedbackConfigError, make_rule
 
 
 def _principal_cosines(P: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -338,6 +338,19 @@ def test_normative_update_batches_where_asked_or_where_it_pays(monkeypatch):
     calls.clear()
     assert normative.normative_update(model, step=1, batched=True) == 6
     assert sorted(calls) == [2, 2]  # b not due: a and c still batch
+
+
+def test_the_rule_s_batched_option_decides_where_the_call_does_not(monkeypatch):
+    from ldfa_cli.feedback import normative
+
+    calls = []
+    monkeypatch.setattr(normative, "_update_alike", lambda layers: calls.append(len(layers)))
+    model = torch.nn.ModuleDict({name: LDFALinear(6, 6, rule="ldfa", rank=2, batched=True)
+                                 for name in "abc"})  # fmt: skip
+    assert normative.normative_update(model) == 3 and calls == [3]  # on the CPU
+    assert normative.normative_update(model, batched=False) == 3 and calls == [3]
+    with pytest.raises(FeedbackConfigError):
+        LDFALinear(6, 6, rule="ldfa", rank=2, batched="yes")
 
 
 def test_normative_update_batches_by_default_off_the_cpu_only():

@@ -48,7 +48,9 @@ class Normative(SVDInitialised):
     taken (:class:`~ldfa_cli.feedback.lowrank.SVDInitialised`). ``sqrt_rank`` divides both
     factors' eq.-9 gradients by sqrt(r) (r the layer's rank: 3r for the authors' qkv), as
     the newest version of the authors' ``LDFA_Linear`` does; a per-layer learning rate under
-    SGD, nothing under Adam(W) but for eps; not in the paper (off by default).
+    SGD, nothing under Adam(W) but for eps; not in the paper (off by default). ``batched``:
+    eq. 9 for layers of one shape as batched products (:func:`update_factors`); by default
+    (null) on an accelerator only.
     """
 
     name: ClassVar[str] = "ldfa"
@@ -61,6 +63,7 @@ class Normative(SVDInitialised):
     reset_svd_every: int | None = None
     reset_svd_every_epochs: float | None = None
     sqrt_rank: bool = False
+    batched: bool | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -71,6 +74,10 @@ class Normative(SVDInitialised):
               f"rule 'ldfa': reset_svd_every_epochs must be > 0 or null, got "
               f"{self.reset_svd_every_epochs}")  # fmt: skip
         check(self.interval >= 1, f"rule 'ldfa': interval must be >= 1, got {self.interval}")
+        check(isinstance(self.sqrt_rank, bool),
+              f"rule 'ldfa': sqrt_rank must be true or false, got {self.sqrt_rank!r}")  # fmt: skip
+        check(self.batched is None or isinstance(self.batched, bool),
+              f"rule 'ldfa': batched must be true, false or null: {self.batched!r}")  # fmt: skip
         check(
             self.reset_svd_every is None or self.reset_svd_every >= 1,
             f"rule 'ldfa': reset_svd_every must be >= 1 or null, got {self.reset_svd_every}",
@@ -188,12 +195,14 @@ def matrix_factorisation_grads(Q: Tensor, P: Tensor, w: Tensor) -> tuple[Tensor,
     their own layouts: (dL/dQ, dL/dP) = (Q (P P^T) - (P W)^T, (Q^T Q) P - Q^T W^T), the
     transpose of :func:`factorisation_grads`'s dL/dQm^T computed in Q's layout, so that
     neither a transposed copy nor a transpose of it follows: ten dispatches, of which the
-    two r x m x n products are the cost (r rows first, as there; P P^T is symmetric)."""
-    q_rows = Q.t()
-    qw = torch.mm(q_rows, w.t())  # r x m: Q^T W^T
-    pw = torch.mm(P, w)  # r x n: P W
-    grad_q = torch.addmm(pw.t(), Q, torch.mm(P, P.t()), beta=-1)
-    grad_p = torch.addmm(qw, torch.mm(q_rows, Q), P, beta=-1)
+    two r x m x n products are the cost (r rows first, as there; P P^T is symmetric). With
+    a leading dimension (layers of one shape stacked) the same ten dispatches, batched."""
+    mm, addmm = (torch.mm, torch.addmm) if P.dim() == 2 else (torch.bmm, torch.baddbmm)
+    q_rows = Q.mT
+    qw = mm(q_rows, w.mT)  # r x m: Q^T W^T
+    pw = mm(P, w)  # r x n: P W
+    grad_q = addmm(pw.mT, Q, mm(P, P.mT), beta=-1)
+    grad_p = addmm(qw, mm(q_rows, Q), P, beta=-1)
     return grad_q, grad_p
 
 
@@ -248,19 +257,26 @@ def update_factors(layers: list, step: int | None = None, batched: bool | None =
 
     ``batched`` runs layers of one shape together, as batched products over stacked copies
     of their W, Q and P: a ViT's 12 qkv layers cost one call per product instead of twelve.
-    By default (None) it does so on an accelerator, where a step of a small or mid-sized
-    model is bound by kernel launches, not FLOPs, and this update was most of what LDFA
-    added to them (H200, ViT-S/16 at r = 16: 8.3 -> 2.1 ms a step). On a CPU it runs layer
-    by layer: inside a training step, where W has left the cache, copying it costs more
-    than the calls save (3x512 MLP, 1 thread: +1 ms of copies for 0.2 ms saved)."""
+    By default (None) the rule's ``batched`` option decides, and where that is null too it
+    is done on an accelerator, where a step of a small or mid-sized model is bound by
+    kernel launches, not FLOPs, and this update was most of what LDFA added to them. On a
+    CPU it runs layer by layer: inside a training step, where W has left the cache,
+    copying it costs more than the calls save (docs/performance.md has both measured)."""
     due = [layer for layer in layers if step is None or step % layer.rule.interval == 0]
     for alike in _alike_layers(due):
-        if len(alike) > 1 and (batched or (batched is None and _worth_batching(alike[0]))):
+        if len(alike) > 1 and _batches(alike[0], batched):
             _update_alike(alike)
         else:
             for layer in alike:
                 _update_layer(layer)
     return len(due)
+
+
+def _batches(layer, batched: bool | None) -> bool:
+    """The call's ``batched``, else the rule's option, else: off the CPU."""
+    if batched is None:
+        batched = layer.rule.batched
+    return _worth_batching(layer) if batched is None else batched
 
 
 def _worth_batching(layer) -> bool:
@@ -274,7 +290,7 @@ def _alike_layers(layers: list) -> list[list]:
     for layer in layers:
         w, Q, P = layer.weight, layer.feedback_Q, layer.feedback_P
         key = (type(layer.ops), tuple(w.shape), tuple(Q.shape), tuple(P.shape), w.dtype,
-               P.dtype, w.device, layer.rule.grad_scale(layer))  # fmt: skip
+               P.dtype, w.device, layer.rule.grad_scale(layer), layer.rule.batched)  # fmt: skip
         runs.setdefault(key if layer.groups == 1 else ("alone", id(layer)), []).append(layer)
     return list(runs.values())
 
@@ -308,19 +324,26 @@ def _update_layer(layer) -> None:
 def _update_alike(layers: list) -> None:
     """Eq. 9 for layers of one shape, as one batched product each (the layer dimension in
     place of the group dimension of :func:`factorisation_grads`); every layer's grads are
-    views of the batch's results. The FLOP counter gives each layer its equal share."""
+    views of the batch's results, taken by one ``unbind``. A stack of Linear layers costs
+    fifteen dispatches however many layers it has. The FLOP counter gives each layer its
+    equal share."""
     counting = accounting.ACTIVE
     if counting:
         names = tuple(layer.layer_name for layer in layers)
         previous = accounting.enter(names, "feedback_update")
-    ops, Q0 = layers[0].ops, layers[0].feedback_Q
-    w_rows = torch.stack([layer.weight.detach().reshape(layer.fan_out, -1) for layer in layers])
-    q_rows = torch.stack([ops.q_rows(layer.feedback_Q) for layer in layers])
+    first = layers[0]
     P = torch.stack([layer.feedback_P for layer in layers])
-    grad_q_rows, grad_p = factorisation_grads(q_rows, P, w_rows)
-    if (scale := layers[0].rule.grad_scale(layers[0])) is not None:  # alike: one rank
-        grad_q_rows, grad_p = grad_q_rows.mul_(scale), grad_p.mul_(scale)
-    grad_q = ops.q_from_rows_batched(grad_q_rows, tuple(Q0.shape))
+    if first.feedback_Q.dim() == 2 and first.weight.dim() == 2:  # Linear: matrices as they are
+        Q = torch.stack([layer.feedback_Q for layer in layers])
+        w = torch.stack([layer.weight for layer in layers])
+        grad_q, grad_p = matrix_factorisation_grads(Q, P, w)
+    else:
+        w_rows = torch.stack([layer.weight.reshape(layer.fan_out, -1) for layer in layers])
+        q_rows = torch.stack([first.ops.q_rows(layer.feedback_Q) for layer in layers])
+        grad_q_rows, grad_p = factorisation_grads(q_rows, P, w_rows)
+        grad_q = first.ops.q_from_rows_batched(grad_q_rows, tuple(first.feedback_Q.shape))
+    if (scale := first.rule.grad_scale(first)) is not None:  # alike: one rank
+        grad_q, grad_p = grad_q.mul_(scale), grad_p.mul_(scale)
     for layer, gq, gp in zip(layers, grad_q, grad_p, strict=True):
         _accumulate(layer.feedback_Q, gq)
         _accumulate(layer.feedback_P, gp)
