@@ -242,6 +242,9 @@ class TrainConfig(Section):
     # torch.compile of the model: true (its default mode) or a mode by name; on a GPU,
     # "reduce-overhead" also replays the compiled forward and backward as CUDA graphs
     compile: bool | CompileMode = False
+    # what train.compile compiles: the model (its forward, and autograd's backward of it)
+    # or the whole step's forward and backward with the rules' work (eq. 9) as one graph
+    compile_scope: Literal["model", "step"] = "model"
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     # every N steps: per converted layer, the angle and norm ratio of B against W^T and the
     # cosine of the rule's input gradient with backprop's on a fixed probe batch (off: null)

@@ -166,6 +166,11 @@ class Trainer:
                 "neither an EMA copy (train.ema_decay), torchrun's DDP nor a compiled step "
                 "(train.compile) follows yet; drop one of them"
             )
+        if compiled and self.cfg.compile_scope == "step" and self.world.distributed:
+            raise ConfigError(
+                "train.compile_scope: step takes the gradients by torch.autograd.grad, which "
+                "DDP does not reduce across ranks; under torchrun use compile_scope: model"
+            )
         self.ema = make_ema(self.model, self.cfg.ema_decay)
         if self.ema is not None and checkpoint is not None and checkpoint.get("ema") is not None:
             self.ema.module.load_state_dict(checkpoint["ema"])
@@ -177,7 +182,7 @@ class Trainer:
                 )
             ids = [self.device.index] if self.device.type == "cuda" else None
             net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        if (mode := compile_mode(self.cfg)) is not None:
+        if (mode := compile_mode(self.cfg)) is not None and self.cfg.compile_scope == "model":
             net = torch.compile(net, mode=mode)
         self.step = TrainStep.for_recipe(self.recipe, self.model, self.optimizers,
                                          self.data.classes, self.steps_per_epoch, net=net,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from . import accounting
@@ -107,12 +108,25 @@ def fit_to_state(model: nn.Module, state: dict) -> None:
         layer.rule.fit_to_state(layer, state, f"{name}." if name else "")
 
 
-def backward_with_rules(model: nn.Module, loss: Tensor, step: int | None = None):
+def backward_with_rules(model: nn.Module, loss: Tensor, step: int | None = None,
+                        params: list[Tensor] | None = None):  # fmt: skip
     """``loss.backward()`` plus what the rules add: their auxiliary loss terms in the same
     backward, then their after-backward work (eq. 9 where due at ``step``; always when
-    None). Returns the auxiliary loss (detached) or None, for logging."""
+    None). Returns the auxiliary loss (detached) or None, for logging.
+
+    Given ``params``, the gradients come from ``torch.autograd.grad`` of those tensors and
+    are added to their ``.grad`` as ``.backward()`` would: torch.compile traces that call
+    into the step's graph (with dynamo's ``trace_autograd_ops``), not ``.backward()``,
+    which ends a graph. DDP's hooks do not see it."""
     aux = auxiliary_loss(model)
-    (loss if aux is None else loss + aux).backward()
+    total = loss if aux is None else loss + aux
+    if params is None:
+        total.backward()
+    else:
+        for param, grad in zip(params, torch.autograd.grad(total, params, allow_unused=True),
+                               strict=True):  # fmt: skip
+            if grad is not None:
+                param.grad = grad if param.grad is None else param.grad + grad
     after_backward(model, step)
     return None if aux is None else aux.detach()
 
