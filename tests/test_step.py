@@ -75,3 +75,18 @@ def test_an_observer_sees_the_phases_in_order():
     step(torch.randn(4, 12), torch.randint(0, 4, (4,)), 0)
     assert seen == ["forward in", "forward out", "backward in", "backward out",
                     "optimizer in", "optimizer out"]  # fmt: skip
+
+
+def test_every_optimizer_is_fused_or_foreach_never_a_loop_over_tensors():
+    from types import SimpleNamespace
+
+    from ldfa_cli.engine.optim import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    base = {"lr": 0.1, "weight_decay": 0.0, "betas": (0.9, 0.99), "eps": 1e-8,
+            "amsgrad": False, "momentum": 0.0, "alpha": 0.99}  # fmt: skip
+    for name in ("adam", "adamw", "sgd", "rmsprop"):
+        optimizer = make_optimizer(SimpleNamespace(name=name, **base), params)
+        assert optimizer.defaults.get("fused") or optimizer.defaults.get("foreach"), name
+    assert make_optimizer(SimpleNamespace(name="rmsprop", **base), params).defaults["foreach"]
+    assert make_optimizer(SimpleNamespace(name="adamw", **base), params).defaults["fused"]

@@ -48,11 +48,16 @@ OPTIMIZERS = {
 
 
 def make_optimizer(config, params) -> torch.optim.Optimizer:
+    """The config's optimizer: PyTorch's fused kernel where it has one for these tensors,
+    else its foreach implementation (a few ops over all tensors, never one op per tensor:
+    PyTorch's default on a CPU is the loop)."""
     params = list(params)
     kind, keys, fusable = OPTIMIZERS[config.name]
     options = {key: getattr(config, key) for key in keys}
     if fusable and _fused_ok(params):
         options["fused"] = True
+    else:
+        options["foreach"] = True
     return kind(params, lr=config.lr, weight_decay=config.weight_decay, **options)
 
 
