@@ -70,7 +70,8 @@ class TrainStep:
     after-backward work, with the gradients in place). ``steps_per_epoch`` sizes the
     rules' resets given in epochs (None: those never run). ``observer``, when set, is asked
     for a context around each phase: ``observer.phase(name)`` for "forward", "backward"
-    and "optimizer"."""
+    and "optimizer" ("forward and backward" in one where ``compiled_step``, a
+    ``torch.compile`` mode, compiles them as one graph: :meth:`compute`)."""
 
     def __init__(
         self,
