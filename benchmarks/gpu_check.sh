@@ -20,7 +20,8 @@
 #    the MLP's ldfa step beside the same step in the fewest eager ops (r = 8);
 # 7. with --compile: ldfa bench train.compile=true of the tiny ViT (r = 8) and of ViT-S/16
 #    under bf16 (r = 16), where a launch-bound eager step should gain most, and of ViT-S/16
-#    with train.compile=reduce-overhead (CUDA graphs).
+#    with train.compile=reduce-overhead (CUDA graphs), of the model and (train.compile_scope=
+#    step) of the whole forward and backward with eq. 9.
 # On CPU (--device cpu) the same steps run at batch 2 and a step or two, to check that the
 # script and every command work; its timings mean nothing.
 set -euo pipefail
@@ -96,6 +97,9 @@ if [[ "$compiled" == true ]]; then
     step graphs_vit_s16_bf16 ldfa bench vit_cifar10_r24 "${vit_s[@]}" train.precision=bf16 \
         train.compile=reduce-overhead --ranks 16 --device "$device" --batch-size "$vits_batch" \
         --steps "$steps" --warmup "$warmup" --json
+    step graphs_step_vit_s16_bf16 ldfa bench vit_cifar10_r24 "${vit_s[@]}" train.precision=bf16 \
+        train.compile=reduce-overhead train.compile_scope=step --ranks 16 --device "$device" \
+        --batch-size "$vits_batch" --steps "$steps" --warmup "$warmup" --json
 fi
 step memory_vit_s16 ldfa bench vit_cifar10_r24 "${vit_s[@]}" --memory --ranks 16,32,64 \
     --device "$device" --batch-size "$vits_batch" --json
@@ -110,8 +114,8 @@ result = {"device": device, "gpu": (work / "gpu.txt").read_text().strip(),
           "env": json.loads((work / "env.json").read_text() or "{}")}
 BENCHES = ["bench_tiny_vit", "bench_vit_s16", "bench_vit_s16_bf16", "bench_mlp_ldfa",
            "bench_mlp_local", "bench_tiny_vit_local",
-           *(["compiled_tiny_vit", "compiled_vit_s16_bf16", "graphs_vit_s16_bf16"]
-             if compiled else [])]
+           *(["compiled_tiny_vit", "compiled_vit_s16_bf16", "graphs_vit_s16_bf16",
+               "graphs_step_vit_s16_bf16"] if compiled else [])]
 UPDATES = ["update_vit_s16", "update_tiny_vit"]
 for name in ["train", "flops_tiny_vit", "flops_vit_s16", *BENCHES, *UPDATES, "minimal_mlp",
              "memory_vit_s16"]:
@@ -125,7 +129,8 @@ for name in BENCHES:
     for row in result[name]["rows"]:
         print(f"{name:20s} {row['variant']:15s} {row['median_ms']:9.2f} ms  time/BP "
               f"{row['time_ratio']:.2f}  FLOPs/BP {row['flop_ratio']:.2f}  gap {row['gap']:+.2f}"
-              + (f"  kernel/BP {row['kernel_ratio']:.2f}" if "kernel_ratio" in row else ""),
+              + (f"  kernel/BP {row['kernel_ratio']:.2f}" if "kernel_ratio" in row else "")
+              + (f"  dispatches {row['dispatches']:.0f}" if row.get("dispatches") else ""),
               file=sys.stderr)
 for name in UPDATES:
     u = result[name]
