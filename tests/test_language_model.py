@@ -146,6 +146,13 @@ def test_a_language_model_trains_logs_bpc_samples_and_counts_compute_to_bp(capsy
                     "30", "--seed", "1")[1]  # fmt: skip
     assert again == out  # the seed fixes the draws
 
+    code, out, err = run_cli(capsys, "eval", runs / "ldfa", "--json", "--device", "cpu")
+    assert code == 0, err  # the diagnostics take every token's loss
+    report = json.loads(out)
+    assert report["bpc"] == pytest.approx(report["loss"] / 0.6931471805599453)
+    cosines = [d["grad_cosine"] for d in report["diagnostics"]]
+    assert len(cosines) == 9 and all(-1 <= c <= 1 for c in cosines if c == c)
+
     code, out, err = run_cli(capsys, "flops", runs, "--metric", "bpc", "--json")
     assert code == 0, err
     groups = {g["rule"]: g for g in json.loads(out)["groups"]}

@@ -16,6 +16,7 @@ def evaluate_checkpoint(target: Path, split: str, device_name: str, which: str, 
     from ldfa_cli.data import load_data
     from ldfa_cli.engine.build import load_trained, pick_device
     from ldfa_cli.engine.evaluate import evaluate
+    from ldfa_cli.engine.regularise import plain_task_loss
     from ldfa_cli.feedback import alignment_diagnostics
 
     device = pick_device(device_name)
@@ -31,7 +32,7 @@ def evaluate_checkpoint(target: Path, split: str, device_name: str, which: str, 
     result = evaluate(model, data, recipe.train.eval_batch_size,
                       split="val" if split == "val" else "test")  # fmt: skip
     x, y = data.probe(probe, split="val")
-    diagnostics = alignment_diagnostics(model, x, y)
+    diagnostics = alignment_diagnostics(model, x, y, plain_task_loss)
     progress = state["progress"]  # best.pt is saved before its epoch counts as done
     steps = data.steps_per_epoch(recipe.train.batch_size)
     epochs = round(progress["epoch"] + progress["batch_in_epoch"] / max(steps, 1), 4)

@@ -48,7 +48,7 @@ from .metering import FlopMeter
 from .metrics import MetricsLog, tensorboard_writer
 from .optim import build_optimizers
 from .progress import EpochBar, LogWindow, WindowSummary, check_finite
-from .regularise import make_ema
+from .regularise import make_ema, plain_task_loss
 from .run_dir import RunFolder, describe_device, write_run_files
 from .step import StepOutput, TrainStep
 
@@ -372,7 +372,7 @@ class Trainer:
         the model in eval mode for it, its .grad and RNG untouched)."""
         if not self.writes:
             return
-        rows = alignment_diagnostics(self.model, *self.probe)
+        rows = alignment_diagnostics(self.model, *self.probe, plain_task_loss)
         self.log({"event": "alignment", "epoch": round(self.state.step / self.steps_per_epoch, 4),
                   "step": self.state.step, "layers": {r["name"]: {k: r[k] for k in ALIGNMENT_KEYS}
                                                       for r in rows}})  # fmt: skip

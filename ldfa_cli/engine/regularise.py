@@ -47,6 +47,11 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: floa
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
+def plain_task_loss(logits: torch.Tensor, targets: torch.Tensor):
+    """The task loss without label smoothing: what the diagnostics differentiate."""
+    return task_loss(logits, targets, 0.0)
+
+
 def correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Correct predictions (every token of a sequence one); a soft target's class is its
     largest entry."""
