@@ -181,3 +181,15 @@ def test_the_same_records_draw_the_same_file(capsys, tmp_path):
             code, _, err = run_cli(capsys, "plot", tmp_path / "r", "--out", out)
             assert code == 0, err
         assert files[0].read_bytes() == files[1].read_bytes(), suffix
+
+
+def test_groups_beyond_the_palette_get_a_line_style_of_their_own(capsys, tmp_path, drawn):
+    for index in range(10):
+        fake_run(tmp_path / f"r{index}" / "s0", f"mnist_rule{index}", 0, [0.5, 0.6])
+    code, _, err = run_cli(capsys, "plot", *(tmp_path / f"r{i}" for i in range(10)),
+                           "--out", tmp_path / "many.png")  # fmt: skip
+    assert code == 0, err
+    lines = drawn["many.png"].axes[0].get_lines()
+    looks = [(line.get_color(), line.get_linestyle()) for line in lines]
+    assert len(looks) == 10 and len(set(looks)) == 10
+    assert {style for _, style in looks} == {"-", "--"}

@@ -19,6 +19,7 @@ from ldfa_cli.analysis.figures import (
     PAGE_IN,
     colour,
     flop_unit,
+    line_style,
     new_figure,
     styled_figure,
 )
@@ -85,27 +86,29 @@ def _hint(key: str) -> str:
     return " (acc or top5 for a classifier, bpc or ppl for a language model)"
 
 
-def _draw_band(ax, found: Band, scale: float, label: str, tint: str) -> None:
-    ax.plot(found.x * scale, found.mean, marker=".", color=tint, label=label)
+def _draw_band(ax, found: Band, scale: float, label: str, look: dict) -> None:
+    ax.plot(found.x * scale, found.mean, marker=".", label=label, **look)
     if found.sd.any():
         ax.fill_between(found.x * scale, found.mean - found.sd, found.mean + found.sd,
-                        color=tint, alpha=0.2, linewidth=0)  # fmt: skip
+                        color=look["color"], alpha=0.2, linewidth=0)  # fmt: skip
 
 
-def colours_of(panels: dict[str, list[RunGroup]]) -> dict[str, str]:
-    """A colour per group name, the same in every panel: black for the first backprop
-    group, the palette in order for the rest."""
-    tints: dict[str, str] = {}
+def colours_of(panels: dict[str, list[RunGroup]]) -> dict[str, dict]:
+    """A colour and line style per group name, the same in every panel: black and solid
+    for the first backprop group, the palette in order for the rest, each round of it in
+    a line style of its own."""
+    looks: dict[str, dict] = {}
     for groups in panels.values():
         for group in groups:
-            if group.name in tints:
+            if group.name in looks:
                 continue
             is_bp = group.runs[0].config.get("feedback", {}).get("rule") == "bp"
-            if is_bp and BP_COLOUR not in tints.values():
-                tints[group.name] = BP_COLOUR
+            if is_bp and all(look["color"] != BP_COLOUR for look in looks.values()):
+                looks[group.name] = {"color": BP_COLOUR, "linestyle": "-"}
             else:
-                tints[group.name] = colour(sum(t != BP_COLOUR for t in tints.values()))
-    return tints
+                index = sum(look["color"] != BP_COLOUR for look in looks.values())
+                looks[group.name] = {"color": colour(index), "linestyle": line_style(index)}
+    return looks
 
 
 def legend_of(group: RunGroup, seeds: int) -> str:
@@ -125,7 +128,7 @@ def draw_curves(panels: dict[str, list[RunGroup]], x: str, metric: str | None,
     x_key = X_AXES[x]
     rows = sum(len(groups) for groups in panels.values())
     fig = new_figure(PAGE_IN, 2.4 * len(panels) + 0.2 * ((rows + 1) // 2) + 0.3)
-    tints = colours_of(panels)
+    looks = colours_of(panels)
     axes = fig.subplots(len(panels), 2, squeeze=False)
     scale, unit = 1.0, {"epoch": "epoch", "time": "wall-clock (s)"}.get(x, "")
     if x == "flops":
@@ -142,9 +145,9 @@ def draw_curves(panels: dict[str, list[RunGroup]], x: str, metric: str | None,
                 continue
             found.mean, found.sd = percent * found.mean, percent * found.sd
             label = legend_of(group, found.seeds)
-            _draw_band(metric_ax, found, scale, label, tints[group.name])
+            _draw_band(metric_ax, found, scale, label, looks[group.name])
             _draw_band(loss_ax, band(group, x_key, prefix + "loss"), scale, label,
-                       tints[group.name])  # fmt: skip
+                       looks[group.name])  # fmt: skip
         name = METRIC_NAMES.get(shown, shown)
         metric_ax.set(xlabel=unit, ylabel=f"{split} {shown}" + (" (%)" if percent == 100 else ""),
                       title=f"{dataset}: {split} {name}")  # fmt: skip

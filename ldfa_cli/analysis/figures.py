@@ -74,6 +74,15 @@ def colour(index: int) -> str:
     return PALETTE[index % len(PALETTE)]
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def line_style(index: int) -> str:
+    """Solid for the palette's first round of colours, then dashed, dotted, dash-dotted: two
+    groups never share both colour and style (until 28)."""
+    return LINE_STYLES[index // len(PALETTE) % len(LINE_STYLES)]
+
+
 def figure_path(out: Path, fmt: str | None = None) -> tuple[Path, str]:
     """Where a figure goes and in which format: the suffix of ``out`` names the format, or
     ``fmt`` (``--format``) does and is appended to a name without one of png, pdf, svg; a
