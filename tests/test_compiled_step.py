@@ -41,10 +41,12 @@ def _batch(step: int):
     return torch.randn(6, 3, 4, generator=generator), torch.randint(0, 3, (6,), generator=generator)
 
 
-@pytest.mark.parametrize("rule", ["ldfa", "ldfa_local", "lowrank_fa", "kp"])
-def test_the_step_s_forward_and_backward_compile_with_no_graph_break(rule):
+@pytest.mark.parametrize(("rule", "precision"), [("ldfa", "fp32"), ("ldfa_local", "fp32"),
+                                                ("lowrank_fa", "fp32"), ("kp", "fp32"),
+                                                ("ldfa", "bf16")])  # fmt: skip
+def test_the_step_s_forward_and_backward_compile_with_no_graph_break(rule, precision):
     model = _model(rule)
-    step = TrainStep(model, _optimizers(model))
+    step = TrainStep(model, _optimizers(model), precision=precision)
     x, y = _batch(0)
     step(x, y, 0)  # eager first: the optimizers' state exists, as in training
     with _tracing_autograd():
