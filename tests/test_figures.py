@@ -193,3 +193,20 @@ def test_groups_beyond_the_palette_get_a_line_style_of_their_own(capsys, tmp_pat
     looks = [(line.get_color(), line.get_linestyle()) for line in lines]
     assert len(looks) == 10 and len(set(looks)) == 10
     assert {style for _, style in looks} == {"-", "--"}
+
+
+def test_a_key_an_older_record_lacks_counts_as_its_default(capsys, tmp_path, drawn):
+    from ldfa_cli.analysis.runs import group_by_setting, read_run
+
+    old = fake_run(tmp_path / "old" / "s0", "mnist_ldfa", 0, [0.5, 0.6])
+    new = fake_run(tmp_path / "new" / "s1", "mnist_ldfa", 1, [0.5, 0.7])
+    config = yaml.safe_load((new / "config.yaml").read_text())
+    config["train"]["compile_scope"] = "model"  # written by a version that has the key
+    (new / "config.yaml").write_text(yaml.safe_dump(config))
+    groups = group_by_setting([read_run(old), read_run(new)])
+    assert len(groups) == 1 and len(groups[0].runs) == 2
+    config["train"]["compile_scope"] = "step"  # a setting of its own
+    (new / "config.yaml").write_text(yaml.safe_dump(config))
+    groups = group_by_setting([read_run(old), read_run(new)])
+    assert [g.name for g in groups] == ["mnist_ldfa (compile_scope=model)",
+                                        "mnist_ldfa (compile_scope=step)"]  # fmt: skip

@@ -44,6 +44,36 @@ def collect_runs(targets, say=None) -> list[Path]:
 NOT_SETTINGS = ("train.seed", "output.", "description", "reference.", "feedback.plugins")
 
 
+# the sections whose keys a record may lack because a later version added them; the model
+# is left out: its defaults depend on the kind of model
+SECTIONS_WITH_DEFAULTS = ("feedback", "data", "optim", "schedule", "train", "output")
+
+
+def with_defaults(config: dict) -> dict:
+    """The config with every key that an older record lacks at its current default (a
+    key is added with the default that keeps the old behaviour), so that a run written
+    before ``train.compile_scope`` existed groups with one written after, as the same
+    setting."""
+    from ldfa_cli.config.schema import Recipe
+
+    filled = dict(config)
+    for name in SECTIONS_WITH_DEFAULTS:
+        if isinstance(filled.get(name), dict):
+            default = Recipe.model_fields[name].default.model_dump(mode="json")
+            filled[name] = _fill(filled[name], default)
+    return filled
+
+
+def _fill(given: dict, defaults: dict) -> dict:
+    filled = dict(given)
+    for key, value in defaults.items():
+        if key not in filled:
+            filled[key] = value
+        elif isinstance(value, dict) and isinstance(filled[key], dict):
+            filled[key] = _fill(filled[key], value)
+    return filled
+
+
 def settings_of(config: dict, prefix: str = "") -> dict[str, str]:
     """A config as {dotted key: value as JSON}, without :data:`NOT_SETTINGS`."""
     flat = {}
@@ -159,7 +189,7 @@ def group_by_setting(records: list[RunRecord], say=None) -> list[RunGroup]:
     that two runs of one group share counts once (the first); ``say(line)`` is told."""
     keyed: dict[tuple, list[RunRecord]] = {}
     for record in records:
-        key = (record.recipe, tuple(sorted(settings_of(record.config).items())))
+        key = (record.recipe, tuple(sorted(settings_of(with_defaults(record.config)).items())))
         members = keyed.setdefault(key, [])
         twin = next((m for m in members if m.seed == record.seed), None)
         if twin is None:
