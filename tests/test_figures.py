@@ -195,7 +195,7 @@ def test_groups_beyond_the_palette_get_a_line_style_of_their_own(capsys, tmp_pat
     assert {style for _, style in looks} == {"-", "--"}
 
 
-def test_a_key_an_older_record_lacks_counts_as_its_default(capsys, tmp_path, drawn):
+def test_a_key_an_older_record_lacks_counts_as_its_default(tmp_path):
     from ldfa_cli.analysis.runs import group_by_setting, read_run
 
     old = fake_run(tmp_path / "old" / "s0", "mnist_ldfa", 0, [0.5, 0.6])
