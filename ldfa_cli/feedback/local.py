@@ -31,7 +31,7 @@ import torch
 
 from . import accounting
 from .lowrank import LowRankRule
-from .ops import grouped, like
+from .ops import grouped, like, products
 from .rule import ConversionPlan, Selection, check, make_rule, phase_flops, register
 
 
@@ -51,12 +51,10 @@ def oja_grad(ops, signal, projected, P, decay: float, normalise: str = "gamma"):
     groups, samples = ops.groups, ops.samples(signal)
     centred = ops.centre(signal)
     if groups == 1:
-        mm, addmm = torch.mm, torch.addmm
         pc = like(ops.outer(projected, centred), torch.float32)  # r x m
         gamma = like(ops.sumsq_(centred), torch.float32).amax()  # max diag(C)
         Pf = like(P, torch.float32)
     else:
-        mm, addmm = torch.bmm, torch.baddbmm
         pc = ops.grouped_outer(projected, centred).float()  # g x r x m_g
         gamma = ops.sumsq_(centred).float().view(groups, -1).amax(1).view(-1, 1, 1)
         Pf = grouped(P.float(), groups)
@@ -65,6 +63,7 @@ def oja_grad(ops, signal, projected, P, decay: float, normalise: str = "gamma"):
     else:
         scale = gamma.clamp_min(torch.finfo(torch.float32).tiny)
     pc = pc / scale
+    mm, addmm = products(Pf)
     # -(PC/gamma)(I - P^T P) as one addmm: each op saved is a dispatch per layer and step
     grad = addmm(pc, mm(pc, Pf.mT), Pf, beta=-1)
     if decay:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from . import accounting
 from .lowrank import SVDInitialised
-from .ops import grouped
+from .ops import grouped, products
 from .rule import check, register
 
 
@@ -182,7 +182,7 @@ def factorisation_grads(q_rows: Tensor, P: Tensor, w_rows: Tensor) -> tuple[Tens
     :class:`FactorisationLoss`). The two r x m x N products are the whole cost (both with r
     rows first: that layout runs about twice as fast as W Qm on CPU BLAS); ``addmm`` folds
     each subtraction into the small r x r product."""
-    mm, addmm = (torch.mm, torch.addmm) if P.dim() == 2 else (torch.bmm, torch.baddbmm)
+    mm, addmm = products(P)
     qw = mm(q_rows, w_rows.mT)  # r x m: Qm^T W^T
     pw = mm(P, w_rows)  # r x N: P W
     grad_q_rows = addmm(pw, mm(P, P.mT), q_rows, beta=-1)
@@ -197,7 +197,7 @@ def matrix_factorisation_grads(Q: Tensor, P: Tensor, w: Tensor) -> tuple[Tensor,
     neither a transposed copy nor a transpose of it follows: ten dispatches, of which the
     two r x m x n products are the cost (r rows first, as there; P P^T is symmetric). With
     a leading dimension (layers of one shape stacked) the same ten dispatches, batched."""
-    mm, addmm = (torch.mm, torch.addmm) if P.dim() == 2 else (torch.bmm, torch.baddbmm)
+    mm, addmm = products(P)
     q_rows = Q.mT
     qw = mm(q_rows, w.mT)  # r x m: Q^T W^T
     pw = mm(P, w)  # r x n: P W

@@ -48,6 +48,12 @@ def like(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def products(t: Tensor):
+    """(mm, addmm) for matrices, (bmm, baddbmm) for a stack of them (a leading group or
+    layer dimension), so that one expression serves both."""
+    return (torch.mm, torch.addmm) if t.dim() == 2 else (torch.bmm, torch.baddbmm)
+
+
 def grouped(t: Tensor, groups: int) -> Tensor:
     """A factor stored as (groups x rows) x cols viewed as groups x rows x cols."""
     return t.reshape(groups, -1, t.shape[-1])
