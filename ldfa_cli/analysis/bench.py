@@ -212,9 +212,8 @@ def recipe_step(recipe, model: nn.Module, optimizers, compiled: bool = True) -> 
     """The recipe's training step on ``model``, compiled as the recipe says unless not
     ``compiled``: on a GPU, bf16 and a compiled model are the settings whose times a user
     meets."""
-    mode = compile_mode(recipe.train) if compiled else None
-    whole = recipe.train.compile_scope == "step"
-    net = model if mode is None or whole else torch.compile(model, mode=mode)
+    mode = compile_mode(recipe.train, "model") if compiled else None
+    net = model if mode is None else torch.compile(model, mode=mode)
     return TrainStep.for_recipe(recipe, model, optimizers, dataset_shape(recipe.data).classes,
                                 net=net, compiled=compiled)  # fmt: skip
 

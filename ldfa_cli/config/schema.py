@@ -265,9 +265,10 @@ class TrainConfig(Section):
                          f"{', '.join(COMPILE_MODES)}")  # fmt: skip
 
 
-def compile_mode(train: TrainConfig) -> str | None:
-    """``torch.compile``'s mode for ``train.compile``, or None when it is off."""
-    if train.compile is False:
+def compile_mode(train: TrainConfig, scope: str | None = None) -> str | None:
+    """``torch.compile``'s mode for ``train.compile``, or None when it is off (or, given a
+    ``scope``, "model" or "step", when ``train.compile_scope`` is the other one)."""
+    if train.compile is False or scope not in (None, train.compile_scope):
         return None
     return "default" if train.compile is True else train.compile
 

@@ -166,7 +166,7 @@ class Trainer:
                 "neither an EMA copy (train.ema_decay), torchrun's DDP nor a compiled step "
                 "(train.compile) follows yet; drop one of them"
             )
-        if compiled and self.cfg.compile_scope == "step" and self.world.distributed:
+        if compile_mode(self.cfg, "step") is not None and self.world.distributed:
             raise ConfigError(
                 "train.compile_scope: step takes the gradients by torch.autograd.grad, which "
                 "DDP does not reduce across ranks; under torchrun use compile_scope: model"
@@ -182,7 +182,7 @@ class Trainer:
                 )
             ids = [self.device.index] if self.device.type == "cuda" else None
             net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        if (mode := compile_mode(self.cfg)) is not None and self.cfg.compile_scope == "model":
+        if (mode := compile_mode(self.cfg, "model")) is not None:
             net = torch.compile(net, mode=mode)
         self.step = TrainStep.for_recipe(self.recipe, self.model, self.optimizers,
                                          self.data.classes, self.steps_per_epoch, net=net,

@@ -93,7 +93,6 @@ class TrainStep:
         self.seed, self.steps_per_epoch, self.ema = seed, steps_per_epoch, ema
         self.targets_wanted = needs_targets(model)
         self.observer = None
-        self.compiled_step = compiled_step  # a torch.compile mode for compute(), or None
         self._compute = None if compiled_step is None else torch.compile(
             self.compute, mode=compiled_step)  # fmt: skip
         self._params = [p for p in model.parameters() if p.requires_grad]
@@ -106,7 +105,7 @@ class TrainStep:
         compiled as one graph (``net`` is then the model itself)."""
         cfg = recipe.train
         mixer = make_mixup(recipe.data.augment, classes, cfg.label_smoothing)
-        whole = compile_mode(cfg) if compiled and cfg.compile_scope == "step" else None
+        whole = compile_mode(cfg, "step") if compiled else None
         return cls(model, optimizers, net=net, mixer=mixer, label_smoothing=cfg.label_smoothing,
                    precision=cfg.precision, seed=cfg.seed, steps_per_epoch=steps_per_epoch,
                    ema=ema, compiled_step=whole)  # fmt: skip
