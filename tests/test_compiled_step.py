@@ -78,6 +78,27 @@ def test_the_compiled_step_trains_as_the_eager_one(rule):
         assert any(learned)
 
 
+def test_a_compiled_model_s_oja_update_is_kept_in_its_backward_and_trains_as_eager():
+    """``compile_scope: model``: the layers' backward is compiled, where no statistic can
+    be kept for after the backward (:mod:`~ldfa_cli.feedback.deferred`); the eager step,
+    which keeps them, and the compiled model learn the same P."""
+    eager_model = _model("ldfa_local")
+    compiled_model = copy.deepcopy(eager_model)
+    eager = TrainStep(eager_model, _optimizers(eager_model))
+    compiled = TrainStep(compiled_model, _optimizers(compiled_model),
+                         net=torch.compile(compiled_model))  # fmt: skip
+    for index in range(3):
+        x, y = _batch(index)
+        a, b = eager(x, y, index), compiled(x, y, index)
+        torch.testing.assert_close(b.loss, a.loss, rtol=1e-5, atol=1e-6)
+    initial = _model("ldfa_local")
+    for (name, p), q, p0 in zip(eager_model.named_parameters(), compiled_model.parameters(),
+                                initial.parameters(), strict=True):  # fmt: skip
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+        if name in ("3.feedback_P", "5.feedback_P"):  # (the first layer sends no error)
+            assert not torch.equal(q, p0), name
+
+
 def test_eq_9_every_other_step_compiles_at_most_once_per_outcome():
     model = nn.Sequential(LDFALinear(12, 8, rule="ldfa", rank=2, interval=2), nn.ReLU(),
                           LDFALinear(8, 3, rule="ldfa", rank=2, interval=2))  # fmt: skip

@@ -80,6 +80,67 @@ def test_oja_conv_aggregates_over_batch_and_pixels():
     torch.testing.assert_close(layer.feedback_P.grad, expected)
 
 
+def _local_net(conv: bool, **options) -> torch.nn.Module:
+    """Three layers with P of one shape (their outputs 8 wide), one alone, and a layer run
+    twice; with ``conv`` a conv first."""
+    from ldfa_cli.feedback import convert
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    shared = nn.Linear(8, 8)
+    first = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Flatten(), nn.LazyLinear(8)) if conv else (
+        nn.Sequential(nn.Flatten(), nn.Linear(16, 8)))  # fmt: skip
+    model = nn.Sequential(first, nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), shared, nn.Tanh(),
+                          shared, nn.Tanh(), nn.Linear(8, 4))  # fmt: skip
+    model(torch.zeros(1, 1, 4, 4))  # (the lazy layer's shape)
+    convert(model, "ldfa_local", rank=3, **options)
+    return model
+
+
+@pytest.mark.parametrize(("conv", "options"), [
+    (False, {}), (True, {"decay": 0.01, "use_targets": True}),
+    (False, {"normalise": "std", "learn_q": True, "q_decay": 0.1})])  # fmt: skip
+def test_oja_finished_after_the_backward_equals_oja_finished_in_it(conv, options):
+    """The training step's backward keeps each layer's (P C, diag C) and finishes eq. 15
+    after it, batched over layers whose P has one shape; every gradient equals the one
+    that each layer's backward finishes itself (``.backward()`` alone)."""
+    from ldfa_cli.feedback import backward_with_rules, set_feedback_targets
+
+    model = _local_net(conv, **options)
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(10, 1, 4, 4), torch.randint(0, 4, (10,))
+    for net in (model, twin):
+        set_feedback_targets(net, y)
+    backward_with_rules(model, torch.nn.functional.cross_entropy(model(x), y))
+    torch.nn.functional.cross_entropy(twin(x), y).backward()
+    pairs = zip(model.named_parameters(), twin.parameters(), strict=True)
+    for (name, p), q in pairs:
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_the_step_s_backward_keeps_oja_s_statistics_and_no_p_gradient():
+    """Within :func:`~ldfa_cli.feedback.deferred.collecting`, a layer's backward leaves P
+    without a gradient and keeps (P C, diag C, samples) of its centred error, C never
+    divided by the samples; a statistic no after-backward work takes is an error."""
+    from ldfa_cli.feedback import deferred
+
+    layer = LDFALinear(7, 9, rule="ldfa_local", rank=4)
+    x, g = torch.randn(3, 5, 7, requires_grad=True), torch.randn(3, 5, 9)
+    with pytest.raises(RuntimeError, match="update was lost"), deferred.collecting():
+        layer(x).backward(g)
+        assert layer.feedback_P.grad is None
+        ((pc, diag, samples),) = deferred.take(layer)
+        layer(x).backward(g)  # kept again, and left
+    rows = g.reshape(-1, 9)
+    centred = rows - rows.mean(0)
+    torch.testing.assert_close(pc, layer.feedback_P.detach() @ centred.t() @ centred)
+    torch.testing.assert_close(diag, (centred * centred).sum(0))
+    assert samples == 15
+    assert deferred.take(layer) == []  # outside the block nothing is kept
+
+
 def test_hebbian_q_equals_h_transpose_g_p_summed_over_batch():
     """Eq. 18: Q.grad = h^T (g P^T) + lambda Q."""
     layer = LDFALinear(7, 9, rule="ldfa_local", rank=3, learn_q=True, q_decay=0.1)

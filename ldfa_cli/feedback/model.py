@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import accounting
+from . import accounting, deferred
 from .layers import FeedbackLayer
 from .rule import overrides
 
@@ -117,18 +117,27 @@ def backward_with_rules(model: nn.Module, loss: Tensor, step: int | None = None,
     Given ``params``, the gradients come from ``torch.autograd.grad`` of those tensors and
     are added to their ``.grad`` as ``.backward()`` would: torch.compile traces that call
     into the step's graph (with dynamo's ``trace_autograd_ops``), not ``.backward()``,
-    which ends a graph. DDP's hooks do not see it."""
+    which ends a graph. DDP's hooks do not see it.
+
+    An eager backward outside torchrun lets the rules keep their layers' statistics for
+    the after-backward work to finish in a batch (:mod:`~ldfa_cli.feedback.deferred`)."""
     aux = auxiliary_loss(model)
     total = loss if aux is None else loss + aux
-    if params is None:
-        total.backward()
-    else:
-        for param, grad in zip(params, torch.autograd.grad(total, params, allow_unused=True),
-                               strict=True):  # fmt: skip
-            if grad is not None:
-                param.grad = grad if param.grad is None else param.grad + grad
-    after_backward(model, step)
+    with deferred.collecting(enabled=params is None and not _distributed()):
+        if params is None:
+            total.backward()
+        else:
+            grads = torch.autograd.grad(total, params, allow_unused=True)
+            for param, grad in zip(params, grads, strict=True):
+                if grad is not None:
+                    param.grad = grad if param.grad is None else param.grad + grad
+        after_backward(model, step)
     return None if aux is None else aux.detach()
+
+
+def _distributed() -> bool:
+    """Under torchrun DDP averages the gradients a backward produces, and only those."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def reset_due(model: nn.Module, step: int, steps_per_epoch: int | None = None) -> int:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from . import accounting
 from .lowrank import SVDInitialised
-from .ops import grouped, products
+from .ops import accumulate_grad, grouped, products
 from .rule import check, register
 
 
@@ -206,18 +206,6 @@ def matrix_factorisation_grads(Q: Tensor, P: Tensor, w: Tensor) -> tuple[Tensor,
     return grad_q, grad_p
 
 
-def _accumulate(param: Tensor, grad: Tensor) -> None:
-    """``param.grad += grad``, a new .grad in the parameter's own strides, as autograd's
-    AccumulateGrad lays it out: the fused Adam/AdamW kernels (the optimizers' default here)
-    walk param and grad memory in step and do not check their strides, so a contiguous
-    grad for a channels_last Q was applied to the wrong elements, silently (torch 2.14)."""
-    if param.grad is None:
-        same = grad.stride() == param.stride()
-        param.grad = grad if same else torch.empty_like(param).copy_(grad)
-    else:
-        param.grad.add_(grad)
-
-
 def normative_layers(model: nn.Module):
     for module in model.modules():
         if isinstance(getattr(module, "rule", None), Normative):
@@ -315,8 +303,8 @@ def _update_layer(layer) -> None:
         grad_p = grad_p.reshape(layer.feedback_P.shape)
     if (scale := layer.rule.grad_scale(layer)) is not None:
         grad_q, grad_p = grad_q.mul_(scale), grad_p.mul_(scale)
-    _accumulate(Q, grad_q)
-    _accumulate(layer.feedback_P, grad_p)
+    accumulate_grad(Q, grad_q)
+    accumulate_grad(layer.feedback_P, grad_p)
     if counting:
         accounting.leave(previous)
 
@@ -345,7 +333,7 @@ def _update_alike(layers: list) -> None:
     if (scale := first.rule.grad_scale(first)) is not None:  # alike: one rank
         grad_q, grad_p = grad_q.mul_(scale), grad_p.mul_(scale)
     for layer, gq, gp in zip(layers, grad_q, grad_p, strict=True):
-        _accumulate(layer.feedback_Q, gq)
-        _accumulate(layer.feedback_P, gp)
+        accumulate_grad(layer.feedback_Q, gq)
+        accumulate_grad(layer.feedback_P, gp)
     if counting:
         accounting.leave(previous)

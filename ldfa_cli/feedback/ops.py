@@ -59,6 +59,18 @@ def grouped(t: Tensor, groups: int) -> Tensor:
     return t.reshape(groups, -1, t.shape[-1])
 
 
+def accumulate_grad(param: Tensor, grad: Tensor) -> None:
+    """``param.grad += grad``, a new .grad in the parameter's own strides, as autograd's
+    AccumulateGrad lays it out: the fused Adam/AdamW kernels (the optimizers' default here)
+    walk param and grad memory in step and do not check their strides, so a contiguous
+    grad for a channels_last Q was applied to the wrong elements, silently (torch 2.14)."""
+    if param.grad is None:
+        same = grad.stride() == param.stride()
+        param.grad = grad if same else torch.empty_like(param).copy_(grad)
+    else:
+        param.grad.add_(grad)
+
+
 @dataclass(frozen=True)
 class LinearOps:
     """Products for ``nn.Linear``: inputs of any leading shape (batch, tokens, ..., features)."""

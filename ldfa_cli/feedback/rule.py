@@ -11,9 +11,10 @@ the rule's own file; the converter, the training step and the analyses only call
   (the input gradient through the feedback and the ``.grad`` of feedback tensors learned
   from the data), ``needs_weight_grad``, :attr:`Rule.needs_targets`;
 * around the backward: :meth:`Rule.auxiliary_loss` (a term added to the task loss),
-  :meth:`Rule.after_backward` (work over all the rule's layers once the backward is done,
-  eq. 9), :attr:`Rule.update_every`, :meth:`Rule.reset_every` and :meth:`Rule.reset` (a
-  periodic reset after the optimizer step);
+  :meth:`Rule.after_backward` (work over all the rule's layers once the backward is done:
+  eq. 9, or eq. 15 finished from what the backward kept, :mod:`.deferred`),
+  :attr:`Rule.update_every`, :meth:`Rule.reset_every` and :meth:`Rule.reset` (a periodic
+  reset after the optimizer step);
 * between epochs: :meth:`Rule.at_epoch_end` (e.g. a rank cut, with the optimizers' state)
   and :meth:`Rule.fit_to_state` (a layer shaped as a checkpoint's before it loads);
 * distributed training: :meth:`Rule.ddp_ignored`;
@@ -163,7 +164,8 @@ class Rule:
     @classmethod
     def after_backward(cls, layers: list, step: int | None) -> None:
         """Work over all of this rule's layers after the backward and before the optimizer
-        step, e.g. a gradient that needs no data (eq. 9); ``step`` is the index of the
+        step, e.g. a gradient that needs no data (eq. 9) or one finished from statistics
+        the backward kept (:mod:`~ldfa_cli.feedback.deferred`); ``step`` is the index of the
         step (optimizer steps already taken), None for "every periodic update is due"."""
 
     @property
