@@ -7,6 +7,8 @@ Deterministic: it needs no idle machine.
 
     python benchmarks/dispatches.py fmnist_mlp_ldfa_r10 8 32    # recipe, rank, batch
     python benchmarks/dispatches.py fmnist_vit_r16 8 8
+    python benchmarks/dispatches.py vit_cifar10_r24 16 2 \
+        'model={name: timm, architecture: vit_small_patch16_224}' data.resize=224  # overrides
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ RULES = (("lowrank_fa", "{}", ""), ("ldfa", "{}", ""),
          ("ldfa_local", "{}", ""))  # fmt: skip
 
 
-def dispatch_counts(recipe: str, rule: str, options: str, rank: int, batch: int):
+def dispatch_counts(recipe: str, rule: str, options: str, rank: int, batch: int,
+                    overrides: list[str]):  # fmt: skip
     """({variant label: ATen ops per step}, converted layers) for backprop and ``rule``."""
-    config, _ = load_recipe(recipe, [f"feedback.rule={rule}", f"feedback.options={options}"])
+    config, _ = load_recipe(recipe, [*overrides, f"feedback.rule={rule}",
+                                     f"feedback.options={options}"])  # fmt: skip
     device = torch.device("cpu")
     variants = bench.build_variants(config, [rank], batch, device)
     for variant in variants:
@@ -36,9 +40,10 @@ def dispatch_counts(recipe: str, rule: str, options: str, rank: int, batch: int)
     return counts, bench.converted_layers(variants[1].model)
 
 
-def main(recipe: str, rank: str, batch: str) -> None:
+def main(recipe: str, rank: str, batch: str, *overrides: str) -> None:
     for index, (rule, options, note) in enumerate(RULES):
-        counts, layers = dispatch_counts(recipe, rule, options, int(rank), int(batch))
+        counts, layers = dispatch_counts(recipe, rule, options, int(rank), int(batch),
+                                         list(overrides))  # fmt: skip
         bp = counts.pop("bp")
         if index == 0:
             print(f"{recipe}, batch {batch}: bp {bp:.0f}")
@@ -48,4 +53,4 @@ def main(recipe: str, rank: str, batch: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])
