@@ -66,3 +66,18 @@ def test_last_n_averages_each_run_s_last_evaluations(tmp_path):
     done = subprocess.run([sys.executable, SCRIPT, tmp_path / "s" / "seed=0", "--last", "2"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     assert "(mean of the last 2 evaluations)" in done.stdout and "| 80.00 |" in done.stdout
+
+
+def test_at_epochs_tables_each_row_s_validation_metric_over_its_seeds(tmp_path):
+    _run(tmp_path / "s" / "seed=0", 0, [0.5, 0.7, 0.9], epochs=3)
+    _run(tmp_path / "s" / "seed=1", 1, [0.6, 0.7, 0.8], epochs=3, val_acc=0.85)
+    runs = sorted((tmp_path / "s").iterdir())
+    done = subprocess.run([sys.executable, SCRIPT, *runs, "--at", "1,3,4"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert "| runs | seeds | 1 | 3 | 4 |" in done.stdout
+    row = done.stdout.split("| runs | seeds | 1 | 3 | 4 |")[1].splitlines()[2]
+    # epoch 3: seed 0's test 90 (no validation logged), seed 1's validation 85; no epoch 4
+    assert row.endswith("| 2 | 55.00 ± 7.07 | 87.50 ± 3.54 | - |"), row
+    bad = subprocess.run([sys.executable, SCRIPT, *runs, "--at", "one"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "--at takes epochs" in bad.stderr
