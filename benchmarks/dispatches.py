@@ -1,8 +1,9 @@
 """ATen ops dispatched by one eager training step (after 3 warm-up steps) under backprop
 and under lowrank_fa, ldfa and ldfa_local at one rank, counted as ``ldfa bench`` counts
 them (forward, backward with the rules' work, both optimizers), and the difference per
-converted layer. ``ldfa`` is counted twice: on the CPU's path (eq. 9 layer by layer) and on
-an accelerator's (``batched: true``, eq. 9 over layers of one shape as batched products).
+converted layer. ``ldfa`` is counted three times: by default on this CPU (eq. 9 batched
+over layers of one shape where W has at most 2^16 elements), on an accelerator's path
+(``batched: true``, every shape) and layer by layer (``batched: false``).
 Deterministic: it needs no idle machine.
 
     python benchmarks/dispatches.py fmnist_mlp_ldfa_r10 8 32    # recipe, rank, batch
@@ -21,8 +22,9 @@ from ldfa_cli.analysis import bench
 from ldfa_cli.config import load_recipe
 
 # (rule, its options, what the row is called)
-RULES = (("lowrank_fa", "{}", ""), ("ldfa", "{}", ""),
-         ("ldfa", "{batched: true}", " (batched: the accelerator's path)"),
+RULES = (("lowrank_fa", "{}", ""), ("ldfa", "{}", " (default on this CPU)"),
+         ("ldfa", "{batched: true}", " (batched: true, an accelerator's default)"),
+         ("ldfa", "{batched: false}", " (batched: false, layer by layer)"),
          ("ldfa_local", "{}", ""))  # fmt: skip
 
 

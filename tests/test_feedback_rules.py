@@ -389,10 +389,10 @@ def test_normative_update_batches_where_asked_or_where_it_pays(monkeypatch):
     monkeypatch.setattr(normative, "_update_alike", lambda layers: calls.append(len(layers)))
     model = _alike_model()
     assert normative.normative_update(model, batched=False) == 7 and calls == []
-    assert normative.normative_update(model) == 7 and calls == []  # the CPU's default
-    monkeypatch.setattr(normative, "_worth_batching", lambda layer: layer.ops.groups == 1)
-    assert normative.normative_update(model) == 7 and sorted(calls) == [2, 3]
+    assert normative.normative_update(model) == 7 and sorted(calls) == [2, 3]  # small Ws
     calls.clear()
+    monkeypatch.setattr(normative, "_worth_batching", lambda layer: False)  # as for large
+    assert normative.normative_update(model) == 7 and calls == []
     assert normative.normative_update(model, step=0, batched=True) == 7
     assert sorted(calls) == [2, 3]
     model["b"] = LDFALinear(6, 6, rule="ldfa", rank=2, interval=2)
@@ -414,13 +414,17 @@ def test_the_rule_s_batched_option_decides_where_the_call_does_not(monkeypatch):
         LDFALinear(6, 6, rule="ldfa", rank=2, batched="yes")
 
 
-def test_normative_update_batches_by_default_off_the_cpu_only():
+def test_normative_update_batches_by_default_off_the_cpu_and_small_weights_on_it():
     from types import SimpleNamespace
 
-    from ldfa_cli.feedback.normative import _worth_batching
+    from ldfa_cli.feedback.normative import CPU_BATCHED_MAX_ELEMENTS, _worth_batching
 
-    on = lambda device: SimpleNamespace(weight=torch.empty(2, 2, device=device))  # noqa: E731
-    assert _worth_batching(on("meta")) and not _worth_batching(on("cpu"))
+    def on(device, rows):
+        return SimpleNamespace(weight=torch.empty(rows, 256, device=device))
+
+    assert CPU_BATCHED_MAX_ELEMENTS == 256 * 256
+    assert _worth_batching(on("meta", 4096)) and _worth_batching(on("cpu", 256))
+    assert not _worth_batching(on("cpu", 257))
 
 
 def test_batched_normative_update_counts_the_same_flops():

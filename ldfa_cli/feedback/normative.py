@@ -50,7 +50,7 @@ class Normative(SVDInitialised):
     the newest version of the authors' ``LDFA_Linear`` does; a per-layer learning rate under
     SGD, nothing under Adam(W) but for eps; not in the paper (off by default). ``batched``:
     eq. 9 for layers of one shape as batched products (:func:`update_factors`); by default
-    (null) on an accelerator only.
+    (null) on an accelerator, and on a CPU for weights of at most 2^16 elements.
     """
 
     name: ClassVar[str] = "ldfa"
@@ -248,8 +248,9 @@ def update_factors(layers: list, step: int | None = None, batched: bool | None =
     By default (None) the rule's ``batched`` option decides, and where that is null too it
     is done on an accelerator, where a step of a small or mid-sized model is bound by
     kernel launches, not FLOPs, and this update was most of what LDFA added to them. On a
-    CPU it runs layer by layer: inside a training step, where W has left the cache,
-    copying it costs more than the calls save (docs/performance.md has both measured)."""
+    CPU it is done for weights of at most :data:`CPU_BATCHED_MAX_ELEMENTS` and larger ones
+    run layer by layer: inside a training step, where W has left the cache, copying a large
+    W costs more than the calls save (docs/performance.md has both measured)."""
     due = [layer for layer in layers if step is None or step % layer.rule.interval == 0]
     for alike in _alike_layers(due):
         if len(alike) > 1 and _batches(alike[0], batched):
@@ -267,8 +268,15 @@ def _batches(layer, batched: bool | None) -> bool:
     return _worth_batching(layer) if batched is None else batched
 
 
+# On a CPU, batching pays for W's copy where W is small: whole steps take the same time
+# batched or not for the tiny ViT (W at most 192 x 64) and the kjv GPT (at most 512 x 128);
+# the MLP's 512 x 512 weights cost 5% more (docs/performance.md, benchmarks/step_paths.py)
+CPU_BATCHED_MAX_ELEMENTS = 1 << 16
+
+
 def _worth_batching(layer) -> bool:
-    return layer.weight.device.type != "cpu"
+    w = layer.weight
+    return w.device.type != "cpu" or w.numel() <= CPU_BATCHED_MAX_ELEMENTS
 
 
 def _alike_layers(layers: list) -> list[list]:
