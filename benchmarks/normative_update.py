@@ -5,8 +5,9 @@ their gradients are.
 A benchmark, not a test. The two paths take turns for ``--rounds`` rounds after warm-up;
 CUDA events on a GPU, perf_counter elsewhere. Here W stays in the CPU's cache from one call
 to the next, as it does not inside a training step: on a CPU this favours the batched path
-(its copies of W), so ``normative_update``'s default there, layer by layer, was chosen from
-``ldfa bench``'s phase table instead. On a GPU, where the default is batched, the update's
+(its copies of W), so ``normative_update``'s default there (batched for weights of at most
+2^16 elements, layer by layer above) was chosen from whole steps instead
+(``benchmarks/step_paths.py eq9``). On a GPU, where the default is batched, the update's
 time here is what the step saves.
 
     python benchmarks/normative_update.py [RECIPE [OVERRIDES...]] [--device cuda] [--json]
