@@ -20,7 +20,7 @@ def _run(folder: Path, seed: int, accs: list[float], epochs: int = 2, rank: int 
         events.append({"event": "train", "epoch": epoch, "step": 10 * epoch,
                        "train_flops": 1e12 * epoch, "time_s": 5.0 * epoch})  # fmt: skip
         events.append({"event": "eval", "epoch": float(epoch), "step": 10 * epoch, "acc": acc,
-                       "time_s": 5.0 * epoch + 1})  # fmt: skip
+                       "train_flops": 1e12 * epoch, "time_s": 5.0 * epoch + 1})  # fmt: skip
     events[-1].update(last_eval)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
 
@@ -80,4 +80,13 @@ def test_at_epochs_tables_each_row_s_validation_metric_over_its_seeds(tmp_path):
     assert row.endswith("| 2 | 55.00 ± 7.07 | 87.50 ± 3.54 | - |"), row
     bad = subprocess.run([sys.executable, SCRIPT, *runs, "--at", "one"],
                          capture_output=True, text=True)  # fmt: skip
-    assert bad.returncode == 2 and "--at takes epochs" in bad.stderr
+    assert bad.returncode == 2 and "takes numbers like" in bad.stderr
+
+
+def test_at_tflops_takes_each_run_s_evaluation_nearest_the_mark(tmp_path):
+    _run(tmp_path / "s" / "seed=0", 0, [0.5, 0.7, 0.9], epochs=3)  # evaluated at 1-3 TFLOPs
+    done = subprocess.run([sys.executable, SCRIPT, tmp_path / "s" / "seed=0", "--at-tflops",
+                           "1.2,2.9,5", "--within", "0.5"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    row = done.stdout.split("| runs | seeds | 1.2 | 2.9 | 5 |")[1].splitlines()[2]
+    assert row.endswith("| 1 | 50.00 | 90.00 | - |"), row  # 5 TFLOPs: none within 0.5
