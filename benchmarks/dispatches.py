@@ -33,13 +33,7 @@ def dispatch_counts(recipe: str, rule: str, options: str, rank: int, batch: int,
     """({variant label: ATen ops per step}, converted layers) for backprop and ``rule``."""
     config, _ = load_recipe(recipe, [*overrides, f"feedback.rule={rule}",
                                      f"feedback.options={options}"])  # fmt: skip
-    device = torch.device("cpu")
-    variants = bench.build_variants(config, [rank], batch, device)
-    for variant in variants:
-        for _ in range(3):
-            variant.step()
-    counts = {v.label: sum(bench.count_dispatches(v, device).values()) for v in variants}
-    return counts, bench.converted_layers(variants[1].model)
+    return bench.step_dispatches(config, rank, batch, torch.device("cpu"))
 
 
 def main(recipe: str, rank: str, batch: str, *overrides: str) -> None:

@@ -135,6 +135,19 @@ def count_dispatches(variant: Variant, device, step: callable = None) -> dict[st
             for row in PHASE_ORDER if timer.dispatches.get(row)}  # fmt: skip
 
 
+def step_dispatches(recipe, rank: int, batch_size: int, device,
+                    warmup: int = 3) -> tuple[dict[str, float], int]:  # fmt: skip
+    """({variant label: ATen ops of one eager step}, converted layers) for backprop and
+    the recipe's rule at ``rank``, each counted after ``warmup`` steps (the optimizers'
+    state exists); deterministic, whatever the machine's load."""
+    variants = build_variants(recipe, [rank], batch_size, device)
+    for variant in variants:
+        for _ in range(warmup):
+            variant.step()
+    counts = {v.label: sum(count_dispatches(v, device).values()) for v in variants}
+    return counts, converted_layers(variants[1].model)
+
+
 def converted_layers(model: nn.Module) -> int:
     """Layers whose rule is not backprop: the denominator of the dispatches per layer."""
     return sum(1 for _, layer in feedback_layers(model) if not layer.rule.plain_autograd)

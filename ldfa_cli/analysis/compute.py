@@ -24,7 +24,7 @@ from ldfa_cli.analysis.figures import (
     new_figure,
     styled_figure,
 )
-from ldfa_cli.analysis.runs import distinguishing, settings_of, with_defaults
+from ldfa_cli.analysis.runs import distinguishing, run_settings
 from ldfa_cli.engine.metrics import read_metrics
 from ldfa_cli.errors import CheckpointError
 
@@ -109,7 +109,7 @@ def summarise_run(run_dir: Path, target: float | None, metric: str = "acc") -> R
         reference = {"top1": top1, "sd": reference.get("sd"), "source": reference["source"]}
     return RunSummary(str(run_dir), recipe or config.get("description", "")[:40], fb["rule"],
                       fb.get("rank"), config["train"]["seed"], final, flops, seconds,
-                      reference=reference, settings=settings_of(with_defaults(config)),
+                      reference=reference, settings=run_settings(config),
                       metric=metric)  # fmt: skip
 
 

@@ -74,6 +74,13 @@ def _fill(given: dict, defaults: dict) -> dict:
     return filled
 
 
+def run_settings(config: dict) -> dict[str, str]:
+    """What sets a run's group apart (every key but :data:`NOT_SETTINGS`), the keys an
+    older record lacks at their defaults: how ``ldfa plot``, ``ldfa flops`` and
+    ``scripts/summarise-runs`` group runs."""
+    return settings_of(with_defaults(config))
+
+
 def settings_of(config: dict, prefix: str = "") -> dict[str, str]:
     """A config as {dotted key: value as JSON}, without :data:`NOT_SETTINGS`."""
     flat = {}
@@ -189,7 +196,7 @@ def group_by_setting(records: list[RunRecord], say=None) -> list[RunGroup]:
     that two runs of one group share counts once (the first); ``say(line)`` is told."""
     keyed: dict[tuple, list[RunRecord]] = {}
     for record in records:
-        key = (record.recipe, tuple(sorted(settings_of(with_defaults(record.config)).items())))
+        key = (record.recipe, tuple(sorted(run_settings(record.config).items())))
         members = keyed.setdefault(key, [])
         twin = next((m for m in members if m.seed == record.seed), None)
         if twin is None:
