@@ -270,7 +270,7 @@ def _batches(layer, batched: bool | None) -> bool:
 
 # On a CPU, batching pays for W's copy where W is small: whole steps take the same time
 # batched or not for the tiny ViT (W at most 192 x 64) and the kjv GPT (at most 512 x 128);
-# the MLP's 512 x 512 weights cost 5% more (docs/performance.md, benchmarks/step_paths.py)
+# the MLP's 512 x 512 weights cost 5-6% more (docs/performance.md, benchmarks/step_paths.py)
 CPU_BATCHED_MAX_ELEMENTS = 1 << 16
 
 
