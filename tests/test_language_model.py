@@ -248,3 +248,27 @@ def test_dfa_at_the_blocks_counts_its_broadcast_and_has_backprop_as_reference(tm
     bp = flops_report(*synthetic_network(validate({**config.model_dump(), "feedback": {
         "rule": "bp"}}), 4, torch.device("cpu")))  # fmt: skip
     assert report.reference.total == pytest.approx(bp.rule.total, rel=1e-9)
+
+
+def test_flops_counts_compute_to_a_target_on_the_validation_split(capsys, tmp_path):
+    runs = tmp_path / "runs"
+    for rule in ("bp", "ldfa"):
+        code, _, err = run_cli(capsys, "train", recipe(tmp_path), f"feedback.rule={rule}",
+                               "--out", runs / rule, "--device", "cpu")  # fmt: skip
+        assert code == 0, err
+    evals = {rule: [e for e in read_metrics(runs / rule / "metrics.jsonl") if e["event"] == "eval"]
+             for rule in ("bp", "ldfa")}  # fmt: skip
+    target = evals["ldfa"][-1]["val_bpc"]
+    first = next(e for e in evals["bp"] if e["val_bpc"] <= target)  # written out by hand
+    code, out, err = run_cli(capsys, "flops", runs / "bp", runs / "ldfa", "--metric", "bpc",
+                             "--split", "val", "--target", str(target), "--json")  # fmt: skip
+    assert code == 0, err
+    assert "val bpc <=" in err
+    found = {r["rule"]: r for r in json.loads(out)["runs"]}
+    assert found["bp"]["flops_to_target"] == first["train_flops"]
+    assert found["ldfa"]["final"] == pytest.approx(
+        sum(e["val_bpc"] for e in evals["ldfa"][-3:]) / 3
+    )  # not the test split's
+    assert found["ldfa"]["final"] != pytest.approx(sum(e["bpc"] for e in evals["ldfa"][-3:]) / 3)
+    code, _, err = run_cli(capsys, "flops", runs / "bp", "--metric", "bpc", "--split", "train")
+    assert code == 2 and "--split must be test or val" in err

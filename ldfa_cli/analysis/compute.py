@@ -24,7 +24,7 @@ from ldfa_cli.analysis.figures import (
     new_figure,
     styled_figure,
 )
-from ldfa_cli.analysis.runs import distinguishing, run_settings
+from ldfa_cli.analysis.runs import distinguishing, metric_key, run_settings
 from ldfa_cli.engine.metrics import read_metrics
 from ldfa_cli.errors import CheckpointError
 
@@ -46,6 +46,7 @@ class RunSummary:
     reference: dict | None = None  # the recipe's published top-1 and its source
     settings: dict | None = None  # the resolved config, flat, but for the seed and output
     metric: str = "acc"  # what final and the targets measure
+    split: str = "test"  # the evaluations they read: the test split's or the validation split's
 
     @property
     def group(self) -> tuple:
@@ -65,12 +66,13 @@ def reaches(value: float, level: float, metric: str) -> bool:
     return value >= level if HIGHER_IS_BETTER[metric] else value <= level
 
 
-def _first_reaching(evals: list[dict], level: float | None,
-                    metric: str = "acc") -> tuple[float | None, float | None]:  # fmt: skip
+def _first_reaching(evals: list[dict], level: float | None, metric: str = "acc",
+                    split: str = "test") -> tuple[float | None, float | None]:  # fmt: skip
     if level is None:
         return None, None
+    key = metric_key(metric, split)
     for event in evals:
-        if reaches(event[metric], level, metric):
+        if reaches(event[key], level, metric):
             return event.get("train_flops"), event.get("time_s")
     return None, None
 
@@ -82,7 +84,8 @@ def own_level(final: float, target: float | None, metric: str) -> float | None:
     return target * final if HIGHER_IS_BETTER[metric] else target
 
 
-def summarise_run(run_dir: Path, target: float | None, metric: str = "acc") -> RunSummary:
+def summarise_run(run_dir: Path, target: float | None, metric: str = "acc",
+                  split: str = "test") -> RunSummary:  # fmt: skip
     run_dir = Path(run_dir)
     metrics, config_file = run_dir / "metrics.jsonl", run_dir / "config.yaml"
     if not metrics.is_file() or not config_file.is_file():
@@ -96,9 +99,13 @@ def summarise_run(run_dir: Path, target: float | None, metric: str = "acc") -> R
     if metric not in evals[-1]:
         raise CheckpointError(f"{run_dir}'s evaluations have no '{metric}' (acc for a "
                               "classifier; bpc, ppl or loss for a language model)")  # fmt: skip
-    last = [e[metric] for e in evals[-3:]]
+    key = metric_key(metric, split)
+    if key not in evals[-1]:
+        raise CheckpointError(f"{run_dir} has no validation split (data.val_fraction 0): "
+                              "use --split test")  # fmt: skip
+    last = [e[key] for e in evals[-3:]]
     final = sum(last) / len(last)
-    flops, seconds = _first_reaching(evals, own_level(final, target, metric), metric)
+    flops, seconds = _first_reaching(evals, own_level(final, target, metric), metric, split)
     env_file = run_dir / "env.json"
     recipe = json.loads(env_file.read_text()).get("recipe", "") if env_file.is_file() else ""
     fb = config["feedback"]
@@ -109,8 +116,8 @@ def summarise_run(run_dir: Path, target: float | None, metric: str = "acc") -> R
         reference = {"top1": top1, "sd": reference.get("sd"), "source": reference["source"]}
     return RunSummary(str(run_dir), recipe or config.get("description", "")[:40], fb["rule"],
                       fb.get("rank"), config["train"]["seed"], final, flops, seconds,
-                      reference=reference, settings=run_settings(config),
-                      metric=metric)  # fmt: skip
+                      reference=reference, settings=run_settings(config), metric=metric,
+                      split=split)  # fmt: skip
 
 
 def add_common_target(runs: list[RunSummary], target: float | None,
@@ -127,8 +134,10 @@ def add_common_target(runs: list[RunSummary], target: float | None,
     level = target * bp_final if higher else (bp_final if target is None else target)
     for run in runs:
         evals = [e for e in read_metrics(Path(run.path) / "metrics.jsonl") if e["event"] == "eval"]
-        run.flops_to_common, run.time_to_common = _first_reaching(evals, level, metric)
-        run.flops_to_bp_final, run.time_to_bp_final = _first_reaching(evals, bp_final, metric)
+        run.flops_to_common, run.time_to_common = _first_reaching(evals, level, metric,
+                                                                  run.split)  # fmt: skip
+        run.flops_to_bp_final, run.time_to_bp_final = _first_reaching(evals, bp_final, metric,
+                                                                      run.split)  # fmt: skip
         if not higher and target is None:  # no own target was given: BP's final is it
             run.flops_to_target, run.time_to_target = run.flops_to_common, run.time_to_common
     return level

@@ -23,7 +23,7 @@ from ldfa_cli.analysis.figures import (
     new_figure,
     styled_figure,
 )
-from ldfa_cli.analysis.runs import RunGroup
+from ldfa_cli.analysis.runs import RunGroup, metric_key
 from ldfa_cli.engine.metrics import read_metrics
 from ldfa_cli.errors import CheckpointError
 
@@ -124,7 +124,6 @@ def draw_curves(panels: dict[str, list[RunGroup]], x: str, metric: str | None,
                 split: str):  # fmt: skip
     """A row per dataset: its metric (left) and loss (right) against ``x`` (epoch, flops,
     time) on the ``split`` (test or val), a line per group."""
-    prefix = "val_" if split == "val" else ""
     x_key = X_AXES[x]
     rows = sum(len(groups) for groups in panels.values())
     fig = new_figure(PAGE_IN, 2.4 * len(panels) + 0.2 * ((rows + 1) // 2) + 0.3)
@@ -133,20 +132,20 @@ def draw_curves(panels: dict[str, list[RunGroup]], x: str, metric: str | None,
     scale, unit = 1.0, {"epoch": "epoch", "time": "wall-clock (s)"}.get(x, "")
     if x == "flops":
         every = [b.x.max() for groups in panels.values() for g in groups
-                 if (b := band(g, x_key, prefix + "loss")) is not None]  # fmt: skip
+                 if (b := band(g, x_key, metric_key("loss", split))) is not None]  # fmt: skip
         factor, name = flop_unit(every)
         scale, unit = 1.0 / factor, f"training compute ({name})"
     for (dataset, groups), (metric_ax, loss_ax) in zip(panels.items(), axes, strict=True):
         shown = metric_of(groups, metric)
         percent = 100.0 if shown in PERCENT else 1.0
         for group in groups:
-            found = band(group, x_key, prefix + shown)
+            found = band(group, x_key, metric_key(shown, split))
             if found is None:
                 continue
             found.mean, found.sd = percent * found.mean, percent * found.sd
             label = legend_of(group, found.seeds)
             _draw_band(metric_ax, found, scale, label, looks[group.name])
-            _draw_band(loss_ax, band(group, x_key, prefix + "loss"), scale, label,
+            _draw_band(loss_ax, band(group, x_key, metric_key("loss", split)), scale, label,
                        looks[group.name])  # fmt: skip
         name = METRIC_NAMES.get(shown, shown)
         metric_ax.set(xlabel=unit, ylabel=f"{split} {shown}" + (" (%)" if percent == 100 else ""),

@@ -13,6 +13,14 @@ import yaml
 
 from ldfa_cli.errors import ConfigError
 
+SPLITS = ("test", "val")
+
+
+def metric_key(metric: str, split: str) -> str:
+    """An evaluation record's key for ``metric`` on ``split``: the test split's under the
+    metric's own name, the validation split's under ``val_`` and it (the loop's records)."""
+    return f"val_{metric}" if split == "val" else metric
+
 
 def is_run(path: Path) -> bool:
     return path.is_dir() and (path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ldfa_cli.analysis.figures import flop_unit
 from ldfa_cli.analysis.flops import CONVENTIONS, OMITTED
+from ldfa_cli.analysis.runs import SPLITS
 from ldfa_cli.console import stderr_console
 from ldfa_cli.errors import CheckpointError, ConfigError
 from ldfa_cli.measure.flops import ALL_PHASES, PHASES
@@ -108,7 +109,8 @@ def _reference_cell(reference: dict | None) -> str:
 
 
 def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Path | None,
-               metric: str = "acc", fmt: str | None = None) -> None:  # fmt: skip
+               metric: str = "acc", fmt: str | None = None,
+               split: str = "test") -> None:  # fmt: skip
     from ldfa_cli.analysis.compute import (
         HIGHER_IS_BETTER,
         add_common_target,
@@ -133,7 +135,7 @@ def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Pa
     runs = []
     for path in collect_runs(paths, say=console.print):
         try:
-            runs.append(summarise_run(path, target, metric))
+            runs.append(summarise_run(path, target, metric, split))
         except CheckpointError as error:  # no evaluation yet, an older run: noted, not fatal
             console.print(f"left out {error}")
     if not runs:
@@ -145,10 +147,11 @@ def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Pa
     rows, warnings = group_runs(runs)
     columns = ("flops_to_target", "flops_to_common", "flops_to_bp_final")
     scale, unit = flop_unit([r[k] for r in rows for k in columns if r[k]])
-    goal = (f"{target:.0%} of final {metric}" if higher
-            else f"{metric} <= {target if target is not None else round(common, 4)}")  # fmt: skip
+    named = metric if split == "test" else f"val {metric}"  # which split the targets read
+    goal = (f"{target:.0%} of final {named}" if higher
+            else f"{named} <= {target if target is not None else round(common, 4)}")  # fmt: skip
     table = Table(title=f"compute to {goal} ({len(runs)} runs, {len(rows)} settings)",
-                  caption=f"a row: runs alike but for the seed; final {metric}: mean of the "
+                  caption=f"a row: runs alike but for the seed; final {named}: mean of the "
                   "last 3 evaluations, ± sd over seeds; compute columns: mean ± standard "
                   "error")  # fmt: skip
 
@@ -169,7 +172,7 @@ def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Pa
         "recipe": lambda row: row["recipe"], "rule": lambda row: row["rule"],
         "r": lambda row: str(row["rank"] or "-"), "setting": lambda row: row["setting"] or "-",
         "seeds": lambda row: str(row["seeds"]),
-        f"final {metric} ± sd": lambda row: _final_cell(row, metric),
+        f"final {named} ± sd": lambda row: _final_cell(row, metric),
         "reference": lambda row: _reference_cell(row["reference"]),
         f"{unit} to {own}": lambda row: cell(row, "flops_to_target", scale),
         f"s to {own}": lambda row: cell(row, "time_to_target", 1, 1),
@@ -199,11 +202,11 @@ def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Pa
         if row["reference"]:
             console.print(f"reference of {row['recipe']}: {row['reference']['source']}")
     if common is not None and higher:
-        console.print(f"BP target: {target:.0%} of BP's mean final {metric} = {common:.4f}; "
+        console.print(f"BP target: {target:.0%} of BP's mean final {named} = {common:.4f}; "
                       f"BP final: {common / target:.4f} (runs that never reach it are left "
                       "out of the mean, the column says how many did)")  # fmt: skip
     elif common is not None:
-        console.print(f"target: {metric} <= {common:.4f} ({'given' if target else 'BP'}'s "
+        console.print(f"target: {named} <= {common:.4f} ({'given' if target else 'BP'}'s "
                       "final); runs that never reach it are left out of the mean, the column "
                       "says how many did")  # fmt: skip
     if plot is not None:
@@ -245,6 +248,12 @@ def flops(
     plot: Path = typer.Option(
         None, "--plot", help="Run mode: write the Fig. 3c-style figure (.png, .pdf, .svg)."
     ),
+    split: str = typer.Option(
+        "test",
+        "--split",
+        help="Run mode: the evaluations the targets read, test or val (the "
+        "validation split: a language model's, or data.val_fraction's held-out images).",
+    ),
     fmt: str = typer.Option(None, "--format", help="--plot's format: png, pdf or svg."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
 ) -> None:
@@ -258,4 +267,6 @@ def flops(
         if metric not in HIGHER_IS_BETTER:
             raise ConfigError(f"--metric must be one of {', '.join(HIGHER_IS_BETTER)}, got "
                               f"'{metric}'")  # fmt: skip
-        runs_flops([Path(t) for t in targets], target, json_out, plot, metric, fmt)
+        if split not in SPLITS:
+            raise ConfigError(f"--split must be test or val, got '{split}'")
+        runs_flops([Path(t) for t in targets], target, json_out, plot, metric, fmt, split)
