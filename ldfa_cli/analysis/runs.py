@@ -22,6 +22,13 @@ def metric_key(metric: str, split: str) -> str:
     return f"val_{metric}" if split == "val" else metric
 
 
+def checked_split(split: str) -> str:
+    """``split`` as a command's ``--split`` gives it, if it is one of :data:`SPLITS`."""
+    if split not in SPLITS:
+        raise ConfigError(f"--split must be test or val, got '{split}'")
+    return split
+
+
 def is_run(path: Path) -> bool:
     return path.is_dir() and (path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()
 

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ldfa_cli.analysis.figures import flop_unit
 from ldfa_cli.analysis.flops import CONVENTIONS, OMITTED
-from ldfa_cli.analysis.runs import SPLITS
+from ldfa_cli.analysis.runs import checked_split
 from ldfa_cli.console import stderr_console
 from ldfa_cli.errors import CheckpointError, ConfigError
 from ldfa_cli.measure.flops import ALL_PHASES, PHASES
@@ -267,6 +267,5 @@ def flops(
         if metric not in HIGHER_IS_BETTER:
             raise ConfigError(f"--metric must be one of {', '.join(HIGHER_IS_BETTER)}, got "
                               f"'{metric}'")  # fmt: skip
-        if split not in SPLITS:
-            raise ConfigError(f"--split must be test or val, got '{split}'")
-        runs_flops([Path(t) for t in targets], target, json_out, plot, metric, fmt, split)
+        runs_flops([Path(t) for t in targets], target, json_out, plot, metric, fmt,
+                   checked_split(split))  # fmt: skip

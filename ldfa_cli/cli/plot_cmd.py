@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ldfa_cli.analysis.figures import figure_path, save_figure
-from ldfa_cli.analysis.runs import SPLITS
+from ldfa_cli.analysis.runs import checked_split
 from ldfa_cli.console import stderr_console
 from ldfa_cli.errors import ConfigError
 
@@ -43,8 +43,7 @@ def plot(
     else:
         if x not in X_AXES:
             raise ConfigError(f"--x must be epoch, flops or time, got '{x}'")
-        if split not in SPLITS:
-            raise ConfigError(f"--split must be test or val, got '{split}'")
+        checked_split(split)
         panels: dict[str, list] = {}
         for record in records:
             panels.setdefault(record.dataset, []).append(record)
