@@ -102,7 +102,7 @@ def test_compute_figure_has_bars_from_zero_and_every_line_in_the_legend(capsys, 
     bars, twin = fig.axes
     assert bars.get_ylim()[0] == 0 and twin.get_ylim()[0] == 0
     assert [t.get_text() for t in bars.get_xticklabels()] == ["r=4", "r=8"]  # no BP slot
-    assert twin.get_ylabel().startswith("GFLOPs to 90% of its own final acc")
+    assert twin.get_ylabel().startswith("GFLOPs to 90% of its own final test acc")
     assert twin.yaxis.label.get_color() in ("black", "#000000", (0, 0, 0, 1))
     assert "mean ± 1 sd over seeds" in bars.get_title()
     assert legend_texts(fig) == ["final accuracy: vit", "GFLOPs to target: vit"]

@@ -250,7 +250,7 @@ def test_dfa_at_the_blocks_counts_its_broadcast_and_has_backprop_as_reference(tm
     assert report.reference.total == pytest.approx(bp.rule.total, rel=1e-9)
 
 
-def test_flops_counts_compute_to_a_target_on_the_validation_split(capsys, tmp_path):
+def test_flops_counts_compute_to_a_target_on_the_validation_split(capsys, tmp_path, drawn):
     runs = tmp_path / "runs"
     for rule in ("bp", "ldfa"):
         code, _, err = run_cli(capsys, "train", recipe(tmp_path), f"feedback.rule={rule}",
@@ -261,10 +261,15 @@ def test_flops_counts_compute_to_a_target_on_the_validation_split(capsys, tmp_pa
     target = evals["ldfa"][-1]["val_bpc"]
     first = next(e for e in evals["bp"] if e["val_bpc"] <= target)  # written out by hand
     code, out, err = run_cli(capsys, "flops", runs / "bp", runs / "ldfa", "--metric", "bpc",
-                             "--split", "val", "--target", str(target), "--json")  # fmt: skip
+                             "--split", "val", "--target", str(target), "--json", "--plot",
+                             tmp_path / "c.png")  # fmt: skip
     assert code == 0, err
     assert "val bpc <=" in err
+    bars, twin = drawn["c.png"].axes  # the figure names the split its values come from
+    assert bars.get_ylabel() == "validation bits per character (lower is better)"
+    assert twin.get_ylabel().endswith(f"to validation bpc <= {target:g}")
     found = {r["rule"]: r for r in json.loads(out)["runs"]}
+    assert "evaluations" not in found["bp"]  # a summary, not the records again
     assert found["bp"]["flops_to_target"] == first["train_flops"]
     assert found["ldfa"]["final"] == pytest.approx(
         sum(e["val_bpc"] for e in evals["ldfa"][-3:]) / 3

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -47,6 +47,8 @@ class RunSummary:
     settings: dict | None = None  # the resolved config, flat, but for the seed and output
     metric: str = "acc"  # what final and the targets measure
     split: str = "test"  # the evaluations they read: the test split's or the validation split's
+    # the run's evaluation events, read once for its own target and again for backprop's
+    evaluations: list[dict] = field(default_factory=list, repr=False)
 
     @property
     def group(self) -> tuple:
@@ -55,6 +57,10 @@ class RunSummary:
     @property
     def is_bp(self) -> bool:
         return self.rule == "bp"
+
+    def to_dict(self) -> dict:
+        """What ``--json`` prints of the run: its summary, not its evaluations again."""
+        return {k: v for k, v in vars(self).items() if k != "evaluations"}
 
 
 # an evaluation's metrics and whether higher is better: accuracies, and a language model's
@@ -117,7 +123,7 @@ def summarise_run(run_dir: Path, target: float | None, metric: str = "acc",
     return RunSummary(str(run_dir), recipe or config.get("description", "")[:40], fb["rule"],
                       fb.get("rank"), config["train"]["seed"], final, flops, seconds,
                       reference=reference, settings=run_settings(config), metric=metric,
-                      split=split)  # fmt: skip
+                      split=split, evaluations=evals)  # fmt: skip
 
 
 def add_common_target(runs: list[RunSummary], target: float | None,
@@ -133,11 +139,10 @@ def add_common_target(runs: list[RunSummary], target: float | None,
     higher = HIGHER_IS_BETTER[metric]
     level = target * bp_final if higher else (bp_final if target is None else target)
     for run in runs:
-        evals = [e for e in read_metrics(Path(run.path) / "metrics.jsonl") if e["event"] == "eval"]
-        run.flops_to_common, run.time_to_common = _first_reaching(evals, level, metric,
-                                                                  run.split)  # fmt: skip
+        evals, split = run.evaluations, run.split
+        run.flops_to_common, run.time_to_common = _first_reaching(evals, level, metric, split)
         run.flops_to_bp_final, run.time_to_bp_final = _first_reaching(evals, bp_final, metric,
-                                                                      run.split)  # fmt: skip
+                                                                      split)  # fmt: skip
         if not higher and target is None:  # no own target was given: BP's final is it
             run.flops_to_target, run.time_to_target = run.flops_to_common, run.time_to_common
     return level
@@ -218,11 +223,13 @@ def _sd(row: dict, name: str) -> float:
 
 
 @styled_figure
-def draw_compute(rows: list[dict], target: float | None, common: bool, metric: str = "acc"):
+def draw_compute(rows: list[dict], target: float | None, common: bool, metric: str = "acc",
+                 split: str = "test"):  # fmt: skip
     """Fig. 3c bottom: bars of the final metric from zero and lines of the compute to the
     target against rank, backprop's slot at the left where backprop runs were given; one
     series per recipe family (bars side by side, a line each); error bars ± 1 sd over
-    seeds; every bar, line and reference in the legend."""
+    seeds; every bar, line and reference in the legend; the labels name the ``split`` whose
+    evaluations the bars and targets read."""
     from matplotlib.patches import Patch
 
     key = "flops_to_common" if common else "flops_to_target"
@@ -266,15 +273,16 @@ def draw_compute(rows: list[dict], target: float | None, common: bool, metric: s
         handles.insert(0, Patch(color=BP_COLOUR, alpha=0.45, label=f"final {named}: backprop"))
     finals = [percent * ((r["final"] or 0) + _sd(r, "final")) for r in rows]
     ax.set_ylim(0, 100 if percent == 100 else 1.15 * max(finals, default=1.0))
-    shown = f"test {named}" + (" (%)" if percent == 100 else " (lower is better)")
+    read = "test" if split == "test" else "validation"
+    shown = f"{read} {named}" + (" (%)" if percent == 100 else " (lower is better)")
     ax.set(ylabel=shown, xlabel="feedback rank (or rule)")
     ax.set_xticks(range(len(slots)), slots)
     twin.set_ylim(bottom=0)
     if higher:
         what = "backprop's" if common else "its own"
-        level = f"{target:.0%} of {what} final {metric}"
+        level = f"{target:.0%} of {what} final {read} {metric}"
     else:
-        level = f"{metric} <= " + ("backprop's final" if target is None else f"{target:g}")
+        level = f"{read} {metric} <= " + ("backprop's final" if target is None else f"{target:g}")
     twin.set_ylabel(f"{unit} to {level}")
     ax.set_title(f"final {named} (bars) and training compute to {level} (lines);\n"
                  "mean ± 1 sd over seeds")  # fmt: skip

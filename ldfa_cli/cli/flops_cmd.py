@@ -210,11 +210,12 @@ def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Pa
                       "final); runs that never reach it are left out of the mean, the column "
                       "says how many did")  # fmt: skip
     if plot is not None:
-        fig = draw_compute(rows, target, common=common is not None and higher, metric=metric)
+        fig = draw_compute(rows, target, common=common is not None and higher, metric=metric,
+                           split=split)  # fmt: skip
         console.print(f"wrote {save_figure(fig, plot, fmt)}")
     if json_out:
         print(json.dumps({"target": target, "bp_target_acc": common, "groups": rows,
-                          "warnings": warnings, "runs": [vars(r) for r in runs]},
+                          "warnings": warnings, "runs": [r.to_dict() for r in runs]},
                          indent=2))  # fmt: skip
 
 
