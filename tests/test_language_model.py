@@ -266,8 +266,8 @@ def test_flops_counts_compute_to_a_target_on_the_validation_split(capsys, tmp_pa
     assert code == 0, err
     assert "val bpc <=" in err
     bars, twin = drawn["c.png"].axes  # the figure names the split its values come from
-    assert bars.get_ylabel() == "validation bits per character (lower is better)"
-    assert twin.get_ylabel().endswith(f"to validation bpc <= {target:g}")
+    assert bars.get_ylabel() == "val bits per character (lower is better)"  # as ldfa plot
+    assert twin.get_ylabel().endswith(f"to val bpc <= {target:g}")
     found = {r["rule"]: r for r in json.loads(out)["runs"]}
     assert "evaluations" not in found["bp"]  # a summary, not the records again
     assert found["bp"]["flops_to_target"] == first["train_flops"]

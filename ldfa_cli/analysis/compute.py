@@ -273,16 +273,15 @@ def draw_compute(rows: list[dict], target: float | None, common: bool, metric: s
         handles.insert(0, Patch(color=BP_COLOUR, alpha=0.45, label=f"final {named}: backprop"))
     finals = [percent * ((r["final"] or 0) + _sd(r, "final")) for r in rows]
     ax.set_ylim(0, 100 if percent == 100 else 1.15 * max(finals, default=1.0))
-    read = "test" if split == "test" else "validation"
-    shown = f"{read} {named}" + (" (%)" if percent == 100 else " (lower is better)")
+    shown = f"{split} {named}" + (" (%)" if percent == 100 else " (lower is better)")
     ax.set(ylabel=shown, xlabel="feedback rank (or rule)")
     ax.set_xticks(range(len(slots)), slots)
     twin.set_ylim(bottom=0)
     if higher:
         what = "backprop's" if common else "its own"
-        level = f"{target:.0%} of {what} final {read} {metric}"
+        level = f"{target:.0%} of {what} final {split} {metric}"
     else:
-        level = f"{read} {metric} <= " + ("backprop's final" if target is None else f"{target:g}")
+        level = f"{split} {metric} <= " + ("backprop's final" if target is None else f"{target:g}")
     twin.set_ylabel(f"{unit} to {level}")
     ax.set_title(f"final {named} (bars) and training compute to {level} (lines);\n"
                  "mean ± 1 sd over seeds")  # fmt: skip
