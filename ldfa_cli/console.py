@@ -15,6 +15,14 @@ def stderr_console() -> Console:
     return Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 
+def results_console(json_out: bool = False) -> Console:
+    """Where a command's result tables go: stdout, 140 columns wide when piped; stderr under
+    ``--json``, whose document alone is stdout then."""
+    if json_out:
+        return stderr_console()
+    return Console(width=None if sys.stdout.isatty() else 140)
+
+
 def print_listing(title: str, columns: list[str], rows: list[list[str]]) -> None:
     """A listing on stdout: a rich table whose cells fold to the terminal's width on a
     terminal, and plain tab-separated lines (a header first) when piped, for grep and cut."""

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -31,4 +33,8 @@ def drawn(monkeypatch):
 
     monkeypatch.setattr(figures, "save_figure", saving)
     monkeypatch.setattr(plot_cmd, "save_figure", saving)
+    # modules that took the function by name when an earlier test imported them
+    for name, module in list(sys.modules.items()):
+        if name.startswith("ldfa_cli.") and getattr(module, "save_figure", None) is save:
+            monkeypatch.setattr(module, "save_figure", saving)
     return kept

@@ -268,6 +268,32 @@ def test_compute_to_target_on_hand_written_metrics(capsys, tmp_path):
     assert bp_group["seeds"] == 2 and bp_group["flops_to_target"] == 2.5e12
     assert bp_group["flops_to_target_se"] == pytest.approx(0.5e12)
     assert (tmp_path / "u.png").stat().st_size > 1000
+    assert not any("backprop runs of" in w for w in data["warnings"])  # one BP setting
+
+
+def test_the_compute_table_goes_to_stdout_and_its_notes_to_stderr(capsys, tmp_path):
+    runs = [_fake_run(tmp_path, "bp", "bp", None, 0, [0.5, 0.9, 0.9]),
+            _fake_run(tmp_path, "r8", "ldfa", 8, 0, [0.5, 0.8, 0.8])]  # fmt: skip
+    code, out, err = run_cli(capsys, "flops", *runs)
+    assert code == 0, err
+    assert "compute to 90% of final acc" in out and "ldfa" in out  # the table pipes
+    assert "compute to" not in err and "BP target: 90%" in err  # what it counted: a note
+
+
+def test_backprop_runs_of_two_settings_are_named_as_the_mean_they_make(capsys, tmp_path):
+    runs = [_fake_run(tmp_path, "bp", "bp", None, 0, [0.5, 0.9, 0.9, 0.9]),
+            _fake_run(tmp_path, "bp_short", "bp", None, 0, [0.5, 0.7, 0.7, 0.7]),
+            _fake_run(tmp_path, "r8", "ldfa", 8, 0, [0.5, 0.8, 0.8, 0.8])]  # fmt: skip
+    config = yaml.safe_load((runs[1] / "config.yaml").read_text())
+    config["train"]["epochs"] = 2
+    (runs[1] / "config.yaml").write_text(yaml.safe_dump(config))
+    code, out, err = run_cli(capsys, "flops", *runs, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    # BP's final is the mean of both settings' runs (0.8): said, not silently compared with
+    assert data["bp_target_acc"] == pytest.approx(0.9 * 0.8)
+    (warning,) = [w for w in data["warnings"] if "backprop runs of 2 settings" in w]
+    assert "epochs=2: 1 run" in warning and "backprop runs of 2 settings" in " ".join(err.split())
 
 
 def _tiny_recipe(path):

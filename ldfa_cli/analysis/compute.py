@@ -148,6 +148,20 @@ def add_common_target(runs: list[RunSummary], target: float | None,
     return level
 
 
+def mixed_baseline_warning(rows: list[dict]) -> str | None:
+    """A note when the backprop runs are of more than one setting (another schedule, other
+    epochs): BP's final value and every target from it is their mean over all those runs,
+    which is rarely the comparison meant."""
+    bp = [row for row in rows if row["rule"] == "bp"]
+    if len(bp) < 2:
+        return None
+    named = "; ".join(f"{row['recipe']} {row['setting'] or ''}".rstrip()
+                      + f": {row['seeds']} run{'s' * (row['seeds'] > 1)}"
+                      for row in bp)  # fmt: skip
+    return (f"BP's final value is the mean over the backprop runs of {len(bp)} settings "
+            f"({named}); pass one setting's runs to compare against it alone")  # fmt: skip
+
+
 def _mean_se(values: list[float | None]) -> tuple[float | None, float | None, int]:
     """Mean and standard error over the runs that reached the target; None if none did."""
     got = [v for v in values if v is not None]

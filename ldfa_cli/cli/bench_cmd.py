@@ -9,7 +9,7 @@ import torch
 import typer
 from rich.table import Table
 
-from ldfa_cli.console import stderr_console
+from ldfa_cli.console import results_console, stderr_console
 from ldfa_cli.errors import ConfigError
 
 
@@ -91,7 +91,8 @@ def bench(
         table.add_row(row["variant"], f"{row['median_ms']:.2f}", f"{row['time_ratio']:.3f}",
                       f"{row['flop_ratio']:.3f}", f"{row['gap']:+.3f}", *floor,
                       f"{row['gflops_per_step']:.3f}", *dispatch, *kernel)  # fmt: skip
-    console.print(table)
+    results = results_console(json_out)
+    results.print(table)
     console.print("gap: time / BP - FLOPs / BP (every FLOP of the step counted, both "
                   "optimizers included; 0 where wall-clock follows the FLOPs)")  # fmt: skip
     for row in result["rows"]:
@@ -128,7 +129,7 @@ def bench(
                       "see inside a compiled graph); run without train.compile=true for "
                       "the table")  # fmt: skip
     else:
-        console.print(_phase_table(result))
+        results.print(_phase_table(result))
     if json_out:
         print(json.dumps({"recipe": path.stem, **result}, indent=2))
 
@@ -157,7 +158,7 @@ def _width_sweep(config, path, widths, ranks, steps, warmup, batch, device, plot
         table.add_row(str(row["width"]), row["variant"], f"{row['median_ms']:.2f}",
                       f"{row['time_ratio']:.3f}", f"{row['flop_ratio']:.3f}",
                       f"{row['gap']:+.3f}")  # fmt: skip
-    console.print(table)
+    results_console(json_out).print(table)
     if plot is not None:
         console.print(f"wrote {save_figure(draw_width_sweep(rows, title), plot)}")
     if json_out:
@@ -227,7 +228,7 @@ def _memory(config, path, ranks, batch, device, console, json_out: bool) -> None
         if cuda:
             cells.append(f"{row['allocator_peak'] / MIB:.2f}")
         table.add_row(row["variant"], *cells)
-    console.print(table)
+    results_console(json_out).print(table)
     console.print(
         "saved: what autograd keeps for the backward (the batch and parameters left out; the "
         "prediction counts only each Linear/Conv input); bwd buffers: the most the backward "

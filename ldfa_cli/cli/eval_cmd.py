@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ldfa_cli.console import stderr_console
+from ldfa_cli.console import results_console
 
 
 def evaluate_checkpoint(target: Path, split: str, device_name: str, which: str, probe: int):
@@ -77,7 +77,7 @@ def eval_(
     if json_out:
         print(json.dumps(result, indent=2))
         return
-    console = stderr_console()
+    console = results_console()  # the result itself: stdout
     console.print(f"{result['checkpoint']} (epoch {result['epoch']:g}, step {result['step']}): "
                   f"{split} accuracy {result['acc']:.4f} (top-5 {result['top5']:.4f}), "
                   f"loss {result['loss']:.4f}, "

@@ -12,7 +12,7 @@ from rich.table import Table
 from ldfa_cli.analysis.figures import flop_unit
 from ldfa_cli.analysis.flops import CONVENTIONS, OMITTED
 from ldfa_cli.analysis.runs import checked_split
-from ldfa_cli.console import stderr_console
+from ldfa_cli.console import results_console, stderr_console
 from ldfa_cli.errors import CheckpointError, ConfigError
 from ldfa_cli.measure.flops import ALL_PHASES, PHASES
 
@@ -74,8 +74,9 @@ def recipe_flops(spec: str, overrides: list[str], batch_size: int | None, device
     report = recipe_report(recipe, batch, pick_device(device), steps)
     data = {"recipe": path.stem, "batch_size": batch, "steps_per_epoch": steps,
             **report.to_dict()}  # fmt: skip
+    results_console(json_out).print(_recipe_table(report, f"{path.stem}: one training step, "
+                                                  f"batch {batch}"))  # fmt: skip
     console = stderr_console()
-    console.print(_recipe_table(report, f"{path.stem}: one training step, batch {batch}"))
     forward = data["forward_measured_flops"] / 2
     if report.fvcore_macs is not None:
         console.print(f"forward: {forward / 1e9:,.3f} G multiply-adds measured; fvcore "
@@ -116,6 +117,7 @@ def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Pa
         add_common_target,
         draw_compute,
         group_runs,
+        mixed_baseline_warning,
         summarise_run,
     )
     from ldfa_cli.analysis.figures import figure_path, save_figure
@@ -145,6 +147,8 @@ def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Pa
         raise ConfigError(f"--metric {metric}: give --target (the {metric} to reach) or a "
                           "backprop run, whose final value is the target then")  # fmt: skip
     rows, warnings = group_runs(runs)
+    if common is not None and (mixed := mixed_baseline_warning(rows)):
+        warnings.append(mixed)
     columns = ("flops_to_target", "flops_to_common", "flops_to_bp_final")
     scale, unit = flop_unit([r[k] for r in rows for k in columns if r[k]])
     named = metric if split == "test" else f"val {metric}"  # which split the targets read
@@ -195,7 +199,7 @@ def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Pa
         )
     for row in rows:
         table.add_row(*(cell(row) for cell in cells.values()))
-    console.print(table)
+    results_console(json_out).print(table)
     for warning in warnings:
         console.print(f"[yellow]warning[/yellow]: {warning}")
     for row in rows:

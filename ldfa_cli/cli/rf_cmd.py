@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ldfa_cli.console import stderr_console
+from ldfa_cli.console import results_console, stderr_console
 from ldfa_cli.errors import CheckpointError, ConfigError
 
 KEYS = ("rotational_symmetry", "orientation_selectivity", "centre_surround_index")
@@ -155,7 +155,7 @@ def rf(
     for r in results:
         table.add_row(Path(r["run"]).name, r["rule"], str(r["rank"] or "-"), r["layer"],
                       *(f"{r['mean'][k]:.3f}" for k in KEYS))  # fmt: skip
-    console.print(table)
+    results_console(json_out).print(table)
     if json_out:
         brief = [{k: v for k, v in r.items() if k not in ("fields", "config")} for r in results]
         print(json.dumps(brief if len(brief) > 1 else brief[0], indent=2))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from ldfa_cli.console import stderr_console
+from ldfa_cli.console import results_console, stderr_console
 from ldfa_cli.errors import ConfigError
 
 
@@ -79,7 +79,7 @@ def theory(
         result = run(cfg)
     out = out or Path("runs") / "theory" / time.strftime("%Y%m%d-%H%M%S")
     data = write_all(result, out, fmt)
-    console.print(final_table(result))
+    results_console(json_out).print(final_table(result))
     console.print(f"{time.perf_counter() - start:.1f} s; wrote {out / figure}, "
                   f"{out / 'curves.csv'}, {out / 'summary.json'}")  # fmt: skip
     if json_out:
