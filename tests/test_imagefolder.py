@@ -225,10 +225,10 @@ def test_imagenet_recipes_take_a_step_on_a_fake_imagenet_tree(capsys, tmp_path, 
                      per_class=2, val_per_class=1)  # fmt: skip
     (tmp_path / "list.txt").write_text("n01443537\nn01484850\n")
     extra = [f"data.class_list={tmp_path / 'list.txt'}"] if "100" in name else []
-    code, _, err = run_cli(capsys, "train", name, f"data.root={root}", *extra,
-                           "train.batch_size=2", "train.compile=false", "train.precision=fp32",
-                           "data.workers=0", "--dry-run", "--device", "cpu")  # fmt: skip
+    code, out, err = run_cli(capsys, "train", name, f"data.root={root}", *extra,
+                             "train.batch_size=2", "train.compile=false", "train.precision=fp32",
+                             "data.workers=0", "--dry-run", "--device", "cpu")  # fmt: skip
     assert code == 0, err
-    assert "blocks.11.attn.qkv" in err and "one training step" in err
-    flat = " ".join(err.split())
+    assert "blocks.11.attn.qkv" in out and "one training step" in out
+    flat = " ".join(out.split())
     assert "streamed from disk" in flat and ("3 classes" if "1k" in name else "2 classes") in flat

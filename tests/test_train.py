@@ -103,14 +103,14 @@ def test_non_empty_folder_refused_unless_overwrite(capsys, tmp_path):
 def test_dry_run_writes_nothing_and_shows_the_layers(capsys, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", *FAMILIES["vit"])
     run = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", recipe, "--out", run, "--dry-run", "--device", "cpu")
+    code, out, err = run_cli(capsys, "train", recipe, "--out", run, "--dry-run", "--device", "cpu")
     assert code == 0, err
     assert not run.exists()
     layers = recipe_layers(recipe)  # every Linear and Conv, as the installed timm names them
     assert "kept: its input needs no gradient" in layers.values()
     for word in (*layers, "its input needs no gradient", "parameters: forward",
                  "one training step"):  # fmt: skip
-        assert word in err
+        assert word in out and word not in err  # a table to stdout: it pipes
 
 
 def test_diverging_loss_stops_and_keeps_last_good_checkpoint(capsys, tmp_path):

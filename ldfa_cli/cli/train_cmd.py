@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from ldfa_cli.config import apply_overrides, load_recipe, read_yaml, to_yaml, validate
-from ldfa_cli.console import stderr_console
+from ldfa_cli.console import results_console, stderr_console
 from ldfa_cli.engine.interrupt import exit_code
 from ldfa_cli.engine.run_dir import check_run_dir, new_run_dir
 from ldfa_cli.errors import ConfigError
@@ -85,7 +85,7 @@ def train(
     try:
         result = run(config, run_dir, device, resume=resume is not None, stop_after=stop_after,
                      dry_run=dry_run, console=console, recipe_name=recipe_name,
-                     overwrite=overwrite)  # fmt: skip
+                     overwrite=overwrite, report=results_console(json_out))  # fmt: skip
     except KeyboardInterrupt as stop:
         raise typer.Exit(code=exit_code(stop)) from None
     if json_out and main_rank:

@@ -89,15 +89,17 @@ def train(
     console: Console | None = None,
     recipe_name: str = "",
     overwrite: bool = False,
+    report: Console | None = None,
 ) -> RunResult:
     """Train ``recipe``; write into ``run_dir`` (rank 0 only; nothing when ``dry_run``).
     ``resume`` continues from ``run_dir/checkpoints/last.pt``; ``stop_after`` ends this
     invocation after that many epochs with a checkpoint, to be resumed later; ``overwrite``
-    replaces a run already in ``run_dir`` (once the new one has its first checkpoint)."""
+    replaces a run already in ``run_dir`` (once the new one has its first checkpoint).
+    A dry run prints its layer table and step to ``report`` (default: ``console``)."""
     trainer = Trainer(
         recipe, run_dir, device_name, resume, dry_run, console, recipe_name, overwrite
     )
-    return trainer.dry_run() if dry_run else trainer.train(stop_after)
+    return trainer.dry_run(report) if dry_run else trainer.train(stop_after)
 
 
 class Trainer:
@@ -306,19 +308,21 @@ class Trainer:
         self.say(f"ranks after epoch {self.state.epoch}: "
                  + ", ".join(f"{n} {r}" for n, r in ranks.items()))  # fmt: skip
 
-    def dry_run(self) -> RunResult:
-        """The layer table, the parameters, the data and one step; nothing written."""
-        self.console.print(conversion_report(self.model).table(
+    def dry_run(self, report: Console | None = None) -> RunResult:
+        """The layer table, the parameters, the data and one step, printed to ``report``
+        (the run's console if none); nothing written."""
+        show = report or self.console
+        show.print(conversion_report(self.model).table(
             title=f"{self.recipe.model.name}: layers"))  # fmt: skip
         counts = parameter_counts(self.model)
-        self.console.print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-        self.console.print(self.data.describe())
+        show.print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+        show.print(self.data.describe())
         world = self.world
         x, y = next(self.data.train_batches(0, self.cfg.batch_size, self.cfg.seed, world.rank,
                                             world.size))  # fmt: skip
         out = self.step(x, y, 0)
-        self.console.print(f"one training step: loss {out.loss.item():.4f} on a batch of "
-                           f"{len(y)}; nothing written (dry run)")  # fmt: skip
+        show.print(f"one training step: loss {out.loss.item():.4f} on a batch of "
+                   f"{len(y)}; nothing written (dry run)")  # fmt: skip
         distributed.stop(world)
         return RunResult(None, 0, 1, None, -1.0, True)
 
