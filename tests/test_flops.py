@@ -329,7 +329,11 @@ def test_sweep_print_and_run_then_flops_reads_the_folder(capsys, tmp_path):
     lines = out.strip().splitlines()
     assert code == 0 and len(lines) == 4
     assert lines[0].startswith("ldfa train ") and "feedback.rank=2 train.seed=0" in lines[0]
+    assert all("--device" not in line for line in lines)  # auto: the default, left out
     assert not (tmp_path / "s").exists()
+    code, out, _ = run_cli(capsys, "sweep", recipe, "feedback.rank=2", "--print", "--out",
+                           tmp_path / "s", "--device", "cpu")  # fmt: skip
+    assert code == 0 and out.strip().endswith("--device cpu")  # as the sweep would run it
     code, _, err = run_cli(capsys, "sweep", recipe, "feedback.rank=2,4", "--out",
                            tmp_path / "s", "--device", "cpu")  # fmt: skip
     assert code == 0, err

@@ -25,7 +25,7 @@ from ldfa_cli.engine.build import synthetic_network
 from ldfa_cli.engine.metering import count_step
 from ldfa_cli.engine.optim import build_optimizers
 from ldfa_cli.engine.step import TrainStep
-from ldfa_cli.feedback import Rule, convert, feedback_layers, forward_parameters
+from ldfa_cli.feedback import RULES, Rule, convert, feedback_layers, forward_parameters
 from ldfa_cli.feedback.blocks import broadcast_points
 from ldfa_cli.measure.flops import ALL_PHASES, StepFlops
 
@@ -187,8 +187,8 @@ def recipe_report(recipe, batch_size: int, device, steps_per_epoch: int | None) 
     split per layer as well)."""
     model, x, y = synthetic_network(recipe, batch_size, device)
     fb = recipe.feedback
-    if fb.rule == "bp":
-        convert(model, "bp", include=fb.include, exclude=fb.exclude, example_input=x[:2])
+    if RULES[fb.rule].plain_autograd:
+        convert(model, fb.rule, include=fb.include, exclude=fb.exclude, example_input=x[:2])
     elif points := broadcast_points(model):
         convert(model, "bp", include=[f"{name}.*" for name, _ in points], example_input=x[:2])
     plan = build_optimizers(recipe, model, steps_per_epoch or 1).flop_plan(model)

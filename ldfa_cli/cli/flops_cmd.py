@@ -236,7 +236,7 @@ def _recipe_mode(targets: list[str]) -> bool:
 
 def flops(
     targets: list[str] = typer.Argument(
-        ..., help="A RECIPE [key=value ...], or run folders and sweep folders."
+        ..., help="A RECIPE and its key=value overrides, or run folders and sweep folders."
     ),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Recipe mode: batch."),
     device: str = typer.Option("cpu", "--device", help="Recipe mode: auto, cpu, cuda, mps."),

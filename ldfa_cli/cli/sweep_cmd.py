@@ -96,6 +96,7 @@ def sweep(
     if print_only:
         for point, name in zip(points, names, strict=True):
             words = ["ldfa", "train", str(path), *point, "--out", str(out / name)]
+            words += ["--device", device] if device != "auto" else []
             print(" ".join(shlex.quote(w) for w in words))
         return
     from ldfa_cli.engine.loop import train as run

@@ -9,7 +9,7 @@ from torch import nn
 
 from ldfa_cli.data import TrainingData, dataset_shape
 from ldfa_cli.errors import ConfigError
-from ldfa_cli.feedback import convert, feedback_parameters, fit_to_state
+from ldfa_cli.feedback import RULES, convert, feedback_parameters, fit_to_state
 from ldfa_cli.models import build_model
 from ldfa_cli.shapes import InputShape
 
@@ -93,8 +93,9 @@ def load_trained(target, which: str, device: torch.device, shape: InputShape | N
 
 
 def convert_as_recipe(model: nn.Module, fb, example: torch.Tensor) -> nn.Module:
-    """Convert ``model``'s layers as the recipe's ``feedback`` section says (``bp``: kept)."""
-    if fb.rule != "bp":
+    """Convert ``model``'s layers as the recipe's ``feedback`` section says; a rule whose
+    layers are plain autograd (``bp``) keeps the model as it is."""
+    if not RULES[fb.rule].plain_autograd:
         convert(model, fb.rule, rank=fb.rank, include=fb.include, exclude=fb.exclude,
                 ranks=fb.ranks, rank_scale=fb.rank_scale, force_grouped=fb.force_grouped,
                 example_input=example, **fb.options)  # fmt: skip
