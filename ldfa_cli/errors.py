@@ -14,6 +14,10 @@ class DataError(LDFAError):
     """A dataset that is missing and cannot be downloaded, or is malformed."""
 
 
+class FeedbackConfigError(LDFAError):
+    """A rule, option, rank or layer that cannot be used (``ldfa_cli.feedback`` raises it)."""
+
+
 class CheckpointError(LDFAError):
     """A checkpoint or run folder that is corrupt, foreign or missing."""
 

@@ -34,6 +34,32 @@ def test_version_and_short_help():
     assert ldfa("-h").returncode == 0 and ldfa("train", "-h").returncode == 0
 
 
+HEAVY = ("torch", "torchvision", "timm", "transformers", "matplotlib", "numpy")
+HELP_ONLY = f"""
+import sys, typer
+from ldfa_cli.cli.app import app
+commands = sorted(typer.main.get_command(app).commands)
+for args in [["--help"], ["--version"], *([c, "--help"] for c in commands)]:
+    try:
+        app(args, standalone_mode=False)
+    except SystemExit:
+        pass
+print(commands)
+print(sorted(set({HEAVY!r}) & set(sys.modules)))
+"""
+
+
+def test_help_and_version_import_no_heavy_library():
+    """A command's module imports torch and the rest inside the command, so --help and
+    --version answer at once."""
+    out = subprocess.run([sys.executable, "-c", HELP_ONLY], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    *_, commands, heavy = out.stdout.strip().splitlines()
+    assert all(f"'{c}'" in commands for c in ("train", "flops", "bench", "sweep", "sample"))
+    assert heavy == "[]"
+
+
 def test_listings_go_to_stdout_as_plain_lines_when_piped():
     for command, first in ((["recipes"], "name\tmodel"), (["rules"], "rule\t"),
                            (["validate", "quickstart"], "ok")):  # fmt: skip

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import typer
 from rich.table import Table
 
@@ -137,6 +136,8 @@ def bench(
 def _width_sweep(config, path, widths, ranks, steps, warmup, batch, device, plot,
                  json_out) -> None:  # fmt: skip
     """``--sweep-width``: the table (and the figure) of time and FLOP ratios by width."""
+    import torch
+
     from ldfa_cli.analysis.bench import draw_width_sweep, width_sweep
     from ldfa_cli.analysis.figures import figure_path, save_figure
 

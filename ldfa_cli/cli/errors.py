@@ -6,7 +6,6 @@ import os
 import sys
 
 from ldfa_cli.errors import LDFAError, TrainingError
-from ldfa_cli.feedback import FeedbackConfigError
 
 USAGE = 2  # usage and configuration errors (Typer uses 2 for a bad command line too)
 FAILURE = 1  # a run that started and failed
@@ -21,7 +20,7 @@ def run_guarded(app) -> int:
     the project's errors to one-line messages and exit codes."""
     try:
         app()
-    except (UsageError, LDFAError, FeedbackConfigError, FileNotFoundError) as error:
+    except (UsageError, LDFAError, FileNotFoundError) as error:
         if os.environ.get("LDFA_DEBUG"):
             raise
         print(f"ldfa: error: {error}", file=sys.stderr)

@@ -10,11 +10,9 @@ import typer
 from rich.table import Table
 
 from ldfa_cli.analysis.figures import flop_unit
-from ldfa_cli.analysis.flops import CONVENTIONS, OMITTED
 from ldfa_cli.analysis.runs import checked_split
 from ldfa_cli.console import results_console, stderr_console
 from ldfa_cli.errors import CheckpointError, ConfigError
-from ldfa_cli.measure.flops import ALL_PHASES, PHASES
 
 
 def _gflops(value: float) -> str:
@@ -30,6 +28,8 @@ def _ratio(value: float, reference: float) -> str:
 
 
 def _recipe_table(report, title: str) -> Table:
+    from ldfa_cli.measure.flops import ALL_PHASES, PHASES
+
     table = Table(title=title, caption="GFLOPs per training step (2 per multiply-add); "
                   "ratios to backprop through the same layers")  # fmt: skip
     for col in ("layer", "rule", "r", "samples", "forward", "input grad", "broadcast",
@@ -63,7 +63,7 @@ def _recipe_table(report, title: str) -> Table:
 
 def recipe_flops(spec: str, overrides: list[str], batch_size: int | None, device: str,
                  json_out: bool) -> None:  # fmt: skip
-    from ldfa_cli.analysis.flops import recipe_report
+    from ldfa_cli.analysis.flops import CONVENTIONS, OMITTED, recipe_report
     from ldfa_cli.config import load_recipe
     from ldfa_cli.data import steps_per_epoch
     from ldfa_cli.engine.build import pick_device

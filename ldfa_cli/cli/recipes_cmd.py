@@ -6,14 +6,14 @@ import json
 
 import typer
 
-from ldfa_cli.config import load_recipe, shipped_recipes
 from ldfa_cli.console import print_listing
 from ldfa_cli.errors import LDFAError
-from ldfa_cli.feedback import FeedbackConfigError
 
 
 def recipes(json_out: bool = typer.Option(False, "--json", help="Print JSON to stdout.")) -> None:
     """List the shipped recipes, one line each."""
+    from ldfa_cli.config import load_recipe, shipped_recipes
+
     rows = []
     for path in shipped_recipes():
         recipe, _ = load_recipe(str(path))
@@ -33,12 +33,14 @@ def recipes(json_out: bool = typer.Option(False, "--json", help="Print JSON to s
 def validate(specs: list[str] = typer.Argument(..., help="Recipe files or names.")) -> None:
     """Check recipes against the schema, a line each on stdout ("ok" or "invalid" and the
     reason); exit 2 if any is invalid."""
+    from ldfa_cli.config import load_recipe
+
     failed = 0
     for spec in specs:
         try:
             load_recipe(spec)
             print(f"ok       {spec}")
-        except (LDFAError, FeedbackConfigError) as error:
+        except LDFAError as error:
             failed += 1
             print(f"invalid  {spec}: {error}")
     if failed:

@@ -8,8 +8,6 @@ from pathlib import Path
 import typer
 
 from ldfa_cli.console import print_listing
-from ldfa_cli.feedback import RULES, load_plugins
-from ldfa_cli.feedback.rule import RANK_NOTE
 
 
 def rules(
@@ -19,6 +17,9 @@ def rules(
     json_out: bool = typer.Option(False, "--json", help="Print JSON to stdout."),
 ) -> None:
     """List the feedback rules with the paper's equations and each rule's options."""
+    from ldfa_cli.feedback import RULES, load_plugins
+    from ldfa_cli.feedback.rule import RANK_NOTE
+
     load_plugins(plugins or [])
     rows = [
         {

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import typer
 
-from ldfa_cli.config import apply_overrides, load_recipe, read_yaml, to_yaml, validate
 from ldfa_cli.console import results_console, stderr_console
 from ldfa_cli.engine.interrupt import exit_code
-from ldfa_cli.engine.run_dir import check_run_dir, new_run_dir
 from ldfa_cli.errors import ConfigError
 
 
 def _resume_config(run_dir: Path, overrides: list[str]):
+    from ldfa_cli.config import apply_overrides, read_yaml, validate
+
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a run folder?")
@@ -48,7 +48,9 @@ def train(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
 ) -> None:
     """Train a model from a YAML recipe (one process, or every rank under torchrun)."""
+    from ldfa_cli.config import load_recipe, to_yaml
     from ldfa_cli.engine.loop import train as run
+    from ldfa_cli.engine.run_dir import check_run_dir, new_run_dir
 
     for first, second, on in (
         ("--resume", "--overwrite", resume and overwrite),

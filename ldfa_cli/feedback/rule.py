@@ -35,13 +35,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ldfa_cli.errors import FeedbackConfigError
+
 from . import accounting
 from .probe import inputs_without_grad
-
-
-class FeedbackConfigError(ValueError):
-    """A rule, option, rank or layer that cannot be used; the message is one line."""
-
 
 RULES: dict[str, type[Rule]] = {}
 

@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, model_validator
-from timm.models.vision_transformer import VisionTransformer
 
 from ldfa_cli.sections import Fraction, PositiveInt, Section
 
 from .registry import register_model
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 
 class ViTConfig(Section):
@@ -40,6 +42,8 @@ class ViTConfig(Section):
 def build_vit(config, shape) -> VisionTransformer:
     """Every Linear (qkv, proj, fc1, fc2, head) is a conversion candidate; patch_embed's
     conv sees the raw image, so it stays on plain autograd."""
+    from timm.models.vision_transformer import VisionTransformer  # timm loads when used
+
     if shape.size % config.patch_size:
         from ldfa_cli.errors import ConfigError
 
