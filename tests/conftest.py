@@ -1,7 +1,15 @@
+import os
 import sys
 
 import pytest
 import torch
+
+# One intra-op thread in every test and every process a test starts: the models are tiny,
+# so a second thread adds only synchronisation, and with two threads a busy neighbour on
+# one core stalls every op (the language-model tests took 30x longer so). A test that
+# needs threads sets them itself.
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

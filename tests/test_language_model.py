@@ -152,6 +152,9 @@ def test_a_language_model_trains_logs_bpc_samples_and_counts_compute_to_bp(capsy
     assert report["bpc"] == pytest.approx(report["loss"] / 0.6931471805599453)
     cosines = [d["grad_cosine"] for d in report["diagnostics"]]
     assert len(cosines) == 9 and all(-1 <= c <= 1 for c in cosines if c == c)
+    code, out, err = run_cli(capsys, "eval", runs / "bp", "--device", "cpu")
+    assert code == 0, err  # a backprop run: no feedback layer to diagnose
+    assert "bpc" in out
 
     code, out, err = run_cli(capsys, "flops", runs, "--metric", "bpc", "--json")
     assert code == 0, err

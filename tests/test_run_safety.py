@@ -215,7 +215,9 @@ def test_a_sweeps_printed_next_command_runs_and_runs_again(capsys, tmp_path):
 
 
 def test_a_sigterm_to_a_parallel_sweep_reaches_every_point_and_the_command_resumes(tmp_path):
-    (tmp_path / "slow_rule.py").write_text(SLOW_RULE)
+    # slower steps than the other tests': the two points start seconds apart (imports), and
+    # the first must still be running when the second reaches step 2
+    (tmp_path / "slow_rule.py").write_text(SLOW_RULE.replace("sleep(0.05)", "sleep(0.3)"))
     recipe = write_recipe(tmp_path / "r.yaml", {"name": "mlp", "widths": [16]},
                           {"plugins": [str(tmp_path / "slow_rule.py")],
                            "rule": "slow_lowrank_fa", "rank": 2},
@@ -252,3 +254,35 @@ def test_a_start_that_fails_once_the_folder_is_made_takes_it_away_again(
     assert run_cli(capsys, "train", recipe, "--out", run, "--overwrite", "--device", "cpu")[0] == 1
     assert fingerprint(run) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "run"]
+
+
+def test_a_sweep_replaces_only_its_own_unfinished_starts(capsys, tmp_path, finished_run):
+    recipe, run = finished_run
+    before = fingerprint(run)
+    axis = "optim.lr=0.001,0.002"
+    code, _, err = run_cli(capsys, "sweep", recipe, axis, "--out", run, "--device", "cpu")
+    assert code == 2 and "is a run folder" in err and fingerprint(run) == before
+    sweep = tmp_path / "s"
+    (sweep / "lr=0.002").mkdir(parents=True)
+    (sweep / "lr=0.002" / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "sweep", recipe, axis, "--out", sweep, "--device", "cpu")
+    assert code == 2 and "not this point's run" in err  # refused before any point runs
+    assert sorted(p.name for p in sweep.iterdir()) == ["lr=0.002"]
+    assert (sweep / "lr=0.002" / "notes.txt").read_text() == "mine"
+    (sweep / "lr=0.002" / "notes.txt").unlink()
+    assert run_cli(capsys, "sweep", recipe, "optim.lr=0.002", "--out", sweep,
+                   "--device", "cpu")[0] == 0  # fmt: skip
+    for path in (sweep / "lr=0.002" / "checkpoints").iterdir():
+        path.unlink()  # as a start killed before its first checkpoint leaves it
+    code, _, err = run_cli(capsys, "sweep", recipe, axis, "--out", sweep, "--device", "cpu")
+    assert code == 0 and "lr=0.002: training" in err, err  # its own start: started again
+    assert (sweep / "lr=0.002" / "checkpoints" / "last.pt").is_file()
+
+
+def test_a_resume_checks_env_json_before_it_trains(capsys, finished_run):
+    _, run = finished_run
+    (run / "env.json").write_text("{bad")
+    before = fingerprint(run)
+    code, _, err = run_cli(capsys, "train", "--resume", run, "train.epochs=2", "--device", "cpu")
+    assert code == 2 and "env.json is not a JSON object" in err
+    assert fingerprint(run) == before  # no epoch trained, no metrics appended

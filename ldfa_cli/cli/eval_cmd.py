@@ -78,18 +78,24 @@ def eval_(
         print(json.dumps(result, indent=2))
         return
     console = results_console()  # the result itself: stdout
-    console.print(f"{result['checkpoint']} (epoch {result['epoch']:g}, step {result['step']}): "
-                  f"{split} accuracy {result['acc']:.4f} (top-5 {result['top5']:.4f}), "
-                  f"loss {result['loss']:.4f}, "
-                  f"{result['samples']} images")  # fmt: skip
+    where = f"{result['checkpoint']} (epoch {result['epoch']:g}, step {result['step']})"
+    if "bpc" in result:  # a language model: bits per character, then next-token accuracy
+        console.print(f"{where}: {split} bpc {result['bpc']:.4f} (loss {result['loss']:.4f} "
+                      f"nats per token, ppl {result['ppl']:.3f}), next-token accuracy "
+                      f"{result['acc']:.4f}, {result['samples']} tokens")  # fmt: skip
+    else:
+        console.print(f"{where}: {split} accuracy {result['acc']:.4f} (top-5 "
+                      f"{result['top5']:.4f}), loss {result['loss']:.4f}, "
+                      f"{result['samples']} images")  # fmt: skip
     if result["reference"] is not None:
         console.print(describe_reference(result["reference"]))
-    classes = Table(title="per-class accuracy")
-    classes.add_column("class")
-    classes.add_column("accuracy", justify="right")
-    for name, acc in zip(result["class_names"], result["per_class_acc"], strict=True):
-        classes.add_row(name, f"{acc:.4f}")
-    console.print(classes)
+    if "bpc" not in result:  # (a language model's per-token table would list its vocabulary)
+        classes = Table(title="per-class accuracy")
+        classes.add_column("class")
+        classes.add_column("accuracy", justify="right")
+        for name, acc in zip(result["class_names"], result["per_class_acc"], strict=True):
+            classes.add_row(name, f"{acc:.4f}")
+        console.print(classes)
     if result["diagnostics"]:
         table = Table(title="feedback alignment (probe batch)")
         columns = ["layer", "rule", "rank", "||B-W^T||/||W^T||", "angle(B, W^T)", "cos(grad, BP)"]

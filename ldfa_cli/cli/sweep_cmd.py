@@ -52,14 +52,41 @@ def _short(item: str) -> str:
     return f"{key.split('.')[-1]}={value}"
 
 
-def _finished(run_dir: Path, epochs: int) -> bool:
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _point_plan(run_dir: Path, config) -> str:
+    """What the sweep does with a point's folder: ``start`` (absent or empty), ``restart``
+    (this point's own start that never reached a checkpoint: its config.yaml is this
+    point's recipe), ``resume`` or ``skip`` (finished). Anything else there is not the
+    sweep's to replace: a one-line error, and nothing is touched."""
     import torch
 
+    from ldfa_cli.config import to_yaml
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file where the sweep puts a point's run folder; "
+                          "move it away or give another --out")  # fmt: skip
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return "start"
     last = run_dir / "checkpoints" / "last.pt"
-    if not last.is_file():
-        return False
-    progress = torch.load(last, weights_only=True, map_location="cpu")["progress"]
-    return progress["epoch"] >= epochs
+    if last.is_file():
+        progress = torch.load(last, weights_only=True, map_location="cpu")["progress"]
+        return "skip" if progress["epoch"] >= config.train.epochs else "resume"
+    recorded = run_dir / "config.yaml"
+    if recorded.is_file() and recorded.read_text(errors="replace") == to_yaml(config):
+        return "restart"
+    raise ConfigError(f"{run_dir} holds files that are not this point's run; move them away "
+                      "or give another --out (the sweep replaces only its own unfinished "
+                      "starts)")  # fmt: skip
+
+
+def _check_sweep_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if (out / "config.yaml").is_file() or (out / "checkpoints").is_dir():
+        raise ConfigError(f"--out {out} is a run folder; a sweep puts its points' runs in a "
+                          "folder of their own: give another --out")  # fmt: skip
 
 
 def sweep(
@@ -91,8 +118,11 @@ def sweep(
     names = [point_name(p) for p in points]
     if len(set(names)) != len(names):
         raise ConfigError("two sweep points map to one folder name; give distinct values")
-    for point in points:  # validate every point before running any
-        load_recipe(str(path), point)
+    if not points:  # an axis such as key=,,
+        raise ConfigError("a sweep axis has no values: give key=v1,v2,...")
+    if device.split(":")[0] not in DEVICES:
+        raise ConfigError(f"unknown device '{device}'; use auto, cpu, cuda or mps")
+    configs = [load_recipe(str(path), point)[0] for point in points]  # every point first
     if print_only:
         for point, name in zip(points, names, strict=True):
             words = ["ldfa", "train", str(path), *point, "--out", str(out / name)]
@@ -101,18 +131,19 @@ def sweep(
         return
     from ldfa_cli.engine.loop import train as run
 
+    _check_sweep_folder(out)
+    plans = [_point_plan(out / name, config) for name, config in zip(names, configs, strict=True)]
     console = stderr_console()
     if jobs > 1:
-        _run_parallel(path, points, names, out, device, jobs, console)
+        _run_parallel(path, points, names, plans, out, device, jobs, console)
         console.print(f"sweep done: ldfa flops {out} --plot {out}/compute.png")
         return
-    for i, (point, name) in enumerate(zip(points, names, strict=True), start=1):
-        config, _ = load_recipe(str(path), point)
+    for i, (name, config, plan) in enumerate(zip(names, configs, plans, strict=True), start=1):
         run_dir = out / name
-        if _finished(run_dir, config.train.epochs):
+        if plan == "skip":
             console.print(f"[{i}/{len(points)}] {name}: finished, skipped")
             continue
-        resume = (run_dir / "checkpoints" / "last.pt").is_file()
+        resume = plan == "resume"
         console.print(f"[{i}/{len(points)}] {name}: {'resuming' if resume else 'training'}"
                       f" into {run_dir}")  # fmt: skip
         try:
@@ -123,15 +154,16 @@ def sweep(
                 resume=resume,
                 console=console,
                 recipe_name=path.stem,
-                overwrite=not resume,
-            )  # a point that never reached a checkpoint starts over
+                overwrite=plan == "restart",
+            )  # its own start that never reached a checkpoint starts over
         except KeyboardInterrupt as stop:
             console.print(f"sweep interrupted at {name}: the same command resumes it")
             raise typer.Exit(code=exit_code(stop)) from None
     console.print(f"sweep done: ldfa flops {out} --plot {out}/compute.png")
 
 
-def _run_parallel(path: Path, points, names, out: Path, device: str, jobs: int, console) -> None:
+def _run_parallel(path: Path, points, names, plans, out: Path, device: str, jobs: int,
+                  console) -> None:  # fmt: skip
     """Each unfinished point as ``ldfa train`` in its own process, ``jobs`` at a time, every
     process with cores/jobs intra-op threads. A Ctrl-C reaches every child (its process
     group's), a SIGTERM is passed on to them; each stops at its next step boundary with a
@@ -142,24 +174,22 @@ def _run_parallel(path: Path, points, names, out: Path, device: str, jobs: int, 
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
-    from ldfa_cli.config import load_recipe
-
     # the cores this process may run on (taskset, a cluster's cgroup), not the machine's
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = str(max(1, (cores or 1) // jobs))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     out.mkdir(parents=True, exist_ok=True)
     todo = []
-    for point, name in zip(points, names, strict=True):
-        config, _ = load_recipe(str(path), point)
+    for point, name, plan in zip(points, names, plans, strict=True):
         run_dir = out / name
-        if _finished(run_dir, config.train.epochs):
+        if plan == "skip":
             console.print(f"{name}: finished, skipped")
             continue
-        if (run_dir / "checkpoints" / "last.pt").is_file():
+        if plan == "resume":
             command = ["--resume", str(run_dir), *point]
         else:
-            command = [str(path), *point, "--out", str(run_dir), "--overwrite"]
+            command = [str(path), *point, "--out", str(run_dir)]
+            command += ["--overwrite"] if plan == "restart" else []
         todo.append((name, [sys.executable, "-m", "ldfa_cli", "train", *command,
                             "--device", device]))  # fmt: skip
 

@@ -49,7 +49,7 @@ from .metrics import MetricsLog, tensorboard_writer
 from .optim import build_optimizers
 from .progress import EpochBar, LogWindow, WindowSummary, check_finite
 from .regularise import make_ema, plain_task_loss
-from .run_dir import RunFolder, describe_device, write_run_files
+from .run_dir import RunFolder, describe_device, read_env, write_run_files
 from .step import StepOutput, TrainStep
 
 ALIGNMENT_KEYS = ("angle_deg", "norm_ratio", "rel_error", "grad_cosine")
@@ -208,6 +208,8 @@ class Trainer:
         if self.recipe.output.tensorboard:
             tensorboard_writer()
         if resume:
+            if (self.run_dir / "env.json").is_file():
+                read_env(self.run_dir)  # the first checkpoint extends it
             self.metrics = MetricsLog(self.run_dir, self.recipe.output.tensorboard)
             self.metrics.truncate_after(self.state.step)
             return

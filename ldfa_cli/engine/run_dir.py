@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ldfa_cli.config import to_yaml
-from ldfa_cli.errors import ConfigError
+from ldfa_cli.errors import CheckpointError, ConfigError
 from ldfa_cli.lock import environment_report
 
 from .checkpoint import atomic_write_text
@@ -108,10 +108,24 @@ def write_run_files(
     }
     env_path = path / "env.json"
     if resumed and env_path.is_file():
-        first = json.loads(env_path.read_text())
+        first = read_env(path)
         first.setdefault("resumes", []).append(env)
         env = first
     atomic_write_text(env_path, json.dumps(env, indent=2) + "\n")
+
+
+def read_env(path: Path) -> dict:
+    """A run folder's env.json, which a resume extends; one that cannot be read is a
+    one-line error before any training (not after an epoch, at the first checkpoint)."""
+    env_path = Path(path) / "env.json"
+    try:
+        env = json.loads(env_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        env = None
+    if not isinstance(env, dict):
+        raise CheckpointError(f"{env_path} is not a JSON object: repair it, or move it away "
+                              "(the resume writes a new one), then resume")  # fmt: skip
+    return env
 
 
 def describe_device(device) -> str:

@@ -44,6 +44,8 @@ def _input_grads(model, inputs, targets, loss_fn, names) -> dict[str, Tensor]:
         with torch.enable_grad():
             loss = loss_fn(model(inputs), targets)
             wanted = [n for n in names if n in captured and captured[n].requires_grad]
+            if not wanted:  # no feedback layer (a backprop run), or none with an input grad
+                return {}
             grads = torch.autograd.grad(loss, [captured[n] for n in wanted], allow_unused=True)
     finally:
         captured.remove()
