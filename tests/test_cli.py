@@ -28,6 +28,22 @@ def test_unknown_command_exits_2():
     assert out.returncode == 2 and "No such command" in out.stderr
 
 
+def test_command_line_mistakes_are_one_line_naming_the_help(tmp_path):
+    (tmp_path / "afile").write_text("")
+    for args, words in (
+        (["train", "quickstart", "--bogus"], ["No such option: --bogus", "ldfa train --help"]),
+        (["sample", "x", "--tokens", "0"], ["'--tokens'", "greater than or equal to 1"]),
+        (["flops"], ["Missing argument", "ldfa flops --help"]),
+        (["train", "quickstart", "--out", tmp_path / "afile" / "sub"],
+         ["afile is a file, not a folder", "choose another --out"]),
+        (["plot", tmp_path, "--out", tmp_path / "afile" / "c.png"], ["is a file, not a folder"]),
+    ):  # fmt: skip
+        out = ldfa(*map(str, args))
+        assert out.returncode == 2 and not out.stdout, (args, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr  # no box, no traceback
+        assert out.stderr.startswith("ldfa: error: ") and all(w in out.stderr for w in words)
+
+
 def test_version_and_short_help():
     out = ldfa("--version")
     assert out.returncode == 0 and out.stdout.startswith("ldfa ")

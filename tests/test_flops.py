@@ -571,3 +571,37 @@ def test_sweep_point_names_keep_dotted_values_whole():
     names = [point_name(p) for p in grid(["optimizer.lr=0.1,1.1", "schedule.milestones=[5,7.5]"])]
     assert names == ["lr=0.1_milestones=-5-7.5-", "lr=1.1_milestones=-5-7.5-"]
     assert point_name([]) == "base"
+
+
+def test_runs_of_two_datasets_or_unreadable_runs_are_not_compared(capsys, tmp_path):
+    bp = _fake_run(tmp_path, "bp", "bp", None, 0, [0.5, 0.8, 0.9])
+    other = _fake_run(tmp_path, "other", "ldfa", 8, 0, [0.4, 0.7, 0.8])
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    (other / "config.yaml").write_text(yaml.safe_dump({**config, "data": {"dataset": "text"}}))
+    code, _, err = run_cli(capsys, "flops", bp, other)
+    assert code == 2 and "2 datasets" in err and "give each its own command" in err
+    (other / "env.json").write_text("{bad")  # only a label: the run is still read
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    assert run_cli(capsys, "flops", bp, other)[0] == 0
+    (bp / "metrics.jsonl").write_bytes(b"\xff\xfe\n" + (bp / "metrics.jsonl").read_bytes())
+    code, _, err = run_cli(capsys, "flops", bp)  # not UTF-8, before good lines: damaged
+    assert code == 2 and "line 1 is not JSON" in err and "can be used" in err
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["quickstart", "--plot", "c.png"], ["--plot", "run folders only"]),
+    (["quickstart", "--metric", "bpc", "--target", "2"], ["--target, --metric"]),
+    (["RUN", "--batch-size", "8"], ["--batch-size", "a recipe only"]),
+])  # fmt: skip
+def test_flops_refuses_options_of_the_other_mode(capsys, tmp_path, args, words):
+    run = _fake_run(tmp_path, "run", "bp", None, 0, [0.5, 0.8, 0.9])
+    args = [run if a == "RUN" else a for a in args]
+    code, _, err = run_cli(capsys, "flops", *args)
+    assert code == 2 and all(w in err for w in words), err
+
+
+def test_plot_of_runs_without_evaluations_draws_nothing(capsys, tmp_path):
+    run = _fake_run(tmp_path, "run", "bp", None, 0, [])
+    code, _, err = run_cli(capsys, "plot", run, "--out", tmp_path / "c.png")
+    assert code == 2 and "no" in err and "evaluation" in err
+    assert not (tmp_path / "c.png").exists()

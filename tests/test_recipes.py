@@ -119,6 +119,9 @@ def test_validate_and_recipes_commands(capsys):
         (["model.name=vit", "~model.widths", "model.embed_dim=10"], ["model", "divisible"]),
         (["data.augment.flip=true"], ["data.augment.flip", "hflip"]),
         (["optim.lr"], ["key=value"]),
+        (["feedback.rank=true"], ["feedback.rank", "int >= 1"]),  # not read as rank 1
+        (["optim.lr=inf"], ["optim.lr", "finite"]),
+        (["feedback.ranks={fc1: true}"], ["feedback.ranks", "int >= 1"]),
     ],
 )
 def test_malformed_recipe_exits_2_naming_the_key(capsys, overrides, words):
@@ -137,6 +140,10 @@ def test_missing_recipe_file(capsys, tmp_path):
     bad.write_text("model: [unclosed\n")
     code, _, err = run_cli(capsys, "train", str(bad), "--print-config")
     assert code == 2 and "invalid YAML at line" in err
+    twice = tmp_path / "twice.yaml"  # PyYAML alone would keep the last: 500 epochs
+    twice.write_text("model: {name: mlp}\ntrain: {epochs: 1}\ntrain: {epochs: 500}\n")
+    code, _, err = run_cli(capsys, "train", str(twice), "--print-config")
+    assert code == 2 and "line 3" in err and "'train' is given twice" in err
 
 
 @pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n# and another\n", "---\n"])

@@ -6,7 +6,6 @@ config is the same but for the seed (and the output settings) are one group."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -24,7 +23,13 @@ from ldfa_cli.analysis.figures import (
     new_figure,
     styled_figure,
 )
-from ldfa_cli.analysis.runs import distinguishing, metric_key, run_settings
+from ldfa_cli.analysis.runs import (
+    dataset_of,
+    distinguishing,
+    metric_key,
+    recorded_recipe,
+    run_settings,
+)
 from ldfa_cli.engine.metrics import read_metrics
 from ldfa_cli.errors import CheckpointError
 
@@ -49,6 +54,7 @@ class RunSummary:
     split: str = "test"  # the evaluations they read: the test split's or the validation split's
     # the run's evaluation events, read once for its own target and again for backprop's
     evaluations: list[dict] = field(default_factory=list, repr=False)
+    dataset: str = ""  # what it learned (runs of two datasets are not compared)
 
     @property
     def group(self) -> tuple:
@@ -112,8 +118,7 @@ def summarise_run(run_dir: Path, target: float | None, metric: str = "acc",
     last = [e[key] for e in evals[-3:]]
     final = sum(last) / len(last)
     flops, seconds = _first_reaching(evals, own_level(final, target, metric), metric, split)
-    env_file = run_dir / "env.json"
-    recipe = json.loads(env_file.read_text()).get("recipe", "") if env_file.is_file() else ""
+    recipe = recorded_recipe(run_dir)
     fb = config["feedback"]
     reference = config.get("reference")
     if reference:
@@ -123,7 +128,7 @@ def summarise_run(run_dir: Path, target: float | None, metric: str = "acc",
     return RunSummary(str(run_dir), recipe or config.get("description", "")[:40], fb["rule"],
                       fb.get("rank"), config["train"]["seed"], final, flops, seconds,
                       reference=reference, settings=run_settings(config), metric=metric,
-                      split=split, evaluations=evals)  # fmt: skip
+                      split=split, evaluations=evals, dataset=dataset_of(config))  # fmt: skip
 
 
 def add_common_target(runs: list[RunSummary], target: float | None,

@@ -88,6 +88,8 @@ def figure_path(out: Path, fmt: str | None = None) -> tuple[Path, str]:
     ``fmt`` (``--format``) does and is appended to a name without one of png, pdf, svg; a
     suffix and a format that disagree, or an unknown format, are a one-line error."""
     out = Path(out)
+    if blocked := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
+        raise ConfigError(f"{out}: {blocked} is a file, not a folder; choose another path")
     if fmt is not None and fmt.lower() not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     fmt = fmt.lower() if fmt else None
@@ -99,7 +101,7 @@ def figure_path(out: Path, fmt: str | None = None) -> tuple[Path, str]:
         return out, suffix
     if suffix and fmt is None:
         raise ConfigError(f"{out}: a figure is written as {', '.join(FORMATS)}, not .{suffix}; "
-                          "name the file with one of those or give --format")  # fmt: skip
+                          "name the file with one of those")  # fmt: skip
     fmt = fmt or "png"
     return out.with_name(f"{out.name}.{fmt}"), fmt
 

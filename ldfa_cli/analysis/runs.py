@@ -170,13 +170,7 @@ class RunRecord:
 
     @property
     def dataset(self) -> str:
-        """The data it learned: the dataset's name, and for a folder or a corpus which one."""
-        data = self.config.get("data", {})
-        name = data.get("dataset", "?")
-        root = data.get("root")
-        if name in ("text", "imagefolder") and root:
-            return f"{name} {Path(root).name}"
-        return name
+        return dataset_of(self.config)
 
     @property
     def rule_and_rank(self) -> str:
@@ -185,14 +179,32 @@ class RunRecord:
         return rule if rule == "bp" or rank is None else f"{rule} r={rank}"
 
 
+def dataset_of(config: dict) -> str:
+    """The data a run learned: the dataset's name, and for a folder or a corpus which one."""
+    data = config.get("data", {})
+    name = data.get("dataset", "?")
+    root = data.get("root")
+    if name in ("text", "imagefolder") and root:
+        return f"{name} {Path(root).name}"
+    return name
+
+
+def recorded_recipe(path: Path) -> str:
+    """The recipe a run folder's env.json names ("" where it names none or is unreadable:
+    the name only labels the run)."""
+    try:
+        env = json.loads((Path(path) / "env.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    return str(env.get("recipe") or "") if isinstance(env, dict) else ""
+
+
 def read_run(path: Path) -> RunRecord:
     path = Path(path)
     if not is_run(path):
         raise ConfigError(f"{path} is not a run folder (no metrics.jsonl/config.yaml)")
     config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    env = path / "env.json"
-    recipe = json.loads(env.read_text()).get("recipe", "") if env.is_file() else ""
-    return RunRecord(path, config, recipe or "")
+    return RunRecord(path, config, recorded_recipe(path))
 
 
 @dataclass

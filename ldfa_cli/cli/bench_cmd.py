@@ -36,11 +36,13 @@ def bench(
     plot: Path = typer.Option(None, "--plot", help="--sweep-width's figure (.png, .pdf, .svg)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
 ) -> None:
-    """Time training steps under backprop and each rank, interleaved in one process, beside
-    the FLOP ratio, with a profile of where the time goes; or, with --memory, the memory of
-    one step split into parameters, feedback tensors, optimizer state, activations saved for
-    backward, backward buffers and the peak, beside what the shapes predict; or, with
-    --sweep-width, the time and FLOP ratios of an MLP's step as its width grows."""
+    """Time training steps under backprop and each rank, beside their FLOP ratio.
+
+    The variants take turns in one process, with a profile of where the time goes; or, with
+    --memory, the memory of one step split into parameters, feedback tensors, optimizer
+    state, activations saved for backward, backward buffers and the peak, beside what the
+    shapes predict; or, with --sweep-width, the time and FLOP ratios of an MLP's step as its
+    width grows."""
     from ldfa_cli.analysis.bench import run_bench
     from ldfa_cli.cli.theory_cmd import _int_list
     from ldfa_cli.config import load_recipe

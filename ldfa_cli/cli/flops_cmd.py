@@ -141,7 +141,11 @@ def runs_flops(paths: list[Path], target: float | None, json_out: bool, plot: Pa
         except CheckpointError as error:  # no evaluation yet, an older run: noted, not fatal
             console.print(f"left out {error}")
     if not runs:
-        raise ConfigError("none of these runs has an evaluation yet")
+        raise ConfigError("none of these runs can be used (each one left out above, and why)")
+    if len(datasets := sorted({run.dataset for run in runs})) > 1:
+        raise ConfigError(f"these runs learned {len(datasets)} datasets ({', '.join(datasets)}):"
+                          " compute to a target compares runs of one; give each its own "
+                          "command")  # fmt: skip
     common = add_common_target(runs, target, metric)
     if not higher and common is None and target is None:
         raise ConfigError(f"--metric {metric}: give --target (the {metric} to reach) or a "
@@ -262,9 +266,27 @@ def flops(
     fmt: str = typer.Option(None, "--format", help="--plot's format: png, pdf or svg."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON to stdout."),
 ) -> None:
-    """FLOPs of one training step of a recipe under its rule and under backprop, per layer;
-    or, given run folders, the training compute each needed to reach its target accuracy."""
-    if _recipe_mode(targets):
+    """FLOPs of a recipe's training step, or the compute runs needed to reach a target.
+
+    Given a recipe: one step's FLOPs under its rule and under backprop, per layer. Given run
+    folders: the training compute each needed to reach its target accuracy (or bpc)."""
+    recipe_mode = _recipe_mode(targets)
+    given = {
+        "--batch-size": batch_size is not None,
+        "--device": device != "cpu",
+        "--target": target is not None,
+        "--metric": metric != "acc",
+        "--plot": plot is not None,
+        "--split": split != "test",
+        "--format": fmt is not None,
+    }
+    other_mode = [flag for flag, on in given.items()  # each option serves one of the modes
+                  if on and (flag in ("--batch-size", "--device")) != recipe_mode]  # fmt: skip
+    if other_mode:
+        mode, other = ("a recipe", "run folders") if recipe_mode else ("run folders", "a recipe")
+        raise ConfigError(f"{', '.join(other_mode)}: for {other} only, and {targets[0]!r} "
+                          f"makes this a count of {mode}; leave them out")  # fmt: skip
+    if recipe_mode:
         recipe_flops(targets[0], targets[1:], batch_size, device, json_out)
     else:
         from ldfa_cli.analysis.compute import HIGHER_IS_BETTER

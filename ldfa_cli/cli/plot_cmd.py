@@ -27,10 +27,11 @@ def plot(
     ),
     split: str = typer.Option("test", "--split", help="test or val (the validation split)."),
 ) -> None:
-    """Test (or validation) accuracy or bpc and loss against epoch, FLOPs or time: seeds of
-    one setting as their mean in a ± sd band, runs named by what sets them apart, a row of
-    panels per dataset; or, with --alignment, each layer's angle, norm ratio and gradient
-    cosine over training."""
+    """Learning curves of runs against epoch, FLOPs or time, or their alignment.
+
+    Test (or validation) accuracy or bpc and loss: seeds of one setting as their mean in a ±
+    sd band, runs named by what sets them apart, a row of panels per dataset; or, with
+    --alignment, each layer's angle, norm ratio and gradient cosine over training."""
     from ldfa_cli.analysis.curves import X_AXES, draw_alignment, draw_curves
     from ldfa_cli.analysis.runs import collect_runs, group_by_setting, read_run
 
@@ -44,6 +45,8 @@ def plot(
         if x not in X_AXES:
             raise ConfigError(f"--x must be epoch, flops or time, got '{x}'")
         checked_split(split)
+        if not any(record.evaluations for record in records):
+            raise ConfigError("none of these runs has an evaluation yet: nothing to draw")
         panels: dict[str, list] = {}
         for record in records:
             panels.setdefault(record.dataset, []).append(record)

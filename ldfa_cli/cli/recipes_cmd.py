@@ -31,8 +31,9 @@ def recipes(json_out: bool = typer.Option(False, "--json", help="Print JSON to s
 
 
 def validate(specs: list[str] = typer.Argument(..., help="Recipe files or names.")) -> None:
-    """Check recipes against the schema, a line each on stdout ("ok" or "invalid" and the
-    reason); exit 2 if any is invalid."""
+    """Check recipes against the schema.
+
+    A line each on stdout ("ok" or "invalid" and the reason); exit 2 if any is invalid."""
     from ldfa_cli.config import load_recipe
 
     failed = 0

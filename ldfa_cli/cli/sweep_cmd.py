@@ -107,9 +107,10 @@ def sweep(
         "cores/jobs threads (its log in FOLDER/<point>.log).",
     ),  # fmt: skip
 ) -> None:
-    """Run a grid of one recipe into one folder (finished points are skipped, interrupted
-    ones resumed), one point at a time or --jobs at once, or print the commands; 'ldfa flops
-    FOLDER' and 'ldfa plot FOLDER' read it."""
+    """Run a grid of one recipe (e.g. ranks x seeds) into one folder.
+
+    Finished points are skipped, interrupted ones resumed; one point at a time or --jobs at
+    once, or --print the commands. 'ldfa flops FOLDER' and 'ldfa plot FOLDER' read it."""
     from ldfa_cli.config import find_recipe, load_recipe
 
     path = find_recipe(recipe)

@@ -35,11 +35,33 @@ def find_recipe(spec: str) -> Path:
     raise ConfigError(f"recipe '{spec}' is neither a file nor a shipped recipe{hint}")
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, except that a key given twice in one mapping is an error
+    (PyYAML keeps the last without a word: ``train: {epochs: 1}`` then ``train: {epochs:
+    500}`` would train 500 epochs)."""
+
+
+def _mapping_without_repeats(loader: UniqueKeyLoader, node, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, str) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key!r} is given twice", key_node.start_mark
+            )
+        seen.add(key if isinstance(key, str) else id(key_node))
+    return loader.construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                _mapping_without_repeats)  # fmt: skip
+
+
 def read_yaml(path: Path) -> dict:
     """A recipe file's sections. An empty file (or one holding only comments) is refused:
     validating it would silently train the schema's defaults."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # a SafeLoader
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (not UTF-8); give a YAML recipe") from None
     except yaml.YAMLError as error:

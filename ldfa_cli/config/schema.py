@@ -122,15 +122,15 @@ class FeedbackConfig(Section):
             raise ValueError(f"unknown rule {rule!r}; known rules: {', '.join(sorted(RULES))}")
         return rule
 
-    @field_validator("rank")
+    @field_validator("rank", mode="before")  # as given: pydantic would read true as 1
     @classmethod
     def _rank(cls, rank):
         return check_rank(rank)
 
-    @field_validator("ranks")
+    @field_validator("ranks", mode="before")
     @classmethod
-    def _ranks(cls, ranks: dict):
-        for value in ranks.values():
+    def _ranks(cls, ranks):
+        for value in ranks.values() if isinstance(ranks, dict) else []:
             check_rank(value)
         return ranks
 

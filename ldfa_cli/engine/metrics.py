@@ -71,12 +71,15 @@ def _scalars(event: dict, prefix: str = ""):
 def read_metrics(path: Path, warn: bool = True) -> list[dict]:
     """The events of a ``metrics.jsonl``. A last line cut short (a process killed while
     writing it) is skipped, with a warning; a bad line before it is a one-line error."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = [line for line in Path(path).read_bytes().splitlines() if line.strip()]
     events = []
     for number, line in enumerate(lines, 1):
         try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
+            event = json.loads(line)  # (bytes that are not UTF-8: a ValueError too)
+            if not isinstance(event, dict):
+                raise ValueError("not an event")
+            events.append(event)
+        except ValueError:
             if number < len(lines):
                 raise CheckpointError(f"{path}: line {number} is not JSON; the file is damaged "
                                       "(remove the line to use the rest)") from None  # fmt: skip

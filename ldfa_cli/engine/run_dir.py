@@ -31,12 +31,20 @@ def new_run_dir(base: str, recipe_name: str) -> Path:
 def check_run_dir(path: Path, overwrite: bool) -> None:
     """Refuse a file, or a non-empty folder unless ``overwrite``; nothing on disk changes."""
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out {path} is a file, not a folder")
+        raise ConfigError(f"--out {path} is a file, not a folder; choose another --out")
+    if blocked := file_on_the_way(path):
+        raise ConfigError(f"--out {path}: {blocked} is a file, not a folder; choose another --out")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ConfigError(
             f"{path} is not empty: continue it with --resume {path}, replace it with "
             "--overwrite, or choose another --out"
         )
+
+
+def file_on_the_way(path: Path) -> Path | None:
+    """The first existing parent of ``path`` that is not a folder (nothing can be made
+    under it), or None."""
+    return next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
 
 
 class RunFolder:
