@@ -87,6 +87,7 @@ def test_listings_go_to_stdout_as_plain_lines_when_piped():
 
 
 def test_conflicting_flags_are_refused():
-    for flags in (["--print-config", "--dry-run"], ["--resume", "runs/x", "--overwrite"]):
+    for flags in (["--print-config", "--dry-run"], ["--resume", "runs/x", "--overwrite"],
+                  ["--resume", "runs/x", "--out", "runs/y"]):  # fmt: skip
         out = ldfa("train", *(["quickstart"] if "--dry-run" in flags else []), *flags)
         assert out.returncode == 2 and "do not go together" in out.stderr

@@ -56,6 +56,7 @@ def train(
         ("--resume", "--overwrite", resume and overwrite),
         ("--print-config", "--dry-run", print_config and dry_run),
         ("--resume", "--print-config", resume and print_config),
+        ("--resume", "--out", resume and out),  # a resume writes into its own folder
     ):
         if on:
             raise ConfigError(f"{first} and {second} do not go together: give one of them")

@@ -48,7 +48,11 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
         reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
+        other = "best.pt" if path.name == "last.pt" else "last.pt"
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({reason}): the file is "
+            f"damaged; use the run's {other}, or train again"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an ldfa checkpoint (no '{FORMAT}' marker)")
     return state
