@@ -145,6 +145,13 @@ def test_a_language_model_trains_logs_bpc_samples_and_counts_compute_to_bp(capsy
     again = run_cli(capsys, "sample", runs / "ldfa", "--prompt", "The first", "--tokens",
                     "30", "--seed", "1")[1]  # fmt: skip
     assert again == out  # the seed fixes the draws
+    vocabulary = runs / "ldfa" / "tokenizer.json"
+    kept = vocabulary.read_text(encoding="utf-8")
+    for damaged in ("{bad", "[1, 2]", '{"kind": "char"}'):
+        vocabulary.write_text(damaged)
+        code, _, err = run_cli(capsys, "sample", runs / "ldfa", "--prompt", "The")
+        assert code == 2 and "tokenizer.json is damaged" in err and "\n" not in err.strip()
+    vocabulary.write_text(kept, encoding="utf-8")
 
     code, out, err = run_cli(capsys, "eval", runs / "ldfa", "--json", "--device", "cpu")
     assert code == 0, err  # the diagnostics take every token's loss

@@ -148,6 +148,7 @@ def test_the_readme_plugin_learns_its_equation(plugin):
 
 @pytest.mark.parametrize(("text", "words"), [
     (None, ["is not a file"]),
+    ("txt", ["is not a Python file", ".py"]),  # (a file with another suffix)
     ("import no_such_module_here\n", ["failed to import", "ModuleNotFoundError"]),
     ("def broken(:\n", ["failed to import", "SyntaxError"]),
     ("from dataclasses import dataclass\nfrom typing import ClassVar\n"
@@ -156,7 +157,7 @@ def test_the_readme_plugin_learns_its_equation(plugin):
      ["failed to import", "'ldfa' is already registered"]),
 ])  # fmt: skip
 def test_a_plugin_that_cannot_be_used_is_a_one_line_error(capsys, tmp_path, text, words):
-    path = tmp_path / "bad_rule.py"
+    path = tmp_path / ("bad_rule.txt" if text == "txt" else "bad_rule.py")
     if text is not None:
         path.write_text(text)
     recipe = write_recipe(tmp_path / "r.yaml", MODEL,

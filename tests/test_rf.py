@@ -78,6 +78,11 @@ def test_rf_command_on_a_tiny_trained_retina(capsys, tmp_path, drawn):
     data = json.loads(out)
     assert data["layer"] == "retina2" and len(data["channels"]) == 2
     assert (run / "rf" / "fields.png").stat().st_size > 500 and (run / "rf" / "rf.json").is_file()
+    for args, words in ((["--layer", "fc"], ["not a Conv2d layer", "retina1, retina2"]),
+                        (["--layer", "nope"], ["not a layer"]),
+                        (["--checkpoint", "nope"], ["last or best"])):  # fmt: skip
+        code, _, err = run_cli(capsys, "rf", run, *args, "--out", tmp_path / "x")
+        assert code == 2 and all(w in err for w in words), err
     for name, overrides in (("run1", ["train.seed=1"]), ("bp", ["feedback.rule=bp"])):
         assert run_cli(capsys, "train", recipe, *overrides, "--out", tmp_path / name,
                        "--device", "cpu")[0] == 0  # fmt: skip

@@ -53,6 +53,7 @@ def computed_fields(run: Path, layer: str | None, method: str, checkpoint: str, 
     the JSON say of them; the fields cropped to their support and rounded to 5 significant
     digits, so that the record draws them again."""
     import numpy as np
+    from torch import nn
 
     from ldfa_cli.analysis.rf import crop_to_support, receptive_fields, summary
     from ldfa_cli.data import dataset_shape
@@ -61,8 +62,11 @@ def computed_fields(run: Path, layer: str | None, method: str, checkpoint: str, 
     _, _, recipe, model = load_trained(run, checkpoint, on)
     shape = dataset_shape(recipe.data)
     name = layer or default_layer(model)
-    if name not in dict(model.named_modules()):
-        raise ConfigError(f"--layer '{name}' is not a layer of {run}'s model")
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if name not in convs:
+        what = "a layer" if name not in dict(model.named_modules()) else "a Conv2d layer"
+        raise ConfigError(f"--layer '{name}' is not {what} of {run}'s model; fields are "
+                          f"drawn of its Conv2d layers: {', '.join(convs) or 'none'}")  # fmt: skip
     fields = receptive_fields(model, name, (shape.channels, shape.size, shape.size),
                               method=method)  # fmt: skip
     cropped = [np.round(crop_to_support(f), 5 - int(np.log10(max(np.abs(f).max(), 1e-30))))
@@ -110,11 +114,13 @@ def rf(
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or mps."),
     json_out: bool = typer.Option(False, "--json", help="Print the measures as JSON."),
 ) -> None:
-    """Receptive fields of every channel of a layer, runs side by side (diverging colours
-    centred at zero), and per-channel rotational symmetry, orientation selectivity and
-    centre-surround index; several runs add each measure's mean ± sd per condition. Each
-    run's fields and measures are recorded in RUN/rf/rf.json, from which a run folder
-    without checkpoints (an archived record) is drawn again."""
+    """Receptive fields of a conv layer's channels, drawn and measured.
+
+    Runs side by side (diverging colours centred at zero), and per-channel rotational
+    symmetry, orientation selectivity and centre-surround index; several runs add each
+    measure's mean ± sd per condition. Each run's fields and measures are recorded in
+    RUN/rf/rf.json, from which a run folder without checkpoints (an archived record) is
+    drawn again."""
     import numpy as np
 
     from ldfa_cli.analysis.figures import figure_path, save_figure
@@ -125,6 +131,8 @@ def rf(
 
     if method not in ("gradient", "maximize"):
         raise ConfigError(f"--method must be gradient or maximize, got '{method}'")
+    if checkpoint not in ("last", "best"):
+        raise ConfigError(f"--checkpoint must be last or best, got '{checkpoint}'")
     single = len(runs) == 1
     figure = (out or runs[0] / "rf") / "fields" if single else out or Path("rf_comparison")
     figure_path(figure, fmt)  # a bad --out or --format fails before any computing

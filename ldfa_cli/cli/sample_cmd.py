@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ldfa_cli.errors import ConfigError
+from ldfa_cli.errors import CheckpointError, ConfigError
 
 
 def sample(
@@ -35,7 +35,12 @@ def sample(
     if not vocabulary.is_file():
         raise ConfigError(f"{run} is not a language model's run folder (no tokenizer.json): "
                           "ldfa sample reads runs of a recipe with data.dataset: text")  # fmt: skip
-    tokenizer = Tokenizer.from_json(vocabulary.read_text(encoding="utf-8"))
+    try:
+        tokenizer = Tokenizer.from_json(vocabulary.read_text(encoding="utf-8"))
+    except ValueError as error:  # (undecodable bytes and bad JSON are ValueErrors too)
+        raise CheckpointError(f"{vocabulary} is damaged ({str(error).splitlines()[0][:80]}): "
+                              "it is the run's vocabulary, written when it started; restore "
+                              "it from a copy of the run") from None  # fmt: skip
     target = pick_device(device)
     config_block = _block_size(run)
     shape = InputShape(1, config_block, tokenizer.size, tokens=True)

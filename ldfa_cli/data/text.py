@@ -60,7 +60,17 @@ class Tokenizer:
 
     @classmethod
     def from_json(cls, text: str) -> Tokenizer:
+        """The tokenizer a run wrote; anything else is a ValueError."""
         data = json.loads(text)
+        if (
+            not isinstance(data, dict)
+            or data.get("kind") not in ("char", "byte")
+            or not (
+                isinstance(data.get("vocab"), list)
+                and all(isinstance(v, str) for v in data["vocab"])
+            )
+        ):
+            raise ValueError("not a tokenizer: 'kind' (char or byte) and 'vocab' expected")
         return cls(data["kind"], tuple(data["vocab"]))
 
 

@@ -31,6 +31,9 @@ def load_plugin(path) -> Path:
             f"plugin {path} is not a file: give the path of a Python file that registers a "
             "rule (relative paths start from the current directory)"
         )
+    if resolved.suffix != ".py":
+        raise FeedbackConfigError(f"plugin {path} is not a Python file: a plugin is a .py file "
+                                  "that registers a rule")  # fmt: skip
     digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:8]
     name = f"ldfa_plugin_{resolved.stem}_{digest}"
     spec = importlib.util.spec_from_file_location(name, resolved)
