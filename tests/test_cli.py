@@ -30,6 +30,8 @@ def test_unknown_command_exits_2():
 
 def test_command_line_mistakes_are_one_line_naming_the_help(tmp_path):
     (tmp_path / "afile").write_text("")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: {name: mlp}\n")
     for args, words in (
         (["train", "quickstart", "--bogus"], ["No such option: --bogus", "ldfa train --help"]),
         (["sample", "x", "--tokens", "0"], ["'--tokens'", "greater than or equal to 1"]),
@@ -37,6 +39,8 @@ def test_command_line_mistakes_are_one_line_naming_the_help(tmp_path):
         (["train", "quickstart", "--out", tmp_path / "afile" / "sub"],
          ["afile is a file, not a folder", "choose another --out"]),
         (["plot", tmp_path, "--out", tmp_path / "afile" / "c.png"], ["is a file, not a folder"]),
+        (["theory", "--out", tmp_path / "run"], ["a training run's folder"]),
+        (["theory", "--out", tmp_path / "afile" / "t"], ["is a file, not a folder"]),
     ):  # fmt: skip
         out = ldfa(*map(str, args))
         assert out.returncode == 2 and not out.stdout, (args, out.stderr)

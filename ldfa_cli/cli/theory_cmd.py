@@ -22,6 +22,19 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
     return values
 
 
+def _check_out(out: Path) -> None:
+    """--out is a folder of theory's own: not a file, nothing on the way a file, not a run."""
+    from ldfa_cli.engine.run_dir import file_on_the_way
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
+    if blocked := file_on_the_way(out):
+        raise ConfigError(f"--out {out}: {blocked} is a file, not a folder; choose another --out")
+    if (out / "config.yaml").is_file() or (out / "checkpoints").is_dir():
+        raise ConfigError(f"--out {out} is a training run's folder; give theory a folder of "
+                          "its own")  # fmt: skip
+
+
 def theory(
     n: int = typer.Option(128, min=1, help="Input dimension."),
     k: int = typer.Option(64, min=1, help="Hidden width."),
@@ -59,6 +72,8 @@ def theory(
     if oja_signal not in ("targets", "error"):
         raise ConfigError(f"--oja-signal takes 'targets' or 'error', got '{oja_signal}'")
     figure, fmt = figure_path(Path("theory"), fmt)  # a bad --format fails before simulating
+    if out is not None:
+        _check_out(out)
     rank_list = _int_list(ranks, "--ranks")
     if max(rank_list) > min(k, m):
         raise ConfigError(f"--ranks: a rank cannot exceed min(k, m) = {min(k, m)}")
