@@ -108,3 +108,11 @@ def test_oja_settles_on_the_top_modes(result):
     assert sim[-1][:8].min() > 0.95 and sim[-1][8:].max() < 0.05
     late = sim[result[("oja", 8)].steps >= 1000]
     assert (late.max(0) - late[-1])[:8].max() < 0.01  # learned modes stay learned
+
+
+def test_an_unstable_learning_rate_is_a_one_line_error_not_a_hang(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "theory", "--steps", "2", "--p", "16", "--n", "8", "--k", "4",
+                           "--m", "4", "--d", "2", "--ranks", "2", "--lr", "1e9", "--out",
+                           tmp_path / "t")  # fmt: skip
+    assert code == 2 and "diverge" in err and "lower --lr" in err
+    assert not (tmp_path / "t").exists()

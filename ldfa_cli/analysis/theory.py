@@ -53,6 +53,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.integrate import solve_ivp
 
+from ldfa_cli.errors import ConfigError
+
+DIVERGED = 1e6  # a weight this large in the mode basis: the linear dynamics have blown up
+
 MODES = ("bp", "fixed", "learn_q", "normative", "oja")
 FEEDBACK_LEARNS = {"learn_q": ("Q",), "normative": ("Q", "P"), "oja": ("P",)}
 
@@ -213,7 +217,11 @@ def theory(cfg: TheoryConfig, task: Task, mode: str, start: State) -> np.ndarray
             offset += size
         return parts
 
-    def rhs(_t, y):
+    def rhs(t, y):
+        if not np.abs(y).max() < DIVERGED:  # (NaN too) the solver would shrink its step forever
+            raise ConfigError(f"the theory's dynamics diverge at these learning rates (a "
+                              f"weight passes {DIVERGED:g} by step {t:.3g}): lower --lr (and "
+                              "the feedback's)")  # fmt: skip
         W1b, W2b, Q, Pb = unpack(y)
         E = S - W2b @ W1b
         B = W2b.T if mode == "bp" else Q @ Pb
@@ -238,7 +246,7 @@ def theory(cfg: TheoryConfig, task: Task, mode: str, start: State) -> np.ndarray
     solution = solve_ivp(rhs, (0.0, float(cfg.steps)), y0, t_eval=times, method="RK45",
                          rtol=1e-6, atol=1e-8)  # fmt: skip
     if not solution.success:
-        raise RuntimeError(f"theory integration failed: {solution.message}")
+        raise ConfigError(f"the theory's integration failed ({solution.message}): lower --lr")
     overlaps = []
     for column in solution.y.T:
         W1b, W2b, _, _ = unpack(column)
